@@ -1,0 +1,111 @@
+"""`nanoseek <command>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from nanoseek.config import PRESETS, ConfigError, preset
+from nanoseek.device import pick_device
+from nanoseek.model import CheckpointError, NanoSeek, load_pretrained
+from nanoseek.model.summary import parameter_counts
+
+console = Console()
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def parameter_table(model: NanoSeek, title: str) -> Table:
+    rows = parameter_counts(model)
+    main = [r for r in rows if r.component != "MTP modules"]
+    total = sum(r.total for r in main)
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("active / token", justify="right")
+    table.add_column("share", justify="right")
+    for r in main:
+        table.add_row(r.component, _fmt(r.total), _fmt(r.active), f"{100 * r.total / total:.1f}%")
+    table.add_section()
+    table.add_row("[bold]model[/bold]", f"[bold]{_fmt(total)}[/bold]",
+                  f"[bold]{_fmt(sum(r.active for r in main))}[/bold]", "100%")
+    for r in rows:
+        if r.component == "MTP modules":
+            table.add_row("+ MTP modules (training)", _fmt(r.total), _fmt(r.active), "")
+    return table
+
+
+def describe(model: NanoSeek) -> str:
+    c = model.config
+    q = f"q_lora_rank {c.q_lora_rank}" if c.q_lora_rank else "plain q_proj"
+    return (f"{c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
+            f"{c.num_attention_heads} heads, MLA kv_lora_rank {c.kv_lora_rank}, {q}; MoE {c.n_routed_experts} "
+            f"routed (top-{c.num_experts_per_tok}, {c.n_group} groups) + {c.n_shared_experts} shared; "
+            f"MTP depth {c.num_nextn_predict_layers}; vocab {c.vocab_size}")
+
+
+def _load(spec: str) -> NanoSeek:
+    if spec in PRESETS:
+        return NanoSeek(preset(spec))
+    return load_pretrained(spec)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args.model)
+    console.print(describe(model))
+    console.print(parameter_table(model, f"nanoseek model: {args.model}"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    model = NanoSeek(preset(args.preset)).to(device)
+    console.print(f"[bold]nanoseek demo[/bold]: the '{args.preset}' preset on {device}")
+    console.print(describe(model))
+    console.print(parameter_table(model, f"preset '{args.preset}' (randomly initialised)"))
+    prompt = torch.tensor([[model.config.bos_token_id or 0]], device=device)
+    t0 = time.perf_counter()
+    ids = model.generate(prompt, max_new_tokens=args.tokens, temperature=1.0,
+                         generator=torch.Generator(device).manual_seed(args.seed))
+    dt = time.perf_counter() - t0
+    console.print(f"{args.tokens} sampled token ids (untrained model, so noise): {ids[0, 1:].tolist()}")
+    console.print(f"generation: {args.tokens / dt:.1f} tokens/s (full recompute, no KV cache)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 models on modest hardware")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build a model from a preset, show its parameters, sample a few tokens")
+    d.add_argument("--preset", default="demo", choices=PRESETS)
+    d.add_argument("--tokens", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="parameter table of a preset or a checkpoint folder")
+    i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

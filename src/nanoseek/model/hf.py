@@ -1,0 +1,304 @@
+"""Read and write the Hugging Face `deepseek_v3` checkpoint layout: config.json + safetensors.
+
+Tensor names and shapes are those DeepSeek-V3 publishes: `model.` prefix, routed experts one by one
+(`mlp.experts.{e}.gate_proj.weight`), MTP module k at `model.layers.{num_hidden_layers + k}` with its own
+copies of the shared embedding (`embed_tokens`) and head (`shared_head.head`). Above `max_shard_size` the
+weights are split into `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`.
+Writes are atomic: everything goes to a temporary folder that replaces the target in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.model import NanoSeek
+from nanoseek.model.moe import Router
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes; the message lists what differs."""
+
+
+# ---- name mapping --------------------------------------------------------------------------------------------
+def _hf_prefix(name: str, n_layers: int) -> str:
+    """nanoseek name -> checkpoint name for everything but the stacked experts."""
+    if name.startswith("lm_head."):
+        return name
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if m:
+        return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}"
+    return "model." + name
+
+
+def hf_state_dict(model: NanoSeek) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) pairs for `model`, without copying except to split the stacked experts."""
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    for name, t in model.state_dict().items():
+        if name.startswith("lm_head.") and cfg.tie_word_embeddings:
+            continue  # tied: the checkpoint stores the embedding only
+        m = _EXPERT_RE.match(name)
+        if m is None:
+            yield _hf_prefix(name, n), t
+            continue
+        base, kind = _hf_prefix(m.group(1), n), m.group(2)
+        for e in range(t.shape[0]):
+            if kind == "gate_up_proj":
+                gate, up = t[e].chunk(2, dim=0)
+                yield f"{base}.{e}.gate_proj.weight", gate
+                yield f"{base}.{e}.up_proj.weight", up
+            else:
+                yield f"{base}.{e}.down_proj.weight", t[e]
+    for k in range(cfg.num_nextn_predict_layers):  # DeepSeek's MTP layer carries copies of the shared weights
+        yield f"model.layers.{n + k}.embed_tokens.weight", model.embed_tokens.weight
+        yield f"model.layers.{n + k}.shared_head.head.weight", model.lm_head.weight
+
+
+def _expected_shapes(model: NanoSeek) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in hf_state_dict(model)}
+
+
+def _optional_keys(config: ModelConfig) -> set[str]:
+    n = config.num_hidden_layers
+    keys = set()
+    for k in range(config.num_nextn_predict_layers):
+        keys |= {f"model.layers.{n + k}.embed_tokens.weight", f"model.layers.{n + k}.shared_head.head.weight"}
+    return keys
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint at `path` to its file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {k: path / v for k, v in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{index} names {f.name}, which is missing from {path}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = (f" It holds {pickles}: nanoseek never unpickles weights; convert them to safetensors first"
+            if pickles else "")
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}.{hint}")
+
+
+def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(f, "pt") as sf:
+            present = set(sf.keys())
+            for k in keys:
+                if k not in present:
+                    raise CheckpointError(f"the index maps {k} to {f.name}, which does not contain it")
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
+def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], optional: set[str],
+           where: Path) -> None:
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or unexpected or wrong):
+        return
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing tensors: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensors: {show(unexpected)}")
+    if wrong:
+        parts.append("wrong shapes: " + show([f"{k} {found[k]} (config.json implies {expected[k]})" for k in wrong]))
+    raise CheckpointError(f"checkpoint {where} does not match its config.json: " + "; ".join(parts))
+
+
+def _mtp_absent(config: ModelConfig, found: set[str]) -> bool:
+    n = config.num_hidden_layers
+    prefixes = tuple(f"model.layers.{n + k}." for k in range(config.num_nextn_predict_layers))
+    return bool(prefixes) and not any(k.startswith(prefixes) for k in found)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def cast_model(model: NanoSeek, dtype: torch.dtype) -> NanoSeek:
+    """Cast weights to `dtype`, keeping the router (weights and bias) in fp32 as DeepSeek does."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.float()
+    return model
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> NanoSeek:
+    """Load an HF `deepseek_v3` checkpoint folder (or one nanoseek wrote). Weights in `dtype` (default fp32)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: is it a model folder?")
+    config = ModelConfig.from_json_file(path / "config.json")
+    files = _checkpoint_files(path)
+    found = _read_shapes(files)
+    if _mtp_absent(config, set(found)):
+        warnings.warn(f"config.json of {path} declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none (transformers does not save them): loading without MTP", stacklevel=2)
+        config.num_nextn_predict_layers = 0
+
+    with torch.device("meta"):
+        model = NanoSeek(config)
+    _check(_expected_shapes(model), found, _optional_keys(config), path)
+
+    model.to_empty(device=device)
+    model.tie_weights()
+    cast_model(model, resolve_dtype(dtype))
+    _load_tensors(model, files, found)
+    model.init_buffers()
+    return model
+
+
+@torch.no_grad()
+def _load_tensors(model: NanoSeek, files: dict[str, Path], found: dict[str, tuple[int, ...]]) -> None:
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    targets = model.state_dict(keep_vars=True)
+    handles = {f: safe_open(f, "pt") for f in set(files.values())}
+
+    def read(key: str) -> torch.Tensor:
+        return handles[files[key]].get_tensor(key)
+
+    for name, target in targets.items():
+        if name.startswith("lm_head.") and cfg.tie_word_embeddings:
+            continue
+        m = _EXPERT_RE.match(name)
+        if m is None:
+            target.copy_(read(_hf_prefix(name, n)))
+            continue
+        base, kind = _hf_prefix(m.group(1), n), m.group(2)
+        for e in range(target.shape[0]):
+            if kind == "gate_up_proj":
+                gate, up = target[e].chunk(2, dim=0)
+                gate.copy_(read(f"{base}.{e}.gate_proj.weight"))
+                up.copy_(read(f"{base}.{e}.up_proj.weight"))
+            else:
+                target[e].copy_(read(f"{base}.{e}.down_proj.weight"))
+    for key in _optional_keys(cfg) & set(found):  # MTP copies of the shared embedding/head
+        shared = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
+        if not torch.equal(read(key).to(shared.dtype), shared):
+            warnings.warn(f"{key} differs from the main model's copy; nanoseek shares the main one (V3 layout)",
+                          stacklevel=3)
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+def parse_size(size: int | str) -> int:
+    """'5GB', '200MB', '10KB' or a byte count."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_pretrained(model: NanoSeek, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: str | torch.dtype | None = None) -> None:
+    """Write config.json + safetensors at `path` atomically (the old folder stays intact until the rename)."""
+    path = Path(path)
+    limit = parse_size(max_shard_size)
+    target_dtype = resolve_dtype(dtype) if dtype is not None else model.embed_tokens.weight.dtype
+
+    def prepare(key: str, t: torch.Tensor) -> torch.Tensor:
+        keep_fp32 = ".mlp.gate." in key  # router weight and bias stay fp32
+        t = t.detach().to("cpu", torch.float32 if keep_fp32 else target_dtype)
+        return t.clone().contiguous()  # own storage: no tensor in a file may share memory with another
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in hf_state_dict(model):
+        nbytes = t.numel() * target_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = prepare(key, t)
+        size += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                for k, t in shard.items():
+                    weight_map[k] = fname
+                    total += t.numel() * t.element_size()
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        dtype_name = str(target_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype_name), indent=2) + "\n")
+        _fsync_dir(tmp)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    for f in d.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, replacing it. The old `dst` is renamed aside first and deleted last, so a
+    crash leaves either the old or the new folder complete (the old one as `.dst.old-*` if mid-swap)."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""Checkpoint files: round trip, sharding, dtypes, clear errors for mismatches, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek import CheckpointError, ConfigError
+from nanoseek.model import hf
+from nanoseek.model.hf import INDEX_FILE, SINGLE_FILE
+
+
+@pytest.fixture
+def model() -> nanoseek.NanoSeek:
+    torch.manual_seed(0)
+    m = nanoseek.NanoSeek(nanoseek.preset("tiny", initializer_range=0.05))
+    for layer in m.modules():
+        if hasattr(layer, "e_score_correction_bias"):
+            layer.e_score_correction_bias.normal_(0, 0.1)
+    return m
+
+
+def _same(a: nanoseek.NanoSeek, b: nanoseek.NanoSeek) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip_is_exact(model, tmp_path):
+    model.save_pretrained(tmp_path / "ck")
+    loaded = nanoseek.from_pretrained(tmp_path / "ck")
+    assert _same(model, loaded)
+    x = torch.randint(0, 256, (2, 20))
+    out_a, out_b = model(x, labels=x), loaded(x, labels=x)
+    assert torch.equal(out_a.logits, out_b.logits) and torch.equal(out_a.mtp_ce_sums[0], out_b.mtp_ce_sums[0])
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+
+
+def test_sharded_checkpoint_with_index(model, tmp_path):
+    model.save_pretrained(tmp_path / "ck", max_shard_size="100KB")
+    files = sorted(p.name for p in (tmp_path / "ck").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "ck" / SINGLE_FILE).exists()
+    index = json.loads((tmp_path / "ck" / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    stored = sum(t.numel() * t.element_size() for f in files for t in load_file(tmp_path / "ck" / f).values())
+    assert index["metadata"]["total_size"] == stored
+    assert _same(model, nanoseek.from_pretrained(tmp_path / "ck"))
+    # no shard holds more than the limit unless one tensor alone is larger
+    for f in files:
+        tensors = load_file(tmp_path / "ck" / f)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 100_000
+
+
+def test_bf16_checkpoint_keeps_router_fp32(model, tmp_path):
+    model.save_pretrained(tmp_path / "ck", dtype="bfloat16")
+    with safe_open(tmp_path / "ck" / SINGLE_FILE, "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = nanoseek.from_pretrained(tmp_path / "ck", dtype="bfloat16")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert torch.equal(loaded.layers[1].mlp.gate.e_score_correction_bias,
+                       model.layers[1].mlp.gate.e_score_correction_bias)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    m = nanoseek.NanoSeek(nanoseek.preset("tiny", tie_word_embeddings=True))
+    m.save_pretrained(tmp_path / "ck")
+    with safe_open(tmp_path / "ck" / SINGLE_FILE, "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+    loaded = nanoseek.from_pretrained(tmp_path / "ck")
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
+
+
+def _edit(path, fn) -> None:
+    f = path / SINGLE_FILE
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.3\.up_proj"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.mlp\.extra\.weight"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_is_named(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["kv_lora_rank"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"wrong shapes: .*kv_a_proj_with_mqa\.weight \(40, 64\) "
+                                              r"\(config\.json implies \(24, 64\)\)"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("scoring_func", "softmax", "scoring_func='softmax' is not supported"),
+    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+    ("topk_method", "greedy", "topk_method='greedy'"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, r"rope_scaling type 'linear' is not supported"),
+    ("num_key_value_heads", 2, "num_key_value_heads=2 differs"),
+    ("quantization_config", {"quant_method": "fp8"}, "quant_method='fp8'"),
+    ("n_group", 3, "n_routed_experts=8 must be divisible by n_group=3"),
+])
+def test_unsupported_config_values_are_clear_errors(model, tmp_path, field, value, match):
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_missing_mtp_layers_load_without_mtp(model, tmp_path):
+    """transformers saves no MTP layers; such a checkpoint loads as a model without MTP, with a warning."""
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.2.")])
+    with pytest.warns(UserWarning, match="MTP"):
+        loaded = nanoseek.from_pretrained(tmp_path)
+    assert len(loaded.mtp) == 0
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        nanoseek.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        nanoseek.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(nanoseek.preset("tiny").to_hf_dict()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(model, tmp_path, monkeypatch):
+    model.save_pretrained(tmp_path / "ck")
+    before = nanoseek.from_pretrained(tmp_path / "ck")
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+
+    calls = {"n": 0}
+    real = hf.save_file
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "save_file", dying_save)
+    with pytest.raises(OSError, match="simulated"):
+        model.save_pretrained(tmp_path / "ck", max_shard_size="100KB")
+    assert _same(before, nanoseek.from_pretrained(tmp_path / "ck"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+    monkeypatch.setattr(hf, "save_file", real)
+    model.save_pretrained(tmp_path / "ck")
+    assert torch.equal(nanoseek.from_pretrained(tmp_path / "ck").lm_head.weight, model.lm_head.weight)

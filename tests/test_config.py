@@ -1,0 +1,117 @@
+"""Config: HF field names, both config.json layouts, presets, TOML files and key=value overrides, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    load_toml,
+    model_config_from_section,
+    parse_value,
+)
+
+DEEPSEEK_V3_JSON = {  # the released config.json, as DeepSeek publishes it (fp8 quantization dropped)
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_reads_released_deepseek_v3_config():
+    cfg = ModelConfig.from_hf_dict(DEEPSEEK_V3_JSON)
+    assert cfg.hidden_size == 7168 and cfg.q_lora_rank == 1536 and cfg.rope_scaling["factor"] == 40
+    assert cfg.rope_theta == 10000.0 and cfg.qk_head_dim == 192
+    with __import__("torch").device("meta"):
+        model = nanoseek.NanoSeek(cfg)
+    # the published sizes: 671B parameters in the main model, 37B activated per token
+    assert 670e9 < model.num_parameters() < 672e9
+    assert 36.5e9 < model.num_parameters(active=True) < 37.8e9
+
+
+def test_reads_transformers_5_layout():
+    v5 = {k: v for k, v in DEEPSEEK_V3_JSON.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = {**DEEPSEEK_V3_JSON["rope_scaling"], "rope_type": "yarn", "rope_theta": 10000.0}
+    assert ModelConfig.from_hf_dict(v5) == ModelConfig.from_hf_dict(DEEPSEEK_V3_JSON)
+    plain = dict(v5, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    cfg = ModelConfig.from_hf_dict(plain)
+    assert cfg.rope_scaling is None and cfg.rope_theta == 5e5
+
+
+def test_writes_deepseek_layout():
+    d = ModelConfig.from_hf_dict(DEEPSEEK_V3_JSON).to_hf_dict("bfloat16")
+    assert d["rope_scaling"]["type"] == "yarn" and d["rope_theta"] == 10000.0 and "rope_parameters" not in d
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict(DEEPSEEK_V3_JSON)
+
+
+def test_unknown_keys_warn_not_fail():
+    with pytest.warns(UserWarning, match="something_new"):
+        ModelConfig.from_hf_dict({**DEEPSEEK_V3_JSON, "something_new": 1})
+
+
+def test_presets_and_errors():
+    assert nanoseek.preset("tiny", hidden_size=128).hidden_size == 128
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        nanoseek.preset("huge")
+    with pytest.raises(ConfigError, match="topk_group=5 must lie"):
+        nanoseek.preset("tiny", topk_group=5)
+
+
+def test_toml_and_overrides(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('[model]\npreset = "tiny"\nhidden_size = 96\n')
+    data = load_toml(p, ["model.num_hidden_layers=3", "model.rope_interleave=false", "model.q_lora_rank=null"])
+    cfg = model_config_from_section(data["model"])
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.rope_interleave, cfg.q_lora_rank) == (96, 3, False, None)
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) model\.hiden_size"):
+        model_config_from_section({"preset": "tiny", "hiden_size": 3})
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["model.hidden_size"])
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("abc") == "abc"
+    assert parse_value("[1, 2]") == [1, 2] and parse_value('"x"') == "x"
+    with pytest.raises(ConfigError, match="not found"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = {p.stem for p in root.glob("*.toml")}
+    assert {"tiny", "demo", "small"} <= names
+    for p in root.glob("*.toml"):
+        model_config_from_section(load_toml(p)["model"])
+
+
+def test_cli_info_and_demo(capsys, tmp_path):
+    assert main(["info", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts" in out and "MTP modules" in out
+    assert main(["demo", "--preset", "tiny", "--tokens", "3"]) == 0
+    assert "3 sampled token ids" in capsys.readouterr().out
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().out
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "info", "tiny"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout
