@@ -178,21 +178,19 @@ def test_bias_changes_choice_not_weights():
 
 
 def test_experts_without_tokens_cost_no_matmul(monkeypatch):
-    """The per-expert fallback runs two matmuls per expert that received tokens, none for the others."""
+    """The per-expert fallback runs two GEMMs per expert that received tokens, none for the others."""
     monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a: False)
     cfg = _cfg(n_group=1, topk_group=1, num_experts_per_tok=2, n_shared_experts=0)
     moe = MoE(cfg)
     torch.nn.init.normal_(moe.gate.weight, std=0.3)
     moe.gate.e_score_correction_bias[[1, 6]] = 50.0  # only experts 1 and 6 get tokens
     calls = []
-    real = F.linear
-    monkeypatch.setattr(moe_mod.F, "linear", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    real = torch.mm
+    monkeypatch.setattr(moe_mod.torch, "mm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     x = torch.randn(1, 16, cfg.hidden_size)
     with torch.no_grad():
         moe(x)
-    expert_calls = [s for s in calls if s in ((2 * cfg.moe_intermediate_size, cfg.hidden_size),
-                                               (cfg.hidden_size, cfg.moe_intermediate_size))]
-    assert len(expert_calls) == 4
+    assert len(calls) == 4 and all(rows == 16 for rows, _ in calls)  # 16 tokens each for experts 1 and 6
 
 
 def test_rope_default_is_closed_form():
@@ -228,3 +226,27 @@ def test_softmax_scale_yarn_mscale():
     cfg = nanoseek.ModelConfig(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
     assert cfg.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2 / math.sqrt(192))
+
+
+def test_padded_slots_layout():
+    slot, padded = moe_mod._padded_slots(torch.tensor([3, 0, 5, 1]), 4)
+    assert padded.tolist() == [4, 0, 8, 4]
+    assert slot.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
+
+
+def test_moe_bf16_autocast_with_padded_groups_matches_fp32():
+    """bf16 on CPU pads each expert's rows (oneDNN kernel cache): results stay those of the fp32 reference."""
+    cfg = _cfg(hidden_size=64, moe_intermediate_size=32)
+    torch.manual_seed(2)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 37, cfg.hidden_size, requires_grad=True)
+    ref = naive_moe(moe, x.view(-1, cfg.hidden_size), cfg).view(2, 37, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = moe(x)
+    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    g_got = _grads(got.float(), [x, moe.experts.gate_up_proj])
+    g_ref = _grads(ref, [x, moe.experts.gate_up_proj])
+    for a, b in zip(g_got, g_ref):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 3e-2

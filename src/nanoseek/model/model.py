@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, Experts, MoE, Router
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 class DecoderLayer(nn.Module):
@@ -79,7 +78,7 @@ class ModelOutput:
     """What a forward pass with labels returns. Losses are token *sums* (with their token counts) so that a
     training loop can normalise by the global number of target tokens across micro-batches and ranks."""
 
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when asked not to materialise them
     ce_sum: torch.Tensor  # Σ cross-entropy over target tokens (labels != -100)
     n_tokens: torch.Tensor  # number of target tokens
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k at i predicts t_{i+k+1}
@@ -155,16 +154,18 @@ class NanoSeek(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------
     @overload
     def forward(self, input_ids: torch.Tensor, labels: None = None, *, position_ids: torch.Tensor | None = None,
-                balance_loss: bool = False) -> torch.Tensor: ...
+                balance_loss: bool = False, return_logits: bool = True) -> torch.Tensor: ...
 
     @overload
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                balance_loss: bool = False) -> ModelOutput: ...
+                balance_loss: bool = False, return_logits: bool = True) -> ModelOutput: ...
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, balance_loss: bool = False) -> torch.Tensor | ModelOutput:
+                position_ids: torch.Tensor | None = None, balance_loss: bool = False,
+                return_logits: bool = True) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. With labels [B, T] (the next token at each position,
-        -100 to skip) -> ModelOutput with the main and MTP losses. MTP never changes the main logits."""
+        -100 to skip) -> ModelOutput with the main and MTP losses. MTP never changes the main logits.
+        `return_logits=False` (training) fuses head and loss and never materialises the logits."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -182,11 +183,12 @@ class NanoSeek(nn.Module):
             if aux is not None:
                 aux_terms.append(aux)
         h = self.norm(h)
-        logits = self.lm_head(h)
         if labels is None:
-            return logits
+            return self.lm_head(h)
 
-        out = ModelOutput(logits=logits, ce_sum=_ce_sum(logits, labels), n_tokens=(labels != IGNORE_INDEX).sum())
+        logits = self.lm_head(h) if return_logits else None
+        out = ModelOutput(logits=logits, ce_sum=self._ce_sum(h, logits, labels),
+                          n_tokens=(labels != IGNORE_INDEX).sum())
         # MTP depth k at position i sees token t_{i+k} and predicts t_{i+k+1} = labels[i+k]. Rolling the inputs
         # left by k keeps the sequence length (same rope, same causal mask); the k wrapped-around positions at
         # the end are causal-invisible to the others and excluded from the loss.
@@ -196,12 +198,21 @@ class NanoSeek(nn.Module):
             h, aux = mtp(h, self.embed_tokens(input_ids.roll(-k, dims=1)), cos, sin, balance_loss)
             if aux is not None:
                 aux_terms.append(aux)
-            out.mtp_logits.append(self.lm_head(h))
-            out.mtp_ce_sums.append(_ce_sum(out.mtp_logits[-1], mtp_labels))
+            mtp_logits = self.lm_head(h) if return_logits else None
+            if mtp_logits is not None:
+                out.mtp_logits.append(mtp_logits)
+            out.mtp_ce_sums.append(self._ce_sum(h, mtp_logits, mtp_labels))
             out.mtp_n_tokens.append((mtp_labels != IGNORE_INDEX).sum())
         if balance_loss and aux_terms:
             out.balance_loss = torch.stack(aux_terms).sum()
         return out
+
+    def _ce_sum(self, h: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Σ token cross-entropy: from the logits when they exist, else fused with the head (model/loss.py)."""
+        if logits is not None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
 
     # ---- conveniences ------------------------------------------------------------------------------
     @classmethod
@@ -241,8 +252,3 @@ class NanoSeek(nn.Module):
 
         rows = [r for r in parameter_counts(self) if mtp or r.component != "MTP modules"]
         return sum(r.active if active else r.total for r in rows)
-
-
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from nanoseek.config import ModelConfig
 
@@ -70,30 +71,107 @@ class Router(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
-def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
-    """torch's grouped GEMM: CPU (any float) and CUDA sm80+ (bf16), rows 16-byte aligned, not under compile
-    in fp32 (inductor lowers it for bf16 only)."""
-    if not hasattr(F, "grouped_mm"):
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch's fused grouped GEMM runs on CPU (any float dtype) and CUDA sm80+ (bf16), with 16-byte rows."""
+    if not hasattr(F, "grouped_mm") or any(d * a.element_size() % 16 for d in b.shape[1:]):
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False
-    if any(d * x.element_size() % 16 for d in dims):
-        return False
-    if x.device.type == "cpu":
+    if a.device.type == "cpu":
         return True
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return False
+    cuda_bf16 = a.device.type == "cuda" and a.dtype == torch.bfloat16
+    return cuda_bf16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert (expert e owns `counts[e]` rows) times weight[e]^T ([E, out, in])."""
-    if _grouped_mm_ok(x, weight.shape[1], weight.shape[2]):
-        return F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
-    # Fallback: one matmul per expert that received tokens. unbind/split keep autograd to one node each.
-    sizes = counts.tolist()
-    out = [F.linear(xe, we.to(x.dtype)) for xe, we, n in zip(x.split(sizes), weight.unbind(0), sizes) if n]
-    return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
+# The grouped GEMM is a custom op: torch.compile treats it as one opaque kernel (inductor lowers torch's own
+# grouped_mm for bf16 only, and a per-expert loop would break the graph), and its backward is two more
+# grouped GEMMs instead of an autograd node per expert, with the weight gradient born in the weight's layout.
+@torch.library.custom_op("nanoseek::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row block e of x (rows offsets[e-1]:offsets[e]) times weight[e]ᵀ: x [S, in], weight [E, out, in] -> [S, out].
+    Experts with no rows cost nothing."""
+    if _grouped_mm_ok(x, weight):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[e].t(), out=out[start:end])
+        start = end
+    return out
+
+
+@torch.library.custom_op("nanoseek::grouped_linear_input_grad", mutates_args=())
+def grouped_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """d x = grad_e · weight[e]: [S, in]."""
+    if _grouped_mm_ok(grad, weight.transpose(1, 2)):
+        return F.grouped_mm(grad, weight, offs=offsets)
+    out = grad.new_empty(grad.shape[0], weight.shape[2])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(grad[start:end], weight[e], out=out[start:end])
+        start = end
+    return out
+
+
+@torch.library.custom_op("nanoseek::grouped_linear_weight_grad", mutates_args=())
+def grouped_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """d weight[e] = grad_eᵀ · x_e: [E, out, in], zeros for experts without rows."""
+    if _grouped_mm_ok(grad, x[None]) and grad.shape[1] * grad.element_size() % 16 == 0:
+        return F.grouped_mm(grad.t(), x, offs=offsets)
+    out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(grad[start:end].t(), x[start:end], out=out[e])
+        start = end
+    return out
+
+
+@grouped_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@grouped_linear_input_grad.register_fake
+def _(grad: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(grad.shape[0], weight.shape[2])
+
+
+@grouped_linear_weight_grad.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
+
+
+def _grouped_linear_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_linear_backward(ctx, grad: torch.Tensor):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # the fused kernel rejects broadcast (stride-0) gradients
+    grad_x = grouped_linear_input_grad(grad, weight, offsets) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_linear_weight_grad(grad, x, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+torch.library.register_autograd("nanoseek::grouped_linear", _grouped_linear_backward,
+                                setup_context=_grouped_linear_setup)
+
+
+# FLOP formulas, so that torch.utils.flop_counter.FlopCounterMode counts the experts' GEMMs (2 FLOPs/MAC).
+@register_flop_formula(torch.ops.nanoseek.grouped_linear)
+def _flops_fwd(x_shape, w_shape, offsets_shape, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * w_shape[1] * w_shape[2]
+
+
+@register_flop_formula(torch.ops.nanoseek.grouped_linear_input_grad)
+def _flops_dx(g_shape, w_shape, offsets_shape, out_shape=None, **kwargs) -> int:
+    return 2 * g_shape[0] * w_shape[1] * w_shape[2]
+
+
+@register_flop_formula(torch.ops.nanoseek.grouped_linear_weight_grad)
+def _flops_dw(g_shape, x_shape, offsets_shape, out_shape=None, **kwargs) -> int:
+    return 2 * g_shape[0] * g_shape[1] * x_shape[1]
 
 
 class Experts(nn.Module):
@@ -115,14 +193,33 @@ class Experts(nn.Module):
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)  # token copies grouped by expert
         token = order // k
-        offsets = counts.cumsum(0).to(torch.int32)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = x.index_select(0, token).to(dtype)
-        gate, up = grouped_linear(xs, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
         # Scale by the gate weight before the down projection (it is linear): I wide instead of H.
-        h = F.silu(gate) * up * weights.flatten().index_select(0, order).unsqueeze(1).to(dtype)
-        y = grouped_linear(h, self.down_proj, counts, offsets)
+        gate_w = weights.flatten().index_select(0, order).unsqueeze(1).to(dtype)
+        slot = None
+        if x.device.type == "cpu" and dtype == torch.bfloat16:
+            # oneDNN (bf16 on CPU) builds a kernel per matrix shape, and the rows per expert change every step.
+            # Rounding each expert's rows up to a multiple of 64 (zero rows) keeps the shapes few and the
+            # kernels cached: 3x faster grouped GEMMs for ~10% padding (docs/LOG.md).
+            slot, counts = _padded_slots(counts, 64)
+            xs = xs.new_zeros(int(counts.sum()), xs.shape[1]).index_copy(0, slot, xs)
+            gate_w = gate_w.new_zeros(xs.shape[0], 1).index_copy(0, slot, gate_w)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_linear(xs, self.gate_up_proj.to(dtype), offsets).chunk(2, dim=-1)
+        y = grouped_linear(F.silu(gate) * up * gate_w, self.down_proj.to(dtype), offsets)
+        if slot is not None:
+            y = y.index_select(0, slot)
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)
+
+
+def _padded_slots(counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each expert rounded up to `multiple`: (slot of each sorted row in the padded layout, new counts)."""
+    padded = (counts + multiple - 1) // multiple * multiple
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # start moves by the padding before it
+    rows = int(counts.sum())
+    slot = torch.arange(rows, device=counts.device) + shift.repeat_interleave(counts, output_size=rows)
+    return slot, padded
 
 
 class MoE(nn.Module):

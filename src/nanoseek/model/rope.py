@@ -81,16 +81,21 @@ class RotaryEmbedding(nn.Module):
         return (angles.cos() * self.attention_scaling)[:, :, None], (angles.sin() * self.attention_scaling)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [B, T, heads, d] by the angles in cos/sin [B, T, 1, d/2].
+def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate x [B, T, heads, d] by the angles in cos/sin [B, T, 1, d/2]; returns the two output halves.
 
     Pairs are (x_j, x_{j+d/2}) ("rotate half") or, with `interleave`, (x_{2j}, x_{2j+1}) as DeepSeek lays
-    them out. Both write the result in the half-split order: queries and keys are permuted alike, so q·k
-    is unchanged, and this is the order transformers produces too.
+    them out. Both produce the half-split order: queries and keys are permuted alike, so q·k is unchanged,
+    and it is the order transformers produces too. Returning halves lets the caller build q (or k) with one cat.
     """
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    return torch.cat(rope_halves(x, cos, sin, interleave), dim=-1)

@@ -1,0 +1,1 @@
+"""What a model and a run cost: parameters, FLOPs, throughput, MFU."""
