@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from nanoseek.config import PRESETS, ConfigError, preset
-from nanoseek.device import pick_device
-from nanoseek.model import CheckpointError, NanoSeek, load_pretrained
+from nanoseek.config import PRESETS, preset
+from nanoseek.data.commands import add_commands as add_data
+from nanoseek.demo import add_command as add_demo
+from nanoseek.model import NanoSeek, load_pretrained
 from nanoseek.model.summary import parameter_counts
+from nanoseek.train.commands import add_commands as add_train
 
 console = Console()
 
@@ -64,33 +65,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    model = NanoSeek(preset(args.preset)).to(device)
-    console.print(f"[bold]nanoseek demo[/bold]: the '{args.preset}' preset on {device}")
-    console.print(describe(model))
-    console.print(parameter_table(model, f"preset '{args.preset}' (randomly initialised)"))
-    prompt = torch.tensor([[model.config.bos_token_id or 0]], device=device)
-    t0 = time.perf_counter()
-    ids = model.generate(prompt, max_new_tokens=args.tokens, temperature=1.0,
-                         generator=torch.Generator(device).manual_seed(args.seed))
-    dt = time.perf_counter() - t0
-    console.print(f"{args.tokens} sampled token ids (untrained model, so noise): {ids[0, 1:].tolist()}")
-    console.print(f"generation: {args.tokens / dt:.1f} tokens/s (full recompute, no KV cache)")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 models on modest hardware")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build a model from a preset, show its parameters, sample a few tokens")
-    d.add_argument("--preset", default="demo", choices=PRESETS)
-    d.add_argument("--tokens", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
-    d.set_defaults(func=cmd_demo)
+    add_demo(sub)
+    add_train(sub)
+    add_data(sub)
 
     i = sub.add_parser("info", help="parameter table of a preset or a checkpoint folder")
     i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder")
@@ -102,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, DataError: clear messages
+        console.print("[red]error:[/red]", escape(str(e)), highlight=False)
         return 2
 
 

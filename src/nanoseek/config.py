@@ -14,7 +14,7 @@ import tomllib
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_args, get_type_hints
 
 T = TypeVar("T")
 
@@ -311,6 +311,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value, f"{where}{key}.")
+        elif isinstance(value, str) and value.lower() in ("none", "null") and type(None) in get_args(hint):
+            value = None  # TOML has no null: optional fields write it as "none"
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -242,6 +242,21 @@ def save_pretrained(model: NanoSeek, path: str | os.PathLike, max_shard_size: in
                     dtype: str | torch.dtype | None = None) -> None:
     """Write config.json + safetensors at `path` atomically (the old folder stays intact until the rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_checkpoint(model, tmp, max_shard_size, dtype)
+        fsync_dir(tmp)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = "5GB",
+                     dtype: str | torch.dtype | None = None) -> None:
+    """config.json + safetensors into an existing folder (not atomic: callers write into a temporary one)."""
     limit = parse_size(max_shard_size)
     target_dtype = resolve_dtype(dtype) if dtype is not None else model.embed_tokens.weight.dtype
 
@@ -260,32 +275,24 @@ def save_pretrained(model: NanoSeek, path: str | os.PathLike, max_shard_size: in
         shards[-1][key] = prepare(key, t)
         size += nbytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                for k, t in shard.items():
-                    weight_map[k] = fname
-                    total += t.numel() * t.element_size()
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2))
-        dtype_name = str(target_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype_name), indent=2) + "\n")
-        _fsync_dir(tmp)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / fname, metadata={"format": "pt"})
+            for k, t in shard.items():
+                weight_map[k] = fname
+                total += t.numel() * t.element_size()
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=2))
+    dtype_name = str(target_dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype_name), indent=2) + "\n")
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """Flush every file of a folder to disk before it is renamed into place."""
     for f in d.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

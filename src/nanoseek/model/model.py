@@ -227,10 +227,10 @@ class NanoSeek(nn.Module):
         save_pretrained(self, path, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
         """Sample by re-running the whole sequence each step (no KV cache): a correctness path for small
-        demos; the serving engine is the fast one."""
+        demos; the serving engine is the fast one. temperature 0: greedy."""
         was_training = self.training
         self.eval()
         ids = input_ids
@@ -239,9 +239,14 @@ class NanoSeek(nn.Module):
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             ids = torch.cat((ids, nxt), dim=1)
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
         self.train(was_training)
         return ids
 

@@ -1,0 +1,178 @@
+"""Document sources: text files, folders, JSON Lines, and two built-in corpora that ship with the install.
+
+A source is one of
+    a file            one document (`.jsonl`: one document per line, the `text_field` key of each object)
+    a folder          every `.txt`, `.md` and `.jsonl` file below it, in sorted path order (hidden entries skipped)
+    python-stdlib     the running Python's standard library, one `.py` file per document (tests, idlelib,
+                      lib2to3, turtledemo and site-packages left out: code a learner would write)
+    chatterbot        the chatterbot-corpus dialogues, one conversation per document, turns on separate lines;
+                      `chatterbot:english` or `chatterbot:english,french` keeps only those languages
+A path that exists wins over a built-in of the same name. Order is deterministic, so prepared data is too.
+
+Files that cannot be used (not UTF-8, empty, a bad JSON line) are recorded in the `Report`, never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.data.tokenizer import DataError
+
+TEXT_SUFFIXES = {".txt", ".md"}
+FOLDER_SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
+BUILTINS = {
+    "python-stdlib": "the .py files of this Python's standard library (no tests)",
+    "chatterbot": "chatterbot-corpus dialogues in ~28 languages; chatterbot:LANG[,LANG] to choose",
+}
+_STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
+                          "__pycache__"})
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    source: str  # where it came from: a path, `path:line` for JSON Lines, `chatterbot:english/food.yml#3`
+    text: str
+
+
+@dataclass
+class Report:
+    """What was read and what was skipped, with the reason."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or path:line, reason)
+    documents: int = 0
+
+    def skip(self, where: str | Path, reason: str) -> None:
+        self.skipped.append((str(where), reason))
+
+
+def iter_documents(sources: list[str], text_field: str = "text", report: Report | None = None) -> Iterator[Document]:
+    """Yield the documents of each source in order; unusable files go to `report.skipped`."""
+    report = report if report is not None else Report()
+    for src in sources:
+        for doc in _iter_source(src, text_field, report):
+            report.documents += 1
+            yield doc
+
+
+def _iter_source(src: str, text_field: str, report: Report) -> Iterator[Document]:
+    path = Path(src).expanduser()
+    if path.is_dir():
+        yield from _iter_folder(path, text_field, report)
+    elif path.is_file():
+        yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+    elif src == "python-stdlib":
+        yield from _iter_stdlib(report)
+    elif src == "chatterbot" or src.startswith("chatterbot:"):
+        yield from _iter_chatterbot(src.partition(":")[2], report)
+    else:
+        builtins = "; ".join(f"{k}: {v}" for k, v in BUILTINS.items())
+        raise DataError(f"unknown data source {src!r}: not an existing file or folder, nor a built-in corpus "
+                        f"[{builtins}]")
+
+
+def _walk(root: Path, suffixes: set[str], skip_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """Files under root with those suffixes, in sorted order, hidden entries and skip_dirs left out."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix in suffixes:
+                yield Path(dirpath) / name
+
+
+def _iter_folder(root: Path, text_field: str, report: Report) -> Iterator[Document]:
+    for path in _walk(root, FOLDER_SUFFIXES):
+        yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+
+
+def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        return None
+    if not text.strip():
+        report.skip(where, "empty" if not text else "only whitespace")
+        return None
+    return text
+
+
+def _iter_text(path: Path, report: Report, name: str | None = None) -> Iterator[Document]:
+    text = _decode(path.read_bytes(), path, report)
+    if text is not None:
+        yield Document(name or str(path), text)
+
+
+def _iter_jsonl(path: Path, text_field: str, report: Report) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue  # blank lines separate nothing in JSON Lines
+            line = _decode(raw, where, report)
+            if line is None:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.skip(where, f"invalid JSON ({e.msg})")
+                continue
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                report.skip(where, f"no string field {text_field!r}")
+            elif not text.strip():
+                report.skip(where, f"field {text_field!r} is empty")
+            else:
+                yield Document(where, text)
+
+
+def _iter_stdlib(report: Report) -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _walk(root, {".py"}, _STDLIB_SKIP):
+        yield from _iter_text(path, report, name=f"python-stdlib:{path.relative_to(root)}")
+
+
+def chatterbot_root() -> Path:
+    try:
+        import chatterbot_corpus
+    except ImportError as e:
+        raise DataError("the chatterbot built-in needs the chatterbot-corpus package: pip install chatterbot-corpus"
+                        ) from e
+    return Path(chatterbot_corpus.__file__).parent / "data"
+
+
+def _iter_chatterbot(languages: str, report: Report) -> Iterator[Document]:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe_load's rules, in C when libyaml is there
+    root = chatterbot_root()
+    available = sorted(p.name for p in root.iterdir() if p.is_dir())
+    wanted = [lang.strip() for lang in languages.split(",") if lang.strip()] or available
+    unknown = [lang for lang in wanted if lang not in available]
+    if unknown:
+        raise DataError(f"chatterbot has no language {', '.join(unknown)}; it has: {', '.join(available)}")
+    for lang in wanted:
+        for path in _walk(root / lang, {".yml", ".yaml"}):
+            name = f"chatterbot:{path.relative_to(root)}"
+            try:
+                data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+            except (UnicodeDecodeError, yaml.YAMLError) as e:
+                report.skip(path, f"unreadable YAML ({type(e).__name__})")
+                continue
+            conversations = data.get("conversations") if isinstance(data, dict) else None
+            if not conversations:
+                report.skip(path, "no conversations")
+                continue
+            for i, conv in enumerate(conversations):
+                # A few conversations in the corpus are a single string rather than a list of turns.
+                turns = [conv] if isinstance(conv, str) else [str(t) for t in conv or [] if t is not None]
+                text = "\n".join(t.strip() for t in turns)
+                if text.strip():
+                    yield Document(f"{name}#{i}", text)
+                else:
+                    report.skip(f"{name}#{i}", "empty conversation")

@@ -1,0 +1,1 @@
+"""Training: run config, schedules, the loop, checkpoints."""

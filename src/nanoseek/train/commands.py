@@ -1,0 +1,134 @@
+"""`nanoseek train` and `nanoseek generate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from nanoseek.config import ConfigError
+from nanoseek.device import pick_device
+
+console = Console()
+
+
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG.toml key=value ...`: the first item without '=' is the config file."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def plot_schedule(cfg, path: Path) -> None:
+    """Learning rate and batch size over the planned run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.train.loop import batch_ramp
+    from nanoseek.train.schedule import lr_schedule, plan_length
+
+    t = cfg.train
+    if not (t.steps or t.tokens):
+        raise ConfigError("a time-budgeted run has no plan before it starts: set train.steps or train.tokens")
+    ramp = batch_ramp(cfg)
+    steps, tokens = plan_length(ramp, cfg.data.seq_len, t.steps, t.tokens)
+    schedule = lr_schedule(cfg.optim, steps, tokens)
+    xs, lrs, bss, seen = [], [], [], 0
+    for step in range(steps):
+        xs.append(seen / 1e6)
+        lrs.append(schedule(step if cfg.optim.unit == "steps" else seen))
+        bss.append(ramp(seen))
+        seen += bss[-1] * cfg.data.seq_len
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    ax.plot(xs, lrs, color="tab:blue")
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("learning rate", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, bss, color="tab:orange")
+    ax2.set_ylabel("batch size (sequences)", color="tab:orange")
+    ax.set_title(f"{cfg.optim.schedule} schedule, {steps:,} steps, {tokens / 1e6:.1f}M tokens")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.run import describe_plan, summary_table, train
+
+    config, overrides = split_config_and_overrides(args.items)
+    if args.resume:
+        if config is not None:
+            raise ConfigError("with --resume, give only key=value overrides (the run folder has its config)")
+        result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress)
+    else:
+        if config is None:
+            raise ConfigError("give a config file: nanoseek train CONFIG.toml [key=value ...]")
+        cfg = load_run_config(config, overrides)
+        if args.dry_run:
+            console.print(describe_plan(cfg))
+            if args.plot:
+                plot_schedule(cfg, Path(args.plot))
+                console.print(f"schedule plot: {args.plot}")
+            return 0
+        result = train(cfg, progress=not args.no_progress)
+    console.print(summary_table(result.summary))
+    console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
+    return 0 if result.stop_reason in ("done", "time", "signal") else 1
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A run folder means its latest checkpoint; any other folder is taken as a model folder."""
+    from nanoseek.train.checkpoint import latest_checkpoint
+
+    if (path / "run.toml").is_file():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise ConfigError(f"run {path} has no checkpoint yet")
+        return ckpt
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.model import load_pretrained
+
+    folder = resolve_model_dir(Path(args.model))
+    device = pick_device(args.device)
+    model = load_pretrained(folder, device=device)
+    tok = Tokenizer.load(folder)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]], device=device)
+    g = torch.Generator(device).manual_seed(args.seed)
+    for _ in range(args.samples):
+        out = model.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k, generator=g,
+                             stop_token=tok.eos_id)
+        console.print(args.prompt + tok.decode(out[0, ids.shape[1]:].tolist()), markup=False, highlight=False)
+        if args.samples > 1:
+            console.rule()
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model: nanoseek train CONFIG.toml [key=value ...]")
+    t.add_argument("items", nargs="*", metavar="CONFIG.toml | key=value",
+                   help="a run config (see configs/) and overrides such as train.steps=100 optim.lr=1e-3")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, schedule) and exit")
+    t.add_argument("--plot", metavar="PNG", help="with --dry-run: draw the lr and batch-size schedule")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a run folder or a model folder")
+    g.add_argument("model", help="RUN_DIR (its latest checkpoint) or a model folder with a tokenizer")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)

@@ -1,0 +1,161 @@
+"""A training run's configuration: TOML sections as dataclasses, every field overridable as key=value.
+
+    [model]      preset + any HF deepseek_v3 field (nanoseek.config.ModelConfig)
+    [data]       prepared data folder, sequence length
+    [train]      length (tokens / steps / wall time), batch sizes, dtype, device, output folder
+    [optim]      AdamW and the learning-rate schedule
+    [balance]    auxiliary-loss-free bias update (γ) and the optional sequence-wise balance loss (α)
+    [mtp]        Multi-Token Prediction loss weight λ and its schedule
+    [eval]       validation loss / bits per byte and samples, every N steps
+    [checkpoint] every N steps, keep the last K
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import ConfigError, ModelConfig, from_dict, load_toml, model_config_from_section
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `nanoseek data prepare`
+    seq_len: int = 512
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/run"
+    tokens: int = 0  # training length in tokens (0: use steps)
+    steps: int = 0  # training length in optimizer steps (0: use tokens)
+    max_time: float = 0.0  # seconds; stop (with a checkpoint) when reached. 0: no limit
+    batch_size: int = 32  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    batch_size_start: int = 0  # batch-size ramp: start here (0: no ramp) ...
+    batch_ramp_tokens: int = 0  # ... and reach batch_size after this many tokens
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    seed: int = 0
+    compile: bool = False
+    log_every: int = 10
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row (each one skips its step)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd | multistep | constant
+    unit: str = "steps"  # steps | tokens: what warmup and the schedule count
+    warmup: float = 100  # in `unit`s
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: final decay share
+    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # multistep
+    factors: list[float] = field(default_factory=lambda: [0.316, 0.1])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # DeepSeek-V3 §4.2
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices; norms, biases and the routing bias get none
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BalanceConfig:
+    bias_update_speed: float = 1e-3  # γ: b_i ± γ after each step towards the mean load (V3: 0.001)
+    bias_freeze_at: float = 1.0  # fraction of training after which γ = 0 (V3 stops for the last 500B of 14.8T)
+    seq_aux_alpha: float = 0.0  # α of the sequence-wise balance loss (V3: 0.0001)
+
+
+@dataclass
+class MTPConfig:
+    weight: float = 0.3  # λ (V3: 0.3 for the first 10T tokens, then 0.1)
+    weight_after: float = 0.1
+    switch_at: float = 0.7  # fraction of training where λ becomes weight_after (1.0: never)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # steps; 0: only at the end
+    batches: int = 8  # validation batches of micro_batch_size sequences
+    samples: int = 2  # sampled continuations shown at each evaluation
+    sample_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    prompts: list[str] = field(default_factory=list)  # default: the start of validation documents
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; a final checkpoint is always written
+    keep: int = 3
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        t = self.train
+        if (t.tokens > 0 and t.steps > 0) or not (t.tokens > 0 or t.steps > 0 or t.max_time > 0):
+            raise ConfigError("set the run's length: train.tokens or train.steps (one of them), or only "
+                              "train.max_time (seconds; the steps are then fixed after timing the first ones)")
+        if t.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32' or 'bf16'")
+        if self.optim.unit not in ("steps", "tokens"):
+            raise ConfigError(f"optim.unit={self.optim.unit!r}: use 'steps' or 'tokens'")
+        if t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
+                              f"{t.micro_batch_size}")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    data = dict(data)
+    model = model_config_from_section(data.pop("model", {}))
+    cfg = from_dict(RunConfig, data)
+    cfg.model = model
+    cfg.validate()
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return run_config_from_dict(load_toml(path, overrides))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts of scalars and lists as TOML (what the resolved config holds). TOML has no null:
+    None is written as "none", which from_dict reads back as None for optional fields."""
+    def value(v: Any) -> str:
+        if v is None:
+            return '"none"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    lines: list[str] = []
+    for section, body in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,337 @@
+"""The training loop: micro-batches -> token-normalised loss -> accumulate -> clip -> AdamW -> routing-bias update.
+
+One optimizer step:
+  1. the batch-size ramp gives this step's global batch; it is split into micro-batches,
+  2. the loss of each micro-batch is its *summed* token cross-entropy (+ λ/D·Σ MTP sums) divided by the number
+     of target tokens in the whole step, so k micro-batches of n give the gradient of one batch of k·n,
+  3. after the step, every MoE layer's routing bias moves by γ towards balance: b_i += γ·sign(mean load -
+     load_i) (DeepSeek-V3's auxiliary-loss-free balancing); an optional α·sequence-wise balance loss joins (2).
+A non-finite loss skips its step; too many in a row stop the run. SIGINT/SIGTERM save a checkpoint, then stop.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from nanoseek.model import NanoSeek
+from nanoseek.model.moe import Router
+from nanoseek.train.checkpoint import TrainState, save_checkpoint
+from nanoseek.train.config import RunConfig
+from nanoseek.train.schedule import BatchRamp, LRSchedule, lr_schedule, piecewise, plan_length
+
+
+class BatchSource(Protocol):
+    """What the loop reads training batches from (nanoseek.data.loader.Batches, or a synthetic task)."""
+
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class World:
+    """This process's place among data-parallel ranks; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float  # main cross-entropy per target token
+    mtp_loss: float | None
+    balance_loss: float | None
+    grad_norm: float
+    batch_size: int
+    lr: float
+    skipped: bool
+    expert_load: list[float] = field(default_factory=list)  # per MoE layer: max load / mean load
+
+
+def param_groups(model: NanoSeek, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; not norms, biases (1-D)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: NanoSeek, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    o = cfg.optim
+    # the fused kernel is one pass over the parameters (CPU and CUDA); same numbers as the loop version
+    fused = device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_")
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=fused or None)
+
+
+def batch_ramp(cfg: RunConfig, world_size: int = 1) -> BatchRamp:
+    t = cfg.train
+    return BatchRamp(end=t.batch_size, start=t.batch_size_start, ramp_tokens=t.batch_ramp_tokens,
+                     multiple=t.micro_batch_size * world_size)
+
+
+def routers(model: torch.nn.Module) -> list[Router]:
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def update_routing_bias(model: torch.nn.Module, gamma: float, world: World) -> list[float]:
+    """b_i += γ·sign(mean load − load_i) for every MoE layer, from the load of the whole step on all ranks.
+    Returns max/mean load per layer (1.0 = perfectly balanced) and resets the counters."""
+    stats = []
+    for r in routers(model):
+        load = world.all_reduce_sum(r.expert_load.clone())
+        mean = load.mean()
+        if gamma > 0 and mean > 0:
+            r.e_score_correction_bias.add_(gamma * torch.sign(mean - load))
+        stats.append((load.max() / mean).item() if mean > 0 else 1.0)
+        r.expert_load.zero_()
+    return stats
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, model: NanoSeek, batches: BatchSource, run_dir: Path, device: torch.device,
+                 state: TrainState, opt: torch.optim.Optimizer, world: World | None = None,
+                 evaluate: Callable[[NanoSeek, TrainState], dict[str, Any]] | None = None,
+                 log: Callable[[dict[str, Any]], None] | None = None, tokenizer_dir: Path | None = None):
+        self.cfg, self.model, self.batches, self.run_dir = cfg, model, batches, Path(run_dir)
+        self.device, self.state, self.opt = device, state, opt
+        self.world = world or World()
+        self.evaluate = evaluate
+        self.log = log or (lambda record: None)
+        self.tokenizer_dir = tokenizer_dir
+        self.micro = cfg.train.micro_batch_size
+        self.ramp = batch_ramp(cfg, self.world.size)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16"
+                         else nullcontext())
+        self.stop_reason: str | None = None
+        self.lr_schedule: LRSchedule | None = None
+        if state.total_steps:
+            self._make_schedule()
+
+    # ---- planning ----------------------------------------------------------------------------------------
+    def plan(self) -> tuple[int, int]:
+        """(steps, tokens) of the whole run, following the batch ramp; (0, 0) for a time-budgeted run."""
+        t = self.cfg.train
+        if not (t.steps or t.tokens):
+            return 0, 0
+        return plan_length(self.ramp, self.cfg.data.seq_len, t.steps, t.tokens)
+
+    def _make_schedule(self) -> None:
+        self.lr_schedule = lr_schedule(self.cfg.optim, self.state.total_steps, self.state.total_tokens)
+
+    def progress(self) -> float:
+        return self.state.step if self.cfg.optim.unit == "steps" else self.state.tokens
+
+    def lr_now(self) -> float:
+        if self.lr_schedule is not None:
+            return self.lr_schedule(self.progress())
+        o = self.cfg.optim  # time-budgeted run before calibration: the warmup ramp needs no total
+        return o.lr * (self.progress() + 1) / (o.warmup + 1) if self.progress() < o.warmup else o.lr
+
+    def fraction(self) -> float:
+        s = self.state
+        return s.step / s.total_steps if s.total_steps else 0.0
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, n_target: torch.Tensor, mtp_weight: float,
+                   global_batch: int) -> tuple[torch.Tensor, Any]:
+        cfg = self.cfg
+        alpha = cfg.balance.seq_aux_alpha
+        with self.autocast:
+            out = self.model(x, labels=y, return_logits=False, balance_loss=alpha > 0)
+        loss = out.ce_sum
+        if out.mtp_ce_sums:
+            loss = loss + mtp_weight / len(out.mtp_ce_sums) * torch.stack(out.mtp_ce_sums).sum()
+        loss = loss / n_target
+        if alpha > 0 and out.balance_loss is not None:
+            # the model averages over its micro-batch's sequences; weight it to a mean over the global batch
+            loss = loss + alpha * out.balance_loss * (x.shape[0] * self.world.size / global_batch)
+        return loss, out
+
+    def step(self) -> StepResult:
+        cfg, state = self.cfg, self.state
+        batch = self.ramp(state.tokens)
+        accum = batch // (self.micro * self.world.size)
+        micro = [self.batches.next(self.micro) for _ in range(accum)]
+        micro = [(x.to(self.device), y.to(self.device)) for x, y in micro]
+        n_target = self.world.all_reduce_sum(sum((y != -100).sum() for _, y in micro).to(self.device))
+        n_target_f = n_target.clamp(min=1).float()
+        lr = self.lr_now()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        mtp_weight = piecewise(state.step, state.total_steps, [cfg.mtp.weight, cfg.mtp.weight_after],
+                               [cfg.mtp.switch_at])
+
+        self.model.train()
+        ce, mtp_ce, mtp_n, bal = torch.zeros(()), None, None, None
+        for x, y in micro:
+            loss, out = self.micro_loss(x, y, n_target_f, mtp_weight, batch)
+            loss.backward()
+            ce = ce + out.ce_sum.detach().float().cpu()
+            if out.mtp_ce_sums:
+                sums = torch.stack([s.detach().float().cpu() for s in out.mtp_ce_sums])
+                ns = torch.stack([n.detach().cpu() for n in out.mtp_n_tokens])
+                mtp_ce = sums if mtp_ce is None else mtp_ce + sums
+                mtp_n = ns if mtp_n is None else mtp_n + ns
+            if out.balance_loss is not None:
+                b = out.balance_loss.detach().float().cpu() / accum
+                bal = b if bal is None else bal + b
+        ce = self.world.all_reduce_sum(ce)
+        main = (ce / n_target_f.cpu()).item()
+        mtp = None
+        if mtp_ce is not None:
+            mtp_ce, mtp_n = self.world.all_reduce_sum(mtp_ce), self.world.all_reduce_sum(mtp_n)
+            mtp = (mtp_ce / mtp_n.clamp(min=1)).mean().item()
+
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                   else float("inf")).item()
+        skipped = not (math.isfinite(main) and math.isfinite(grad_norm))
+        if skipped:
+            self.opt.zero_grad(set_to_none=True)
+            for r in routers(self.model):
+                r.expert_load.zero_()
+            state.nonfinite_streak += 1
+            load_stats: list[float] = []
+            warnings.warn(f"step {state.step}: non-finite loss ({main}) or gradient norm ({grad_norm}); "
+                          f"step skipped ({state.nonfinite_streak} in a row)", stacklevel=2)
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            gamma = cfg.balance.bias_update_speed if self.fraction() < cfg.balance.bias_freeze_at else 0.0
+            load_stats = update_routing_bias(self.model, gamma, self.world)
+            state.nonfinite_streak = 0
+        state.step += 1
+        state.tokens += batch * cfg.data.seq_len
+        return StepResult(loss=main, mtp_loss=mtp, balance_loss=None if bal is None else bal.item(),
+                          grad_norm=grad_norm, batch_size=batch, lr=lr, skipped=skipped, expert_load=load_stats)
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        s, t = self.state, self.cfg.train
+        if s.total_steps and s.step >= s.total_steps:
+            return True
+        return bool(t.max_time and s.elapsed >= t.max_time)
+
+    def checkpoint(self) -> Path | None:
+        if not self.world.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.model, self.opt, self.state, self.cfg.checkpoint.keep,
+                               self.tokenizer_dir)
+
+    def calibrate(self, step_seconds: list[float]) -> None:
+        """Time-budgeted run: fix the plan from the measured step time, once (then it is saved and reused)."""
+        t = self.cfg.train
+        per_step = sorted(step_seconds)[len(step_seconds) // 2] / 0.95  # a margin: the machine's speed varies
+        remaining = max(t.max_time - self.state.elapsed, 0.0)
+        self.state.total_steps = self.state.step + max(int(remaining / per_step), 1)
+        tokens = self.state.tokens
+        for _ in range(self.state.total_steps - self.state.step):
+            tokens += self.ramp(tokens) * self.cfg.data.seq_len
+        self.state.total_tokens = tokens
+        self._make_schedule()
+        self.log({"kind": "plan", "step": self.state.step, "total_steps": self.state.total_steps,
+                  "total_tokens": tokens, "seconds_per_step": per_step})
+
+    def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
+        """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
+        cfg, state = self.cfg, self.state
+        if not state.total_steps and not cfg.train.max_time:
+            state.total_steps, state.total_tokens = self.plan()
+            self._make_schedule()
+        received: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            received.append(signum)
+            signal.signal(signum, previous[signum])  # a second signal acts at once
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: no signal handling
+            previous = {}
+        step_times: list[float] = []
+        try:
+            while not self.done():
+                t0 = time.perf_counter()
+                result = self.step()
+                dt = time.perf_counter() - t0
+                state.elapsed += dt
+                step_times.append(dt)
+                if not state.total_steps and len(step_times) == 6:
+                    self.calibrate(step_times[1:])  # the first step pays one-time costs
+                if on_step is not None:
+                    on_step(result, dt)
+                if state.nonfinite_streak >= cfg.train.max_nonfinite:
+                    self.stop_reason = "non-finite"
+                    raise NonFiniteLossError(f"{state.nonfinite_streak} non-finite losses in a row at step "
+                                             f"{state.step}: lower optim.lr, or check the data")
+                if received:
+                    self.stop_reason = "signal"
+                    break
+                if self.evaluate is not None and cfg.eval.every and state.step % cfg.eval.every == 0 \
+                        and not self.done():
+                    self.log({"kind": "eval", "step": state.step, "tokens": state.tokens,
+                              **self.evaluate(self.model, state)})
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not self.done():
+                    self.checkpoint()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.stop_reason is None:
+            self.stop_reason = "time" if cfg.train.max_time and state.elapsed >= cfg.train.max_time and \
+                state.total_steps and state.step < state.total_steps else "done"
+        if self.evaluate is not None and self.stop_reason != "signal":
+            self.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **self.evaluate(self.model, state)})
+        self.checkpoint()
+        return self.stop_reason
+
+
+def evaluate_loss(model: NanoSeek, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  token_bytes: torch.Tensor | None = None, autocast: Any = None) -> dict[str, float]:
+    """Mean validation cross-entropy per token, and bits per byte when token byte lengths are known:
+    bpb = Σ CE (nats) / (ln 2 · Σ bytes of the target tokens); special tokens (0 bytes) are left out."""
+    was_training = model.training
+    model.eval()
+    nats, n, nats_b, nbytes = 0.0, 0, 0.0, 0
+    with torch.no_grad(), autocast or nullcontext():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                                                   ignore_index=-100)
+            valid = y.flatten() != -100
+            nats += ce[valid].sum().item()
+            n += int(valid.sum())
+            if token_bytes is not None:
+                b = token_bytes.to(device)[y.flatten().clamp(min=0)] * valid
+                keep = b > 0
+                nats_b += ce[keep].sum().item()
+                nbytes += int(b.sum())
+    model.train(was_training)
+    out = {"val_loss": nats / max(n, 1)}
+    if token_bytes is not None and nbytes:
+        out["val_bpb"] = nats_b / (math.log(2) * nbytes)
+    return out

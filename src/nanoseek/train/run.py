@@ -1,0 +1,271 @@
+"""A training run on disk: `nanoseek train CONFIG.toml [key=value ...]` and `nanoseek train --resume RUN_DIR`.
+
+    RUN_DIR/run.toml        the resolved configuration (what --resume reads)
+    RUN_DIR/metrics.jsonl   one JSON record per log interval ("train"), evaluation ("eval") and plan ("plan")
+    RUN_DIR/tokenizer/      a copy of the data's tokenizer
+    RUN_DIR/checkpoints/    see train/checkpoint.py
+    RUN_DIR/summary.json    the run's figures at the end
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nanoseek.config import ConfigError
+from nanoseek.device import pick_device
+from nanoseek.model import NanoSeek
+from nanoseek.model.hf import fsync_dir
+from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, write_atomic
+from nanoseek.train.config import RunConfig, load_run_config, to_toml
+from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
+from nanoseek.train.schedule import lr_schedule, plan_length
+
+console = Console()
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per record (a crash loses at most the record being written)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records from steps after the checkpoint, which the resumed run will redo."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in out if kind is None or r.get("kind") == kind]
+
+
+def describe_plan(cfg: RunConfig, world_size: int = 1) -> Table:
+    """The dry-run table: length, batch, accumulation, and the schedules at a few points."""
+    t = cfg.train
+    ramp = batch_ramp(cfg, world_size)
+    steps, tokens = plan_length(ramp, cfg.data.seq_len, t.steps, t.tokens) if t.steps or t.tokens else (0, 0)
+    table = Table(title="training plan")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    if steps:
+        table.add_row("optimizer steps", f"{steps:,}")
+        table.add_row("tokens", f"{tokens:,}")
+    else:
+        table.add_row("length", f"{t.max_time:.0f} s of training (steps fixed after measuring the first ones)")
+    table.add_row("sequence length", str(cfg.data.seq_len))
+    table.add_row("global batch (sequences)", f"{ramp(0)} -> {t.batch_size}" if t.batch_size_start else
+                  str(t.batch_size))
+    table.add_row("tokens per step", f"{t.batch_size * cfg.data.seq_len:,}")
+    table.add_row("micro-batch x accumulation x ranks",
+                  f"{t.micro_batch_size} x {t.batch_size // (t.micro_batch_size * world_size)} x {world_size}")
+    o = cfg.optim
+    table.add_row("lr schedule", f"{o.schedule}, peak {o.lr:g}, warmup {o.warmup:g} {o.unit}, "
+                                 f"min {o.min_lr_ratio:g}x")
+    if steps:
+        schedule = lr_schedule(o, steps, tokens)
+        for frac in (0.0, 0.01, 0.1, 0.5, 0.8, 0.9, 0.99):
+            table.add_row(f"  lr at {frac:.0%}", f"{schedule(frac * schedule.total):.3g}")
+    table.add_row("MTP weight λ", f"{cfg.mtp.weight} -> {cfg.mtp.weight_after} at {cfg.mtp.switch_at:.0%}"
+                  if cfg.model.num_nextn_predict_layers else "no MTP modules")
+    table.add_row("bias update γ", f"{cfg.balance.bias_update_speed} until {cfg.balance.bias_freeze_at:.0%}")
+    table.add_row("balance loss α", str(cfg.balance.seq_aux_alpha))
+    table.add_row("dtype / device", f"{t.dtype} / {t.device}")
+    return table
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stop_reason: str
+    summary: dict[str, Any]
+
+
+def _data(cfg: RunConfig, world: World) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Path]:
+    from nanoseek.data.loader import Batches, eval_batches
+
+    path = Path(cfg.data.path)
+    if not cfg.data.path or not (path / "index.json").is_file():
+        raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
+                          "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
+    train = Batches(path, split="train", seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=world.rank,
+                    world_size=world.size)
+    val = list(eval_batches(path, split="val", seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
+                            max_batches=cfg.eval.batches))
+    return train, val, path
+
+
+def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) -> Any:
+    prompts = list(cfg.eval.prompts)
+    if not prompts and val:  # the start of validation windows
+        prompts = [tokenizer.decode(val[0][0][i, :8].tolist()) for i in range(min(cfg.eval.samples, len(val[0][0])))]
+
+    def sample(model: NanoSeek, step: int) -> list[dict[str, str]]:
+        out = []
+        for i, prompt in enumerate(prompts[: cfg.eval.samples]):
+            ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]], device=device)
+            g = torch.Generator(device).manual_seed(cfg.train.seed + step * 1000 + i)  # never the global RNG
+            gen = model.generate(ids, cfg.eval.sample_tokens, temperature=cfg.eval.temperature, top_k=cfg.eval.top_k,
+                                 generator=g, stop_token=tokenizer.eos_id)
+            out.append({"prompt": prompt, "completion": tokenizer.decode(gen[0, ids.shape[1]:].tolist())})
+        return out
+
+    return sample
+
+
+def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overrides: list[str] | None = None,
+          world: World | None = None, progress: bool = True, batches: Any = None,
+          val: list | None = None) -> RunResult:
+    """Run (or resume) a training run. `batches`/`val` replace the prepared data (tests, synthetic tasks)."""
+    world = world or World()
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "run.toml").is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no run.toml)")
+        cfg = load_run_config(run_dir / "run.toml", overrides)
+    elif cfg is None:
+        raise ConfigError("train() needs a config or a run folder to resume")
+    run_dir = Path(cfg.train.out_dir) if resume is None else Path(resume)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run: continue it with `nanoseek train --resume {run_dir}` "
+                          "or choose another train.out_dir")
+    cfg.train.out_dir = str(run_dir)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+
+    tokenizer, tokenizer_dir, token_bytes = None, None, None
+    if batches is None:
+        batches, val, data_dir = _data(cfg, world)
+        from nanoseek.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(data_dir)
+        tokenizer_dir = run_dir / "tokenizer"
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                              f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    model = NanoSeek(cfg.model).to(device)
+    opt = make_optimizer(model, cfg, device)
+    state = TrainState()
+    if resume is not None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+        state = load_checkpoint(ckpt, model, opt)
+        batches.load_state_dict(state.data)
+        log.truncate_after(state.step)
+        console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
+    elif world.is_main:
+        write_atomic(run_dir / "run.toml", to_toml(cfg.to_dict()))
+        if tokenizer is not None:
+            tokenizer.save(tokenizer_dir)
+            fsync_dir(tokenizer_dir)
+        log.path.unlink(missing_ok=True)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
+    sample = _sampler(cfg, tokenizer, device, val) if tokenizer is not None and cfg.eval.samples else None
+
+    def evaluate(m: NanoSeek, s: TrainState) -> dict[str, Any]:
+        out: dict[str, Any] = evaluate_loss(m, val, device, token_bytes, autocast) if val else {}
+        if sample is not None:
+            out["samples"] = sample(m, s.step)
+        return out
+
+    class _Batches:  # keeps the loader's position in the train state, so checkpoints carry it
+        def next(self, n: int):
+            x = batches.next(n)
+            state.data = batches.state_dict()
+            return x
+
+        def state_dict(self) -> dict[str, Any]:
+            return batches.state_dict()
+
+        def load_state_dict(self, d: dict[str, Any]) -> None:
+            batches.load_state_dict(d)
+
+    trainer = Trainer(cfg, model, _Batches(), run_dir, device, state, opt, world, evaluate if val or sample else None,
+                      log if world.is_main else None, tokenizer_dir if tokenizer is not None else None)
+    if cfg.train.compile:
+        trainer.model = torch.compile(model)  # type: ignore[assignment]
+
+    window: dict[str, float] = {"t": time.perf_counter(), "tokens": state.tokens}
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress,
+                   transient=False)
+    task = bar.add_task("training", total=state.total_steps or None, completed=state.step)
+
+    def on_step(r: StepResult, dt: float) -> None:
+        s = trainer.state
+        bar.update(task, completed=s.step, total=s.total_steps or None)
+        if s.step % cfg.train.log_every and not r.skipped:
+            return
+        now = time.perf_counter()
+        tps = (s.tokens - window["tokens"]) / max(now - window["t"], 1e-9)
+        window.update(t=now, tokens=s.tokens)
+        record = {"kind": "train", "step": s.step, "tokens": s.tokens, "loss": r.loss, "mtp_loss": r.mtp_loss,
+                  "balance_loss": r.balance_loss, "lr": r.lr, "batch_size": r.batch_size, "grad_norm": r.grad_norm,
+                  "tokens_per_s": tps, "expert_load_max_over_mean": r.expert_load, "skipped": r.skipped,
+                  "elapsed": s.elapsed}
+        if world.is_main:
+            log(record)
+        mtp = f" mtp {r.mtp_loss:.3f}" if r.mtp_loss is not None else ""
+        bar.update(task, description=f"step {s.step} loss {r.loss:.3f}{mtp} lr {r.lr:.2e} {tps:,.0f} tok/s")
+
+    started = time.perf_counter()
+    with bar:
+        reason = trainer.fit(on_step)
+    wall = time.perf_counter() - started
+    summary = _summary(cfg, trainer.state, log, model, wall, reason)
+    if world.is_main:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return RunResult(run_dir, reason, summary)
+
+
+def _summary(cfg: RunConfig, state: TrainState, log: MetricsLog, model: NanoSeek, wall: float,
+             reason: str) -> dict[str, Any]:
+    train_records = log.records("train")
+    evals = [r for r in log.records("eval") if "val_loss" in r]
+    return {
+        "stop_reason": reason, "steps": state.step, "tokens": state.tokens, "train_seconds": state.elapsed,
+        "wall_seconds_this_session": wall, "tokens_per_s": state.tokens / state.elapsed if state.elapsed else 0.0,
+        "final_train_loss": train_records[-1]["loss"] if train_records else None,
+        "first_train_loss": train_records[0]["loss"] if train_records else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None, "val_bpb": evals[-1].get("val_bpb") if evals else None,
+        "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
+        "model": cfg.model.to_hf_dict()["architectures"][0], "dtype": cfg.train.dtype,
+    }
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="run summary")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+
+    def fmt(v: Any) -> str:
+        return f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+    for k, v in summary.items():
+        if v is not None:
+            table.add_row(k.replace("_", " "), fmt(v))
+    return table

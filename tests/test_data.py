@@ -1,0 +1,405 @@
+"""Data pipeline: sources, `prepare` (dedup, split, shards, index), checked reading, and the batch loader."""
+
+import argparse
+import hashlib
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanoseek.data import (
+    BUILTINS,
+    Batches,
+    DataError,
+    Report,
+    Tokenizer,
+    eval_batches,
+    iter_documents,
+    open_split,
+    prepare,
+    read_index,
+    train_tokenizer,
+)
+from nanoseek.data.commands import add_commands
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "at",
+         "this", "from", "or", "have", "an", "are", "which", "but", "not", "model", "token", "data", "train", "learn",
+         "byte", "shard", "window", "batch", "seed", "rank", "epoch", "résumé", "naïve", "数据", "данные", "42", "3.14"]
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(n_words // 8 + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A folder with 40 text docs, a markdown doc, a jsonl, and one of each kind of file that must be skipped."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = root / "docs"
+    (docs / "sub").mkdir(parents=True)
+    texts = []
+    for i in range(40):
+        text = _text(rng, rng.randint(50, 400))
+        (docs / ("sub" if i % 3 else ".") / f"doc_{i:03d}.txt").write_text(text, encoding="utf-8")
+        texts.append(text)
+    md = "# Notes\n\nSome *markdown* text, 数据.\n"
+    (docs / "notes.md").write_text(md, encoding="utf-8")
+    (docs / "dup.txt").write_text(texts[0], encoding="utf-8")  # exact duplicate of doc_000
+    (docs / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))  # not UTF-8
+    (docs / "empty.txt").write_text("", encoding="utf-8")
+    (docs / "blank.md").write_text("  \n\t\n", encoding="utf-8")
+    (docs / "image.png").write_bytes(b"\x89PNG not text")  # not a text extension: not a source file at all
+    (docs / ".hidden").mkdir()
+    (docs / ".hidden" / "secret.txt").write_text("hidden", encoding="utf-8")
+    jsonl_texts = [_text(rng, 40) for _ in range(5)]
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(jsonl_texts)]
+    lines.insert(2, '{"text": "unterminated')  # line 3: bad JSON
+    lines.insert(4, json.dumps({"body": "no text field"}))  # line 5
+    lines.insert(5, "")  # blank line: nothing
+    (root / "extra.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok_dir = root / "tok"
+    train_tokenizer([*texts, md, *jsonl_texts], 400, tok_dir)  # all the merges this text has
+    sources = [str(docs), str(root / "extra.jsonl")]
+    return {"root": root, "docs": docs, "sources": sources, "tok_dir": tok_dir, "texts": texts, "md": md,
+            "jsonl": jsonl_texts}
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare(corpus["sources"], corpus["tok_dir"], out, val_fraction=0.1, shard_tokens=4000, progress=False)
+    return out
+
+
+def _split_docs(tokens: np.ndarray) -> list[np.ndarray]:
+    """Cut a stream at BOS (0): each piece is one document's tokens."""
+    starts = np.flatnonzero(tokens == 0)
+    return [tokens[a + 1: b] for a, b in zip(starts, [*starts[1:], len(tokens)])]
+
+
+# ---- sources ----------------------------------------------------------------------------------------------
+
+def test_sources_report_every_skipped_file(corpus):
+    report = Report()
+    docs = list(iter_documents(corpus["sources"], report=report))
+    skipped = {Path(p.split(":")[0]).name + (":" + p.split(":")[1] if ":" in p else ""): r for p, r in report.skipped}
+    assert set(skipped) == {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5"}
+    assert "UTF-8" in skipped["latin1.txt"] and skipped["empty.txt"] == "empty"
+    assert skipped["blank.md"] == "only whitespace" and "invalid JSON" in skipped["extra.jsonl:3"]
+    assert "'text'" in skipped["extra.jsonl:5"]
+    assert len(docs) == 40 + 1 + 1 + 5 == report.documents  # 40 docs, notes.md, dup.txt, 5 jsonl lines
+    assert [d.text for d in docs if d.source.startswith(str(corpus["root"] / "extra.jsonl"))] == corpus["jsonl"]
+    assert not any("secret" in d.source or "image" in d.source for d in docs)
+    assert [d.source for d in docs] == [d.source for d in iter_documents(corpus["sources"])]  # deterministic
+    assert [d.source for d in docs[:3]] == sorted(d.source for d in docs[:3])
+
+
+def test_a_single_text_file_and_a_jsonl_field(corpus, tmp_path):
+    one = list(iter_documents([str(corpus["docs"] / "notes.md")]))
+    assert [(d.source, d.text) for d in one] == [(str(corpus["docs"] / "notes.md"), corpus["md"])]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "abc"}) + "\n", encoding="utf-8")
+    assert [d.text for d in iter_documents([str(tmp_path / "c.jsonl")], text_field="content")] == ["abc"]
+
+
+def test_unknown_source_names_it_and_lists_builtins():
+    with pytest.raises(DataError, match=r"'no/such/path'.*python-stdlib.*chatterbot"):
+        list(iter_documents(["no/such/path"]))
+    with pytest.raises(DataError, match=r"no language klingon.*english"):
+        list(iter_documents(["chatterbot:klingon"]))
+
+
+def test_python_stdlib_builtin_is_many_learner_style_files_quickly():
+    t0 = time.perf_counter()
+    report = Report()
+    docs = list(itertools.islice(iter_documents(["python-stdlib"], report=report), 600))
+    assert time.perf_counter() - t0 < 10
+    assert len(docs) > 500
+    assert all(d.source.startswith("python-stdlib:") and d.source.endswith(".py") for d in docs)
+    parts = {p for d in docs for p in Path(d.source.split(":", 1)[1]).parts}
+    assert not parts & {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages"}
+    assert any(d.source == "python-stdlib:argparse.py" for d in docs)
+    assert all(r in ("empty", "only whitespace") or "UTF-8" in r for _, r in report.skipped)
+    again = [d.source for d in itertools.islice(iter_documents(["python-stdlib"]), 50)]
+    assert again == [d.source for d in docs[:50]]
+
+
+def test_chatterbot_builtin_is_multilingual_and_filterable():
+    assert set(BUILTINS) == {"python-stdlib", "chatterbot"}
+    docs = list(iter_documents(["chatterbot"]))
+    langs = {d.source.split(":")[1].split("/")[0] for d in docs}
+    assert len(docs) > 5000 and len(langs) >= 20 and {"english", "chinese", "hindi", "yoruba"} <= langs
+    assert all(d.text.strip() for d in docs)
+    some = list(iter_documents(["chatterbot:english,french"]))
+    assert {d.source.split(":")[1].split("/")[0] for d in some} == {"english", "french"}
+    greeting = next(d for d in some if d.source == "chatterbot:english/greetings.yml#0")
+    assert greeting.text == "Hello\nHi"  # turns on separate lines
+
+
+# ---- prepare ----------------------------------------------------------------------------------------------
+
+def test_prepare_index_counts_match_the_encoded_documents(corpus, prepared):
+    index = read_index(prepared)
+    tok = Tokenizer.load(corpus["tok_dir"])
+    unique = list(dict.fromkeys(d.text for d in iter_documents(corpus["sources"])))
+    assert len(unique) == 40 + 1 + 5
+    assert index["duplicates_removed"] == 1
+    splits = index["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(unique)
+    assert splits["val"]["documents"] == round(0.1 * len(unique)) == 5
+    total = sum(len(ids) + 1 for ids in tok.encode_batch(unique))  # + BOS each
+    assert splits["train"]["tokens"] + splits["val"]["tokens"] == total
+    assert splits["train"]["bytes"] + splits["val"]["bytes"] == sum(len(t.encode()) for t in unique)
+    assert index["dtype"] == "uint16" and index["vocab_size"] == 400 and index["format"] == 1
+    assert index["tokenizer_sha256"] == hashlib.sha256((corpus["tok_dir"] / "tokenizer.json").read_bytes()).hexdigest()
+    assert (prepared / "tokenizer.json").read_bytes() == (corpus["tok_dir"] / "tokenizer.json").read_bytes()
+    assert Tokenizer.load(prepared).vocab_size == 400  # the data folder is self-contained
+    assert index["sources"] == corpus["sources"]
+    reasons = {Path(s["path"]).name: s["reason"] for s in index["skipped"]}
+    assert {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5"} == set(reasons)
+    for split in ("train", "val"):
+        shards = splits[split]["shards"]
+        assert sum(s["tokens"] for s in shards) == splits[split]["tokens"]
+        assert [s["file"] for s in shards] == [f"{split}_{i:05d}.bin" for i in range(len(shards))]
+        for s in shards:
+            data = (prepared / s["file"]).read_bytes()
+            assert len(data) == 2 * s["tokens"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+            assert s["tokens"] <= 4000
+    assert len(splits["train"]["shards"]) > 2  # small shards: documents cross shard boundaries
+    assert not list(prepared.glob("*.tmp")) and not list(prepared.glob(".*"))
+
+
+def test_prepared_streams_hold_each_unique_document_once(corpus, prepared):
+    tok = Tokenizer.load(prepared)
+    unique = set(dict.fromkeys(d.text for d in iter_documents(corpus["sources"])))
+    got = {}
+    for split in ("train", "val"):
+        stream = open_split(prepared, split)
+        tokens = stream[:]
+        assert tokens.dtype == np.uint16 and len(tokens) == len(stream) and tokens[0] == 0
+        got[split] = [tok.decode(d.tolist()) for d in _split_docs(tokens)]
+        assert len(got[split]) == read_index(prepared)["splits"][split]["documents"]
+    assert len(got["val"]) > 0 and not set(got["train"]) & set(got["val"])  # disjoint documents
+    assert sorted(got["train"] + got["val"]) == sorted(unique)  # no duplicate, no skipped file, nothing lost
+    assert "café crème\n" not in got["train"] + got["val"]
+
+
+def test_token_stream_slices_cross_shard_boundaries(prepared):
+    stream = open_split(prepared, "train")
+    whole = np.concatenate([np.fromfile(prepared / s["file"], dtype="<u2")
+                            for s in read_index(prepared)["splits"]["train"]["shards"]])
+    assert len(stream) == len(whole)
+    for a, b in [(0, 10), (3990, 4010), (3999, 8001), (len(whole) - 5, len(whole)), (100, 100), (0, len(whole))]:
+        assert np.array_equal(stream[a:b], whole[a:b])
+    assert stream[4000] == whole[4000] and stream[-1] == whole[-1]
+
+
+def test_prepare_is_deterministic_and_seeded(corpus, prepared, tmp_path):
+    prepare(corpus["sources"], corpus["tok_dir"], tmp_path / "same", val_fraction=0.1, shard_tokens=4000,
+            progress=False)
+    prepare(corpus["sources"], corpus["tok_dir"], tmp_path / "other", val_fraction=0.1, shard_tokens=4000, seed=1,
+            progress=False)
+    assert read_index(tmp_path / "same")["splits"] == read_index(prepared)["splits"]
+    assert read_index(tmp_path / "other")["splits"]["val"] != read_index(prepared)["splits"]["val"]
+
+
+def test_prepare_without_dedup_keeps_duplicates_and_small_corpora_get_one_val_doc(corpus, tmp_path):
+    s = prepare(corpus["sources"], corpus["tok_dir"], tmp_path / "a", val_fraction=0.01, dedup=False,
+                progress=False)
+    assert s.index["duplicates_removed"] == 0
+    assert s.index["splits"]["train"]["documents"] + s.index["splits"]["val"]["documents"] == 47
+    assert s.index["splits"]["val"]["documents"] == 1  # 0.47 rounds to 0, but >= 2 documents give 1
+    table = s.table()
+    assert [c.header for c in table.columns][:3] == ["split", "documents", "tokens"]
+    one = tmp_path / "one.txt"
+    one.write_text("just one document", encoding="utf-8")
+    s = prepare([str(one)], corpus["tok_dir"], tmp_path / "b", progress=False)
+    assert s.index["splits"]["val"] == {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
+    with pytest.raises(DataError, match="no documents"):
+        prepare([str(corpus["docs"] / "empty.txt")], corpus["tok_dir"], tmp_path / "c", progress=False)
+    with pytest.raises(DataError, match="unknown data source 'typo'"):  # a bad source leaves the folder as it was
+        prepare(["typo"], corpus["tok_dir"], tmp_path / "b", progress=False)
+    assert read_index(tmp_path / "b")["splits"]["train"]["documents"] == 1
+
+
+def test_corrupted_truncated_or_missing_shards_raise_dataerror(prepared, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    shard = bad / "train_00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[101] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_00001\.bin.*sha256.*nanoseek data prepare"):
+        open_split(bad, "train")
+    assert len(open_split(bad, "train", verify=False)) == read_index(bad)["splits"]["train"]["tokens"]
+    shard.write_bytes(bytes(data[:-3]))
+    with pytest.raises(DataError, match=r"train_00001\.bin.*truncated.*nanoseek data prepare"):
+        open_split(bad, "train", verify=False)
+    shard.unlink()
+    with pytest.raises(DataError, match=r"train_00001\.bin is missing"):
+        open_split(bad, "train")
+    (bad / "index.json").write_text("{broken")
+    with pytest.raises(DataError, match=r"index\.json is unreadable.*nanoseek data prepare"):
+        open_split(bad, "val")
+    (bad / "index.json").unlink()
+    with pytest.raises(DataError, match=r"index\.json is missing.*nanoseek data prepare"):
+        Batches(bad, seq_len=8)
+    with pytest.raises(DataError, match="no split 'test'"):
+        open_split(prepared, "test")
+
+
+def test_prepare_realistic_text(tmp_path, corpus):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i, part in enumerate(text.split("\n\n")[:2000]):  # speeches as documents
+        (folder / f"{i:05d}.txt").write_text(part, encoding="utf-8")
+    s = prepare([str(folder)], corpus["tok_dir"], tmp_path / "out", progress=False)
+    parts = [p for p in text.split("\n\n")[:2000] if p.strip()]
+    assert s.index["duplicates_removed"] == len(parts) - len(set(parts))
+    assert s.index["splits"]["val"]["documents"] == round(0.01 * len(set(parts)))
+
+
+# ---- loader -----------------------------------------------------------------------------------------------
+
+def test_batches_are_windows_with_labels_shifted_by_one(prepared):
+    stream = open_split(prepared, "train")
+    b = Batches(stream, seq_len=16, shuffle=False)
+    assert b.windows_per_epoch == (len(stream) - 1) // 16
+    x, y = b.next(4)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for i in range(4):
+        w = torch.from_numpy(stream[16 * i: 16 * i + 17].astype(np.int64))
+        assert torch.equal(x[i], w[:-1]) and torch.equal(y[i], w[1:])
+    x, y = Batches(prepared, seq_len=16, seed=3).next(8)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_batches_are_deterministic_per_seed(prepared):
+    def run(seed):
+        b = Batches(prepared, seq_len=32, seed=seed)
+        return [b.next(4) for _ in range(5)]
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
+
+
+def test_resume_mid_epoch_gives_the_same_batches_even_with_a_changing_batch_size(prepared):
+    sizes = [2, 3, 2, 5, 1, 4, 4, 6, 2, 3, 7, 2]
+    ref = Batches(prepared, seq_len=24, seed=7)
+    expected = [ref.next(bs) for bs in sizes]
+    for cut in (1, 4, 9):
+        b = Batches(prepared, seq_len=24, seed=7)
+        for bs in sizes[:cut]:
+            b.next(bs)
+        state = json.loads(json.dumps(b.state_dict()))  # JSON round trip: plain ints
+        assert set(state) == {"epoch", "cursor"} and all(type(v) is int for v in state.values())
+        resumed = Batches(prepared, seq_len=24, seed=7)
+        resumed.load_state_dict(state)
+        for bs, (x, y) in zip(sizes[cut:], expected[cut:]):
+            rx, ry = resumed.next(bs)
+            assert torch.equal(rx, x) and torch.equal(ry, y)
+        assert resumed.state_dict() == ref.state_dict()
+    with pytest.raises(DataError, match="prepared again"):
+        Batches(prepared, seq_len=24).load_state_dict({"epoch": 0, "cursor": 10**9})
+
+
+def test_ranks_take_disjoint_blocks_whose_union_is_the_single_rank_batch(prepared):
+    single = Batches(prepared, seq_len=16, seed=5)
+    ranks = [Batches(prepared, seq_len=16, seed=5, rank=r, world_size=2) for r in range(2)]
+    steps = single.windows_per_epoch // 6 + 3  # past the end of an epoch
+    for _ in range(steps):
+        x, y = single.next(6)
+        (x0, y0), (x1, y1) = (r.next(3) for r in ranks)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+        rows0, rows1 = {tuple(r) for r in x0.tolist()}, {tuple(r) for r in x1.tolist()}
+        assert not rows0 & rows1
+    assert single.epoch == 1 and ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+    # world size may change on resume: two ranks continue where one rank stopped
+    moved = [Batches(prepared, seq_len=16, seed=5, rank=r, world_size=2) for r in range(2)]
+    for m in moved:
+        m.load_state_dict(single.state_dict())
+    x, _ = single.next(4)
+    assert torch.equal(torch.cat([m.next(2)[0] for m in moved]), x)
+    with pytest.raises(DataError, match="rank=2"):
+        Batches(prepared, seq_len=16, rank=2, world_size=2)
+
+
+def test_epochs_wrap_cover_every_window_once_and_reshuffle(prepared):
+    b = Batches(prepared, seq_len=64, seed=0)
+    n = b.windows_per_epoch
+    per_epoch = n // 5
+    starts = []
+    for _ in range(per_epoch):
+        x, _ = b.next(5)
+        starts += [tuple(r[:4]) for r in x.tolist()]
+    assert b.epoch == 0 and b.state_dict() == {"epoch": 0, "cursor": per_epoch * 5}
+    b.next(5)  # fewer than 5 windows left: the next epoch starts, no partial batch
+    assert b.state_dict() == {"epoch": 1, "cursor": 5}
+    assert sorted(b.order(0).tolist()) == list(range(n)) and not np.array_equal(b.order(0), b.order(1))
+    assert np.array_equal(Batches(prepared, seq_len=64, shuffle=False).order(3), np.arange(n))
+    with pytest.raises(DataError, match=f"needs {n + 1} windows"):
+        b.next(n + 1)
+
+
+def test_eval_batches_are_the_first_windows_in_order(prepared):
+    stream = open_split(prepared, "val")
+    batches = eval_batches(prepared, seq_len=16, batch_size=3, max_batches=4)
+    assert len(batches) == 4 and all(x.shape == (3, 16) for x, _ in batches)
+    flat = torch.cat([x for x, _ in batches])
+    for i in range(12):
+        assert torch.equal(flat[i], torch.from_numpy(stream[16 * i: 16 * i + 16].astype(np.int64)))
+    again = eval_batches(stream, seq_len=16, batch_size=3, max_batches=4)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    everything = eval_batches(prepared, seq_len=16, batch_size=1000)
+    assert len(everything) == 1 and everything[0][0].shape[0] == (len(stream) - 1) // 16  # last batch may be small
+    with pytest.raises(DataError, match=f"has {len(stream):,} tokens.*needs {len(stream) + 1:,}"):
+        eval_batches(prepared, seq_len=len(stream), batch_size=1)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+
+def _cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nanoseek")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_train_report_prepare(corpus, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    assert _cli(["tokenizer", "train", "--input", str(corpus["docs"]), "--input", str(corpus["root"] / "extra.jsonl"),
+                 "--vocab-size", "300", "--out", str(tok), "--max-docs", "10"]) == 0
+    assert Tokenizer.load(tok).vocab_size == 300
+    out = capsys.readouterr().out
+    assert "300 tokens from 10 documents" in out
+    par = tmp_path / "par"
+    par.mkdir()
+    (par / "eng.txt").write_text("the model learns", encoding="utf-8")
+    (par / "fra.txt").write_text("le modèle apprend", encoding="utf-8")
+    assert _cli(["tokenizer", "report", "--tokenizer", str(tok), "--parallel", str(par),
+                 "--out", str(tmp_path / "tax.png")]) == 0
+    assert (tmp_path / "tax.png").stat().st_size > 1000 and "English (eng)" in capsys.readouterr().out
+    assert _cli(["data", "prepare", "--input", *corpus["sources"], "--tokenizer", str(tok), "--out",
+                 str(tmp_path / "data"), "--val-fraction", "0.2", "--seed", "3", "--no-dedup", "--no-progress"]) == 0
+    index = read_index(tmp_path / "data")
+    assert index["duplicates_removed"] == 0 and index["seed"] == 3 and index["splits"]["val"]["documents"] == 9
+    assert "not valid UTF-8" in capsys.readouterr().out  # the skipped files are listed
+    with pytest.raises(SystemExit):
+        _cli(["data", "prepare", "--tokenizer", str(tok), "--out", str(tmp_path / "x")])  # --input is required
+    with pytest.raises(DataError, match="python-stdlib"):
+        _cli(["tokenizer", "train", "--input", "nope", "--out", str(tmp_path / "t2")])

@@ -1,0 +1,272 @@
+"""The training loop: it learns, accumulation is exact, schedules, balancing, resume, checkpoints, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.model.moe import Router
+from nanoseek.train import checkpoint as ckpt_mod
+from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.config import load_run_config, run_config_from_dict
+from nanoseek.train.loop import NonFiniteLossError, Trainer, World, batch_ramp, make_optimizer, update_routing_bias
+from nanoseek.train.run import MetricsLog, train
+from nanoseek.train.schedule import BatchRamp, LRSchedule, piecewise, plan_length
+from tests.tasks import ReverseTask
+
+
+def _cfg(tmp_path, task: ReverseTask, **sections):
+    base = {
+        "model": {"preset": "tiny", "vocab_size": task.vocab_size, "max_position_embeddings": 64},
+        "data": {"seq_len": task.seq_len},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 400, "batch_size": 32, "micro_batch_size": 32,
+                  "log_every": 1},
+        "optim": {"lr": 3e-3, "warmup": 20},
+        "eval": {"every": 0, "samples": 0},
+        "checkpoint": {"every": 0, "keep": 2},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return run_config_from_dict(base)
+
+
+def test_tiny_model_learns_to_reverse_sequences(tmp_path):
+    """The whole stack trains: ≥ 99% of held-out sequences reversed exactly (greedy)."""
+    task = ReverseTask()
+    result = train(_cfg(tmp_path, task), batches=task, val=[], progress=False)
+    assert result.stop_reason == "done" and result.summary["steps"] == 400
+    model = nanoseek.from_pretrained(latest_checkpoint(tmp_path / "run"))
+    assert task.exact_match(model) >= 0.99
+    records = MetricsLog(tmp_path / "run" / "metrics.jsonl").records("train")
+    assert records[0]["loss"] > 2.0 and records[-1]["loss"] < 0.05
+    assert all(r["mtp_loss"] is not None and r["expert_load_max_over_mean"] for r in records)
+
+
+def _one_step_grads(tmp_path, task, micro: int, batch: int, mask_extra: bool):
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path, task, train={"batch_size": batch, "micro_batch_size": micro, "steps": 1})
+    model = nanoseek.NanoSeek(cfg.model)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+
+    seqs = ReverseTask().sequences(batch, 7)
+    x_all, y_all = ReverseTask().batch(seqs)
+    if mask_extra:  # unequal target counts per micro-batch: a per-micro-batch mean would be wrong
+        y_all[:3, -4:] = -100
+
+    class Source(ReverseTask):
+        def next(self, n):
+            sl = slice(self.cursor * n, (self.cursor + 1) * n)
+            self.cursor += 1
+            return x_all[sl], y_all[sl]
+
+    trainer = Trainer(cfg, model, Source(), tmp_path, torch.device("cpu"), TrainState(total_steps=1), opt)
+    trainer._make_schedule()
+    grads = {}
+    real_step = opt.step
+    opt.step = lambda: grads.update({id(p): p.grad.clone() for g in opt.param_groups for p in g["params"]})
+    trainer.step()
+    opt.step = real_step
+    return [grads[id(p)] for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mask_extra", [False, True])
+def test_accumulation_equals_one_big_batch(tmp_path, mask_extra):
+    task = ReverseTask()
+    big = _one_step_grads(tmp_path, task, micro=8, batch=8, mask_extra=mask_extra)
+    acc = _one_step_grads(tmp_path, task, micro=2, batch=8, mask_extra=mask_extra)
+    worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(acc, big))
+    assert worst < 1e-5
+
+
+def test_lr_schedules_at_known_points():
+    cos = LRSchedule(peak=1.0, total=100, warmup=10, kind="cosine", min_lr_ratio=0.1)
+    assert cos(0) == pytest.approx(1 / 11) and cos(9) == pytest.approx(10 / 11)
+    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    wsd = LRSchedule(peak=2.0, total=100, warmup=10, kind="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert wsd(50) == 2.0 and wsd(80) == 2.0 and wsd(90) == pytest.approx(1.0) and wsd(100) == pytest.approx(0.0)
+    ms = LRSchedule(peak=4.2e-4, total=1000, warmup=20, kind="multistep")  # DeepSeek LLM: ×0.316 at 80%, ×0.1 at 90%
+    assert ms(500) == 4.2e-4 and ms(799) == 4.2e-4
+    assert ms(800) == pytest.approx(4.2e-4 * 0.316) and ms(950) == pytest.approx(4.2e-5)
+    assert LRSchedule(peak=1.0, total=10, kind="constant")(7) == 1.0
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        LRSchedule(peak=1.0, total=10, kind="linear")
+
+
+def test_batch_ramp_and_piecewise():
+    ramp = BatchRamp(end=64, start=16, ramp_tokens=1000, multiple=8)
+    assert ramp(0) == 16 and ramp(500) == 40 and ramp(999) == 64 - 8 and ramp(1000) == 64 and ramp(10**9) == 64
+    assert all(ramp(t) % 8 == 0 for t in range(0, 1200, 37))
+    with pytest.raises(ValueError, match="multiple"):
+        BatchRamp(end=60, multiple=8)
+    assert piecewise(69, 100, [0.3, 0.1], [0.7]) == 0.3 and piecewise(70, 100, [0.3, 0.1], [0.7]) == 0.1
+
+
+def test_plan_follows_batch_ramp(tmp_path):
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task, train={"steps": 0, "tokens": 10_000, "batch_size": 32, "micro_batch_size": 8,
+                                      "batch_size_start": 8, "batch_ramp_tokens": 4000})
+    steps, tokens = plan_length(batch_ramp(cfg), task.seq_len, tokens=10_000)
+    assert tokens >= 10_000 and tokens - 32 * task.seq_len < 10_000
+    assert steps > 10_000 // (32 * task.seq_len)  # small batches first: more steps than at the full batch
+
+
+def test_bias_update_direction():
+    cfg = nanoseek.preset("tiny")
+    model = nanoseek.NanoSeek(cfg)
+    r = next(m for m in model.modules() if isinstance(m, Router))
+    r.expert_load.copy_(torch.tensor([10.0, 0, 4, 4, 4, 4, 4, 2]))  # mean 4
+    stats = update_routing_bias(model, 0.01, World())
+    assert r.e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0.01])
+    assert stats[0] == pytest.approx(10 / 4.0)
+    assert r.expert_load.sum() == 0
+
+
+def test_bias_update_balances_experts(tmp_path):
+    """With γ > 0 the routing evens out over a short run; with γ = 0 it stays skewed."""
+    task = ReverseTask()
+
+    def run(gamma: float, name: str) -> list[float]:
+        cfg = _cfg(tmp_path / name, task, train={"steps": 150, "seed": 1},
+                   balance={"bias_update_speed": gamma}, optim={"lr": 2e-3})
+        train(cfg, batches=ReverseTask(), val=[], progress=False)
+        recs = MetricsLog(tmp_path / name / "run" / "metrics.jsonl").records("train")
+        return [max(r["expert_load_max_over_mean"]) for r in recs]
+
+    balanced, free = run(0.01, "g"), run(0.0, "z")
+    late = lambda xs: sum(xs[-30:]) / 30
+    assert late(balanced) < late(free)
+    assert late(balanced) < balanced[0]
+
+
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in MetricsLog(run_dir / "metrics.jsonl").records("train")]
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM at step 7 and resumed produces the uninterrupted run's losses, bit for bit."""
+    task = ReverseTask()
+    sections = dict(train={"steps": 16}, checkpoint={"every": 5, "keep": 2})
+    full = train(_cfg(tmp_path / "a", task, **sections), batches=ReverseTask(), val=[], progress=False)
+    assert full.stop_reason == "done"
+
+    import os
+    import signal
+
+    class Interrupting(ReverseTask):
+        def next(self, n):
+            if self.cursor == 6:  # during step 7: the handler finishes the step, saves, stops
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next(n)
+
+    cfg = _cfg(tmp_path / "b", task, **sections)
+    first = train(cfg, batches=Interrupting(), val=[], progress=False)
+    assert first.stop_reason == "signal" and first.summary["steps"] == 7
+    run_b = tmp_path / "b" / "run"
+    assert latest_checkpoint(run_b).name == "step_000007"
+    resumed = train(resume=run_b, batches=ReverseTask(), val=[], progress=False)
+    assert resumed.stop_reason == "done" and resumed.summary["steps"] == 16
+    assert _losses(run_b) == _losses(tmp_path / "a" / "run")  # exact float equality
+    a = nanoseek.from_pretrained(latest_checkpoint(tmp_path / "a" / "run"))
+    b = nanoseek.from_pretrained(latest_checkpoint(run_b))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_after_hard_kill_uses_last_checkpoint(tmp_path):
+    """kill -9 leaves metrics past the last checkpoint; resume rewinds to it and still matches exactly."""
+    task = ReverseTask()
+    sections = dict(train={"steps": 12}, checkpoint={"every": 4, "keep": 3})
+    train(_cfg(tmp_path / "a", task, **sections), batches=ReverseTask(), val=[], progress=False)
+
+    class HardKill(Exception):
+        pass
+
+    class Dying(ReverseTask):
+        def next(self, n):
+            if self.cursor == 10:
+                raise HardKill("simulated kill -9: no handler runs, no final checkpoint")
+            return super().next(n)
+
+    cfg = _cfg(tmp_path / "b", task, **sections)
+    run_b = tmp_path / "b" / "run"
+    with pytest.raises(HardKill):
+        train(cfg, batches=Dying(), val=[], progress=False)
+    assert latest_checkpoint(run_b).name == "step_000008"
+    assert len(_losses(run_b)) == 10  # logged past the checkpoint
+    train(resume=run_b, batches=ReverseTask(), val=[], progress=False)
+    assert _losses(run_b) == _losses(tmp_path / "a" / "run")
+
+
+def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task)
+    model = nanoseek.NanoSeek(cfg.model)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    run = tmp_path / "r"
+    save_checkpoint(run, model, opt, TrainState(step=5), keep=3)
+
+    def broken(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(run, model, opt, TrainState(step=10), keep=3)
+    monkeypatch.undo()
+    assert latest_checkpoint(run).name == "step_000005"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_000005"]
+    state = load_checkpoint(latest_checkpoint(run), nanoseek.NanoSeek(cfg.model), make_optimizer(model, cfg,
+                                                                                              torch.device("cpu")))
+    assert state.step == 5
+    # a LATEST that names a folder which never completed falls back to the newest complete one
+    (run / "checkpoints" / "LATEST").write_text("step_000010\n")
+    assert latest_checkpoint(run).name == "step_000005"
+
+
+def test_keep_last_k_checkpoints(tmp_path):
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task, train={"steps": 10}, checkpoint={"every": 2, "keep": 2})
+    train(cfg, batches=task, val=[], progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert names == ["step_000008", "step_000010"]
+    folder = tmp_path / "run" / "checkpoints" / "step_000010"
+    assert {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= {
+        p.name for p in folder.iterdir()}
+    assert load_run_config(tmp_path / "run" / "run.toml") == cfg  # the resolved config, read back
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["stop_reason"] == "done"
+
+
+def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch):
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task, train={"steps": 20, "max_nonfinite": 3})
+    calls = {"n": 0}
+    real = Trainer.micro_loss
+
+    def poisoned(self, *a, **k):
+        loss, out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4 or calls["n"] >= 10:
+            out.ce_sum = out.ce_sum * float("nan")
+            return loss * float("nan"), out
+        return loss, out
+
+    monkeypatch.setattr(Trainer, "micro_loss", poisoned)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(NonFiniteLossError, match="3 non-finite"):
+        warnings.simplefilter("always")
+        train(cfg, batches=task, val=[], progress=False)
+    assert sum("step skipped" in str(w.message) for w in caught) == 4  # step 4 alone, then steps 10-12
+    recs = MetricsLog(tmp_path / "run" / "metrics.jsonl").records("train")
+    assert [r["step"] for r in recs if r["skipped"]] == [4, 10, 11, 12]
+    assert all(math.isfinite(r["loss"]) for r in recs if not r["skipped"])
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task, train={"steps": 2})
+    train(cfg, batches=task, val=[], progress=False)
+    with pytest.raises(nanoseek.ConfigError, match="--resume"):
+        train(_cfg(tmp_path, task, train={"steps": 2}), batches=ReverseTask(), val=[], progress=False)
