@@ -83,8 +83,8 @@ def test_mtp_targets_are_shifted_labels():
 
 def test_init_std_and_buffers():
     torch.manual_seed(0)
-    model = nanoseek.NanoSeek(nanoseek.preset("demo"))
-    assert model.config.initializer_range == 0.006
+    assert nanoseek.ModelConfig().initializer_range == 0.006  # DeepSeek-V3's init std is the default
+    model = nanoseek.NanoSeek(nanoseek.preset("demo", initializer_range=0.006))
     for w in (model.embed_tokens.weight, model.layers[1].mlp.experts.gate_up_proj,
               model.layers[0].self_attn.o_proj.weight):
         assert abs(w.std().item() - 0.006) < 0.0003 and abs(w.mean().item()) < 1e-4

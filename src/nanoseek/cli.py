@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, DataError: clear messages
-        console.print("[red]error:[/red]", escape(str(e)), highlight=False)
+        console.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def pick_dtype(name: str, device: torch.device) -> str:
+    """`auto`: bf16 where it is fast (CUDA with bf16, CPUs with AMX tiles), else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if device.type == "cpu" and amx() else "fp32"
+
+
 def pick_device(name: str | None = None) -> torch.device:
     if name and name != "auto":
         dev = torch.device(name)

@@ -27,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nanoseek.data.corpora import Document, Report, iter_documents
-from nanoseek.data.tokenizer import DataError, Tokenizer, sha256_file, write_atomic
+from nanoseek.data.tokenizer import DataError, Tokenizer
+from nanoseek.io import sha256_file, write_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

@@ -12,10 +12,8 @@ there is no unknown token.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from nanoseek.io import write_atomic
 
 # DeepSeek-V3's spellings: fullwidth vertical bars (U+FF5C) and lower one-eighth blocks (U+2581).
 BOS = "<｜begin▁of▁sentence｜>"
@@ -56,30 +56,6 @@ CHAT_TEMPLATE = (
 
 class DataError(ValueError):
     """Data or tokenizer files nanoseek cannot use; the message names the file and the fix."""
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write via a temp file in the same folder + os.replace: readers see the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=1)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.io import fsync_dir, replace_dir
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Router
 
@@ -289,23 +290,3 @@ def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = 
                                                     indent=2))
     dtype_name = str(target_dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype_name), indent=2) + "\n")
-
-
-def fsync_dir(d: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place."""
-    for f in d.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing it. The old `dst` is renamed aside first and deleted last, so a
-    crash leaves either the old or the new folder complete (the old one as `.dst.old-*` if mid-swap)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

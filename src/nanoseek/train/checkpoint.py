@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
-from nanoseek.model.hf import fsync_dir, load_pretrained, write_checkpoint
+from nanoseek.model.hf import load_pretrained, write_checkpoint
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
@@ -42,15 +43,6 @@ class TrainState:
     data: dict[str, Any] = field(default_factory=dict)  # the train loader's position (per rank when distributed)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     sd = opt.state_dict()
     tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
@@ -64,8 +56,9 @@ def save_checkpoint(run_dir: Path, model: NanoSeek, opt: torch.optim.Optimizer, 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.step:06d}"
     final = ckpt_root / name
+    for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write_checkpoint(model, tmp)

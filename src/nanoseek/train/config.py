@@ -36,7 +36,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     batch_size_start: int = 0  # batch-size ramp: start here (0: no ramp) ...
     batch_ramp_tokens: int = 0  # ... and reach batch_size after this many tokens
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (bf16 where it is fast)
     device: str = "auto"  # auto: cuda, then mps, then cpu
     seed: int = 0
     compile: bool = False
@@ -107,8 +107,8 @@ class RunConfig:
         if (t.tokens > 0 and t.steps > 0) or not (t.tokens > 0 or t.steps > 0 or t.max_time > 0):
             raise ConfigError("set the run's length: train.tokens or train.steps (one of them), or only "
                               "train.max_time (seconds; the steps are then fixed after timing the first ones)")
-        if t.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32' or 'bf16'")
+        if t.dtype not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32', 'bf16' or 'auto'")
         if self.optim.unit not in ("steps", "tokens"):
             raise ConfigError(f"optim.unit={self.optim.unit!r}: use 'steps' or 'tokens'")
         if t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:

@@ -22,10 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from nanoseek.config import ConfigError
-from nanoseek.device import pick_device
+from nanoseek.device import pick_device, pick_dtype
+from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
-from nanoseek.model.hf import fsync_dir
-from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, write_atomic
+from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from nanoseek.train.config import RunConfig, load_run_config, to_toml
 from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
 from nanoseek.train.schedule import lr_schedule, plan_length
@@ -149,6 +149,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
                           "or choose another train.out_dir")
     cfg.train.out_dir = str(run_dir)
     device = pick_device(cfg.train.device)
+    cfg.train.dtype = pick_dtype(cfg.train.dtype, device)  # resolved, so that run.toml records what ran
     torch.manual_seed(cfg.train.seed)
 
     tokenizer, tokenizer_dir, token_bytes = None, None, None

@@ -1,0 +1,110 @@
+"""The command line end to end on real data: tokenizer, data, train, dry run, kill -9 and resume, generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.run import MetricsLog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nanoseek(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A tokenizer (vocab 512) and prepared shards of the chatterbot corpus (ships with the install)."""
+    base = tmp_path_factory.mktemp("cli")
+    r = nanoseek("tokenizer", "train", "--input", "chatterbot:english", "--vocab-size", "512", "--out",
+                 str(base / "tok"))
+    assert r.returncode == 0, r.stderr + r.stdout
+    r = nanoseek("data", "prepare", "--input", "chatterbot", "--tokenizer", str(base / "tok"), "--out",
+                 str(base / "data"), "--val-fraction", "0.05", "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    return base / "data"
+
+
+def _args(data: Path, out: Path, steps: int = 24) -> list[str]:
+    return [str(ROOT / "configs" / "tiny.toml"), f"data.path={data}", f"train.out_dir={out}", "model.vocab_size=512",
+            f"train.steps={steps}", "data.seq_len=64", "train.log_every=1", "checkpoint.every=6", "eval.every=12",
+            "eval.batches=2", "eval.sample_tokens=8"]
+
+
+def test_dry_run_prints_plan_and_plot(data_dir, tmp_path, capsys):
+    png = tmp_path / "schedule.png"
+    assert main(["train", *_args(data_dir, tmp_path / "r"), "--dry-run", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer steps" in out and "24" in out and "cosine" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_kill9_then_resume_matches_uninterrupted(data_dir, tmp_path):
+    full = tmp_path / "full"
+    r = nanoseek("train", *_args(data_dir, full), "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "train", *_args(data_dir, killed), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the second periodic checkpoint, then kill without warning
+        ck = latest_checkpoint(killed) if (killed / "checkpoints").exists() else None
+        if ck is not None and ck.name >= "step_000012":
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(killed).name < "step_000024"
+    r = nanoseek("train", "--resume", str(killed), "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    losses = lambda d: [x["loss"] for x in MetricsLog(d / "metrics.jsonl").records("train")]
+    assert losses(killed) == losses(full) and len(losses(full)) == 24
+    evals = MetricsLog(full / "metrics.jsonl").records("eval")
+    assert [e["step"] for e in evals] == [12, 24] and all(e["val_bpb"] > 0 for e in evals)
+    assert all(e["samples"] for e in evals)
+
+
+def test_sigterm_saves_then_resume(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "train", *_args(data_dir, run, steps=400),
+                             "checkpoint.every=0", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped: signal" in out
+    step = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["state"]["step"]
+    assert 0 < step < 400
+
+
+def test_generate_from_run(data_dir, tmp_path):
+    run = tmp_path / "g"
+    assert main(["train", *_args(data_dir, run, steps=4), "--no-progress"]) == 0
+    r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Hello") == 2
+
+
+def test_train_errors_are_clear(tmp_path, capsys):
+    assert main(["train", str(ROOT / "configs" / "tiny.toml"), f"train.out_dir={tmp_path}/x"]) == 2
+    assert "not a prepared data folder" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().out
+    assert main(["train"]) == 2
