@@ -1,10 +1,11 @@
 """Quality per compute: the demo MoE+MLA model against a dense model of the same active FLOPs per token.
 
-Both train on the same prepared data, with the same run config (configs/demo.toml: batch, schedule, seed) and
-the same wall-clock budget, one after the other on this machine. The dense model is the same code with every
-layer dense (first_k_dense_replace = num_hidden_layers) and the MLP width that gives it the MoE model's active
-FLOPs per token; MTP is off in both so that only the feed-forward design differs. Prints validation loss and
-bits per byte side by side: DeepSeek's claim is that, at equal compute, the MoE wins.
+Same prepared data, same run config (configs/demo.toml: batch, schedule, seed), one run after the other on this
+machine: the MoE and its dense twin for the same wall-clock budget, then the dense twin for the MoE's number of
+tokens (the same training FLOPs, since the active FLOPs per token are equal). The twin is the same code with
+every layer dense (first_k_dense_replace = num_hidden_layers) and the MLP width that matches the MoE's active
+FLOPs per token; MTP is off in both so that only the feed-forward design differs. DeepSeek's claim is that, at
+equal compute, the MoE wins.
 
     python bench/quality_vs_dense.py --data runs/demo/data-python-stdlib --minutes 5
 """
@@ -23,7 +24,7 @@ from nanoseek.cost.flops import forward_flops_per_token
 from nanoseek.train.config import load_run_config
 from nanoseek.train.run import train
 
-console = Console()
+console = Console(width=130)
 
 
 def dense_twin(moe: nanoseek.ModelConfig, seq_len: int) -> nanoseek.ModelConfig:
@@ -49,30 +50,37 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"data.path={args.data}", f"train.max_time={args.minutes * 60:g}", "eval.every=0",
-                "eval.samples=0", "eval.batches=32", "model.num_nextn_predict_layers=0", *args.overrides]
-        moe_cfg = load_run_config(args.config, [*base, f"train.out_dir={tmp}/moe"])
-        dense_cfg = load_run_config(args.config, [*base, f"train.out_dir={tmp}/dense"])
-        dense_cfg.model = dense_twin(moe_cfg.model, moe_cfg.data.seq_len)
-        for name, cfg in (("MoE + MLA (demo)", moe_cfg), ("dense, same active FLOPs", dense_cfg)):
+        base = [f"data.path={args.data}", "eval.every=0", "eval.samples=0", "eval.batches=32",
+                "model.num_nextn_predict_layers=0", *args.overrides]
+        timed = [*base, f"train.max_time={args.minutes * 60:g}"]
+        moe_cfg = load_run_config(args.config, [*timed, f"train.out_dir={tmp}/moe"])
+        dense_model = dense_twin(moe_cfg.model, moe_cfg.data.seq_len)
+        runs = [("MoE + MLA (demo)", moe_cfg), ("dense, same wall-clock", None), ("dense, same tokens", None)]
+        for i, (name, cfg) in enumerate(runs):
+            if name == "dense, same wall-clock":
+                cfg = load_run_config(args.config, [*timed, f"train.out_dir={tmp}/dense_time"])
+            elif name == "dense, same tokens":  # equal tokens x equal FLOPs/token = equal training compute
+                cfg = load_run_config(args.config, [*base, f"train.tokens={rows[0][4]}", f"train.out_dir={tmp}/dt"])
+            if name.startswith("dense"):
+                cfg.model = dense_model
             console.rule(name)
-            result = train(cfg, progress=False)
-            s = result.summary
-            flops = forward_flops_per_token(cfg.model, cfg.data.seq_len)
-            rows.append((name, s["parameters"], s["active_parameters"], flops, s["tokens"], s["tokens_per_s"],
-                         s["val_loss"], s["val_bpb"]))
+            s = train(cfg, progress=False).summary
+            rows.append((name, s["parameters"], s["active_parameters"], forward_flops_per_token(cfg.model,
+                         cfg.data.seq_len), s["tokens"], s["tokens_per_s"], s["train_seconds"], s["val_loss"],
+                         s["val_bpb"]))
+            runs[i] = (name, cfg)
 
-    table = Table(title=f"quality at equal wall-clock ({args.minutes:g} min each) on the same data")
-    for col in ("model", "params", "active", "fwd MFLOP/token", "tokens seen", "tokens/s", "val loss", "val bpb"):
+    table = Table(title="MoE vs dense of the same active FLOPs per token, same data and run config")
+    for col in ("model", "params", "active", "MFLOP/token", "tokens", "tokens/s", "train s", "val loss", "val bpb"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for name, params, active, flops, tokens, tps, loss, bpb in rows:
+    for name, params, active, flops, tokens, tps, secs, loss, bpb in rows:
         table.add_row(name, f"{params / 1e6:.1f}M", f"{active / 1e6:.1f}M", f"{flops / 1e6:.1f}", f"{tokens:,}",
-                      f"{tps:,.0f}", f"{loss:.3f}", f"{bpb:.3f}")
+                      f"{tps:,.0f}", f"{secs:.0f}", f"{loss:.3f}", f"{bpb:.3f}")
     console.print(table)
-    (moe_bpb, dense_bpb) = rows[0][7], rows[1][7]
-    verdict = "MoE better" if moe_bpb < dense_bpb else "dense better"
-    console.print(f"bits per byte: MoE {moe_bpb:.3f} vs dense {dense_bpb:.3f} ({verdict}, "
-                  f"{100 * (dense_bpb - moe_bpb) / dense_bpb:+.1f}% for the MoE)")
+    moe, time_dense, token_dense = rows[0][8], rows[1][8], rows[2][8]
+    console.print(f"bits per byte — MoE {moe:.3f}; dense at the same wall-clock {time_dense:.3f} "
+                  f"({'MoE' if moe < time_dense else 'dense'} better); dense at the same tokens and FLOPs "
+                  f"{token_dense:.3f} ({'MoE' if moe < token_dense else 'dense'} better)")
 
 
 if __name__ == "__main__":

@@ -207,20 +207,21 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     model = nanoseek.NanoSeek(cfg.model)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     run = tmp_path / "r"
-    save_checkpoint(run, model, opt, TrainState(step=5), keep=3)
+    save_checkpoint(run, model, model, opt, TrainState(step=5), keep=3)
 
     def broken(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", broken)
+    monkeypatch.setattr(ckpt_mod, "write_checkpoint", broken)  # dies after the sharded state, before the end
     with pytest.raises(OSError):
-        save_checkpoint(run, model, opt, TrainState(step=10), keep=3)
+        save_checkpoint(run, model, model, opt, TrainState(step=10), keep=3)
     monkeypatch.undo()
     assert latest_checkpoint(run).name == "step_000005"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_000005"]
-    state = load_checkpoint(latest_checkpoint(run), nanoseek.NanoSeek(cfg.model), make_optimizer(model, cfg,
-                                                                                              torch.device("cpu")))
+    fresh = nanoseek.NanoSeek(cfg.model)
+    state = load_checkpoint(latest_checkpoint(run), fresh, fresh, make_optimizer(fresh, cfg, torch.device("cpu")))
     assert state.step == 5
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     # a LATEST that names a folder which never completed falls back to the newest complete one
     (run / "checkpoints" / "LATEST").write_text("step_000010\n")
     assert latest_checkpoint(run).name == "step_000005"
@@ -233,7 +234,7 @@ def test_keep_last_k_checkpoints(tmp_path):
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert names == ["step_000008", "step_000010"]
     folder = tmp_path / "run" / "checkpoints" / "step_000010"
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= {
+    assert {"config.json", "model.safetensors", "state", "rng-0.safetensors", "trainer_state.json"} <= {
         p.name for p in folder.iterdir()}
     assert load_run_config(tmp_path / "run" / "run.toml") == cfg  # the resolved config, read back
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -262,6 +263,14 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch):
     recs = MetricsLog(tmp_path / "run" / "metrics.jsonl").records("train")
     assert [r["step"] for r in recs if r["skipped"]] == [4, 10, 11, 12]
     assert all(math.isfinite(r["loss"]) for r in recs if not r["skipped"])
+
+
+def test_length_in_steps_with_a_time_limit(tmp_path):
+    """train.steps (or tokens) sets the plan; train.max_time is then only a hard stop."""
+    task = ReverseTask()
+    result = train(_cfg(tmp_path, task, train={"steps": 10, "max_time": 1000.0}), batches=task, val=[],
+                   progress=False)
+    assert result.stop_reason == "done" and result.summary["steps"] == 10
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
                       f"(bits per byte {evals[0].get('val_bpb', float('nan')):.3f} -> "
                       f"{evals[-1].get('val_bpb', float('nan')):.3f})")
     console.print(summary_table({**result.summary, "setup_seconds": setup}))
-    console.print(f"run folder: {run_dir}\nsample more: nanoseek generate {run_dir} --prompt 'def '")
+    console.print(f"run folder: {run_dir}\nsample more: nanoseek generate {run_dir} --prompt 'def'")
     return 0
 
 

@@ -190,27 +190,34 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
         """x [N, H]; indices, weights [N, k]; counts [E] = token copies per expert -> [N, H]."""
-        k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)  # token copies grouped by expert
-        token = order // k
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x.index_select(0, token).to(dtype)
-        # Scale by the gate weight before the down projection (it is linear): I wide instead of H.
-        gate_w = weights.flatten().index_select(0, order).unsqueeze(1).to(dtype)
-        slot = None
-        if x.device.type == "cpu" and dtype == torch.bfloat16:
-            # oneDNN (bf16 on CPU) builds a kernel per matrix shape, and the rows per expert change every step.
-            # Rounding each expert's rows up to a multiple of 64 (zero rows) keeps the shapes few and the
-            # kernels cached: 3x faster grouped GEMMs for ~10% padding (docs/LOG.md).
-            slot, counts = _padded_slots(counts, 64)
-            xs = xs.new_zeros(int(counts.sum()), xs.shape[1]).index_copy(0, slot, xs)
-            gate_w = gate_w.new_zeros(xs.shape[0], 1).index_copy(0, slot, gate_w)
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_linear(xs, self.gate_up_proj.to(dtype), offsets).chunk(2, dim=-1)
-        y = grouped_linear(F.silu(gate) * up * gate_w, self.down_proj.to(dtype), offsets)
-        if slot is not None:
-            y = y.index_select(0, slot)
+        token = order // indices.shape[1]
+        xs = x.index_select(0, token)
+        gate_w = weights.flatten().index_select(0, order)
+        y = expert_mlp(xs, gate_w, counts, self.gate_up_proj, self.down_proj)
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)
+
+
+def expert_mlp(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
+               down_proj: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert (expert e owns the next counts[e] rows) -> gate_w · down(silu(gate(x)) · up(x)).
+    Shared by the local experts and by expert parallelism, which runs it on the rows it received."""
+    dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+    xs = xs.to(dtype)
+    # Scale by the gate weight before the down projection (it is linear): I wide instead of H.
+    gate_w = gate_w.unsqueeze(1).to(dtype)
+    slot = None
+    if xs.device.type == "cpu" and dtype == torch.bfloat16:
+        # oneDNN (bf16 on CPU) builds a kernel per matrix shape, and the rows per expert change every step.
+        # Rounding each expert's rows up to a multiple of 64 (zero rows) keeps the shapes few and the
+        # kernels cached: 3x faster grouped GEMMs for ~10% padding (docs/LOG.md).
+        slot, counts = _padded_slots(counts, 64)
+        xs = xs.new_zeros(int(counts.sum()), xs.shape[1]).index_copy(0, slot, xs)
+        gate_w = gate_w.new_zeros(xs.shape[0], 1).index_copy(0, slot, gate_w)
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate, up = grouped_linear(xs, gate_up_proj.to(dtype), offsets).chunk(2, dim=-1)
+    y = grouped_linear(F.silu(gate) * up * gate_w, down_proj.to(dtype), offsets)
+    return y.index_select(0, slot) if slot is not None else y
 
 
 def _padded_slots(counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,17 @@
 """Training checkpoints: a folder per step, written atomically, the newest named in `LATEST`.
 
     RUN_DIR/checkpoints/step_000500/
-        config.json, model.safetensors      the model, HF deepseek_v3 layout (from_pretrained / transformers)
-        tokenizer.json, tokenizer_config.json (when the run has a tokenizer: the folder serves as is)
-        optimizer.safetensors               AdamW moments and step counts, RNG states
+        state/                              model + AdamW state, torch.distributed.checkpoint in safetensors files:
+                                            sharded as the ranks held it, readable by any number of ranks
+        rng-{rank}.safetensors              each rank's RNG
         trainer_state.json                  step, tokens, data position, plan, optimizer hyper-parameters
+        config.json, model*.safetensors     the model in the HF deepseek_v3 layout (single-process runs, and the
+        tokenizer.json, ...                 final checkpoint of distributed runs; `nanoseek export` for any other)
     RUN_DIR/checkpoints/LATEST              "step_000500"
 
-A checkpoint is built in a hidden temporary folder, flushed, renamed into place, and only then named in LATEST
-(itself replaced atomically): a crash at any point leaves the previous checkpoint complete and named. No pickle.
+All ranks write into one hidden temporary folder; rank 0 renames it into place and only then names it in LATEST
+(itself replaced atomically): a crash or a dead rank at any point leaves the previous checkpoint complete and
+named. Nothing is pickled: the distributed checkpoint uses torch's safetensors storage.
 """
 
 from __future__ import annotations
@@ -21,14 +24,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
-from nanoseek.model.hf import load_pretrained, write_checkpoint
+from nanoseek.model.hf import write_checkpoint
 
 STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.safetensors"
+STATE_DIR = "state"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -40,50 +54,94 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training, across resumes
     total_steps: int = 0  # the plan: fixed at the start (or after calibration, for time-budgeted runs)
     total_tokens: int = 0
-    data: dict[str, Any] = field(default_factory=dict)  # the train loader's position (per rank when distributed)
+    data: dict[str, Any] = field(default_factory=dict)  # the train loader's (global) position
+    world_size: int = 1
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
-    return tensors, sd["param_groups"]
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def save_checkpoint(run_dir: Path, model: NanoSeek, opt: torch.optim.Optimizer, state: TrainState, keep: int,
-                    tokenizer_dir: Path | None = None) -> Path:
-    """Write checkpoints/step_{step}, point LATEST at it, delete all but the newest `keep`."""
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _flat(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The model and optimizer state as one flat {name: tensor} dict (what the safetensors storage holds)."""
+    msd = get_model_state_dict(model)
+    osd = get_optimizer_state_dict(model, opt)
+    flat = {f"model.{k}": v for k, v in msd.items()}
+    flat.update({f"optim.{k}.{kk}": v for k, s in osd["state"].items() for kk, v in s.items()})
+    return flat, msd, osd
+
+
+def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torch.optim.Optimizer,
+                    state: TrainState, keep: int, tokenizer_dir: Path | None = None,
+                    export: bool | None = None) -> Path:
+    """Write checkpoints/step_{step} from every rank, point LATEST at it, keep the newest `keep`.
+    `module` is the bare model, `model` what training calls (DDP/FSDP-wrapped or the same). `export` writes the
+    HF-layout model too (default: in single-process runs)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
     name = f"step_{state.step:06d}"
-    final = ckpt_root / name
-    for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
+    rank = _rank()
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".step_*.tmp*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
     try:
-        write_checkpoint(model, tmp)
-        if tokenizer_dir is not None:
-            for f in TOKENIZER_FILES:
-                if (tokenizer_dir / f).is_file():
-                    shutil.copy2(tokenizer_dir / f, tmp / f)
-        tensors, groups = _optimizer_tensors(opt)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, tmp / OPTIM_FILE)
-        meta = {"state": asdict(state), "param_groups": groups,
-                "param_names": [n for n, _ in model.named_parameters()]}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks a complete folder
-        fsync_dir(tmp)
-        if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        flat, _, osd = _flat(model, opt)
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=_distributed()),
+                 no_dist=not _distributed())
+        save_file({"cpu": torch.get_rng_state()}, tmp / f"rng-{rank}.safetensors")
+        if export if export is not None else not _distributed():
+            _export(module, model, tmp, tokenizer_dir)
+        if rank == 0:
+            meta = {"state": asdict(state), "param_groups": osd["param_groups"],
+                    "param_names": [n for n, _ in module.named_parameters()]}
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks a complete folder
+            for sub in (tmp, tmp / STATE_DIR):
+                fsync_dir(sub)
+        _barrier()
+        if rank == 0:
+            if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_atomic(ckpt_root / "LATEST", name + "\n")
+            old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+            for p in old[:-keep] if keep > 0 else []:
+                shutil.rmtree(p, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_atomic(ckpt_root / "LATEST", name + "\n")
-    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
     return final
+
+
+def _export(module: NanoSeek, model: nn.Module, folder: Path, tokenizer_dir: Path | None) -> None:
+    """The HF layout into `folder`: gathered to rank 0 when the weights are sharded."""
+    if _distributed():
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if _rank() != 0:
+            return
+        with torch.device("meta"):
+            bare = NanoSeek(module.config)
+        bare.to_empty(device="cpu")
+        bare.tie_weights()
+        bare.load_state_dict(full)
+        module = bare
+    write_checkpoint(module, folder)
+    if tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (tokenizer_dir / f).is_file():
+                shutil.copy2(tokenizer_dir / f, folder / f)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -98,25 +156,49 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(ckpt: Path, model: NanoSeek, opt: torch.optim.Optimizer) -> TrainState:
-    """Restore model weights (in place, keeping dtype and device), optimizer state and RNG; return the state."""
+def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer state and RNG into `model` (wrapped or not, any number of ranks)."""
     meta = json.loads((ckpt / STATE_FILE).read_text())
-    names = [n for n, _ in model.named_parameters()]
-    if meta["param_names"] != names:
+    if meta["param_names"] != [n for n, _ in module.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
-    saved = load_pretrained(ckpt, dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        for (_, dst), src in zip(model.state_dict(keep_vars=True).items(), saved.state_dict().values()):
-            dst.copy_(src)
-    tensors = load_file(ckpt / OPTIM_FILE)
-    device = next(model.parameters()).device
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("state."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = t.to(device)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    flat, msd, osd = _flat(model, opt)
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
+    for k in msd:
+        msd[k] = flat[f"model.{k}"]
+    for k, s in osd["state"].items():
+        for kk in s:
+            s[kk] = flat[f"optim.{k}.{kk}"]
+    set_model_state_dict(model, msd)
+    set_optimizer_state_dict(model, opt, osd)
+    rng = ckpt / f"rng-{_rank()}.safetensors"
+    torch.set_rng_state(load_file(rng if rng.is_file() else ckpt / "rng-0.safetensors")["cpu"])
     return TrainState(**meta["state"])
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> None:
+    """A checkpoint (from any number of ranks) as an HF-layout model folder, in one process."""
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.hf import save_pretrained
+
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    run_toml = ckpt.parents[1] / "run.toml"
+    if (ckpt / "config.json").is_file():
+        config = ModelConfig.from_json_file(ckpt / "config.json")
+    elif run_toml.is_file():
+        from nanoseek.train.config import load_run_config
+
+        config = load_run_config(run_toml).model
+    else:
+        raise ValueError(f"cannot find the model config of {ckpt} (no config.json, no run.toml two levels up)")
+    model = NanoSeek(config)
+    if meta["param_names"] != [n for n, _ in model.named_parameters()]:
+        raise ValueError(f"checkpoint {ckpt} does not match its config (parameter names differ)")
+    msd = get_model_state_dict(model)
+    flat = {f"model.{k}": v for k, v in msd.items()}
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=True)
+    model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
+    save_pretrained(model, out)
+    for f in TOKENIZER_FILES:
+        src = ckpt / f if (ckpt / f).is_file() else ckpt.parents[1] / "tokenizer" / f
+        if src.is_file():
+            shutil.copy2(src, out / f)

@@ -8,6 +8,7 @@
     [mtp]        Multi-Token Prediction loss weight λ and its schedule
     [eval]       validation loss / bits per byte and samples, every N steps
     [checkpoint] every N steps, keep the last K
+    [parallel]   torchrun runs: ddp | fsdp, expert parallelism, activation checkpointing, timeout
 """
 
 from __future__ import annotations
@@ -92,6 +93,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Used when started by torchrun (WORLD_SIZE > 1); see train/parallel.py."""
+
+    dp: str = "ddp"  # ddp | fsdp: how the non-expert weights are kept on each rank (replicated | sharded)
+    ep: int = 1  # expert parallelism: routed experts split over this many ranks (divides the world size)
+    cpu_offload: bool = False  # fsdp: sharded weights, gradients and optimizer state live in CPU memory (GPU)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    timeout: float = 300.0  # seconds a rank waits for the others (start-up, collectives) before failing
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +113,7 @@ class RunConfig:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         t = self.train

@@ -16,7 +16,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +40,8 @@ class BatchSource(Protocol):
 
 @dataclass
 class World:
-    """This process's place among data-parallel ranks; a single process is rank 0 of 1."""
+    """This process's place among data-parallel ranks; a single process is rank 0 of 1, and its hooks do
+    nothing (train/parallel.py's DistWorld implements them for torchrun)."""
 
     rank: int = 0
     size: int = 1
@@ -49,8 +50,25 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def loss_scale(self) -> float:
+        return 1.0
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def max_int(self, n: int) -> int:
+        """The largest of the ranks' values: decisions that must be unanimous (stop, plan)."""
+        return n
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def finish_grads(self, model: torch.nn.Module) -> None:
+        pass
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,14 +87,18 @@ class StepResult:
     expert_load: list[float] = field(default_factory=list)  # per MoE layer: max load / mean load
 
 
-def param_groups(model: NanoSeek, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; not norms, biases (1-D)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices, not norms and biases (1-D). Sharded weights on different device meshes (FSDP vs expert
+    parallel) go to different groups: the fused AdamW kernel runs once per group and wants one mesh."""
+    groups: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            mesh = getattr(p, "device_mesh", None)
+            groups.setdefault((p.dim() >= 2, id(mesh) if mesh is not None else 0), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0} for (decay, _), ps in groups.items()]
 
 
-def make_optimizer(model: NanoSeek, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
     o = cfg.optim
     # the fused kernel is one pass over the parameters (CPU and CUDA); same numbers as the loop version
     fused = device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_")
@@ -113,8 +135,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, model: NanoSeek, batches: BatchSource, run_dir: Path, device: torch.device,
                  state: TrainState, opt: torch.optim.Optimizer, world: World | None = None,
                  evaluate: Callable[[NanoSeek, TrainState], dict[str, Any]] | None = None,
-                 log: Callable[[dict[str, Any]], None] | None = None, tokenizer_dir: Path | None = None):
-        self.cfg, self.model, self.batches, self.run_dir = cfg, model, batches, Path(run_dir)
+                 log: Callable[[dict[str, Any]], None] | None = None, tokenizer_dir: Path | None = None,
+                 wrapped: torch.nn.Module | None = None):
+        """`model` is the bare NanoSeek; `wrapped` what training calls when parallelised (DDP/FSDP)."""
+        self.cfg, self.module, self.batches, self.run_dir = cfg, model, batches, Path(run_dir)
+        self.model = wrapped if wrapped is not None else model
         self.device, self.state, self.opt = device, state, opt
         self.world = world or World()
         self.evaluate = evaluate
@@ -185,9 +210,10 @@ class Trainer:
 
         self.model.train()
         ce, mtp_ce, mtp_n, bal = torch.zeros(()), None, None, None
-        for x, y in micro:
-            loss, out = self.micro_loss(x, y, n_target_f, mtp_weight, batch)
-            loss.backward()
+        for i, (x, y) in enumerate(micro):
+            with self.world.micro_batch(last=i == accum - 1):
+                loss, out = self.micro_loss(x, y, n_target_f, mtp_weight, batch)
+                (loss * self.world.loss_scale).backward()
             ce = ce + out.ce_sum.detach().float().cpu()
             if out.mtp_ce_sums:
                 sums = torch.stack([s.detach().float().cpu() for s in out.mtp_ce_sums])
@@ -204,13 +230,13 @@ class Trainer:
             mtp_ce, mtp_n = self.world.all_reduce_sum(mtp_ce), self.world.all_reduce_sum(mtp_n)
             mtp = (mtp_ce / mtp_n.clamp(min=1)).mean().item()
 
+        self.world.finish_grads(self.module)
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                                   else float("inf")).item()
+        grad_norm = self.world.clip_grad_norm(params, cfg.optim.grad_clip)
         skipped = not (math.isfinite(main) and math.isfinite(grad_norm))
         if skipped:
             self.opt.zero_grad(set_to_none=True)
-            for r in routers(self.model):
+            for r in routers(self.module):
                 r.expert_load.zero_()
             state.nonfinite_streak += 1
             load_stats: list[float] = []
@@ -220,7 +246,7 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             gamma = cfg.balance.bias_update_speed if self.fraction() < cfg.balance.bias_freeze_at else 0.0
-            load_stats = update_routing_bias(self.model, gamma, self.world)
+            load_stats = update_routing_bias(self.module, gamma, self.world)
             state.nonfinite_streak = 0
         state.step += 1
         state.tokens += batch * cfg.data.seq_len
@@ -234,18 +260,18 @@ class Trainer:
             return True
         return bool(t.max_time and s.elapsed >= t.max_time)
 
-    def checkpoint(self) -> Path | None:
-        if not self.world.is_main:
-            return None
-        return save_checkpoint(self.run_dir, self.model, self.opt, self.state, self.cfg.checkpoint.keep,
-                               self.tokenizer_dir)
+    def checkpoint(self, final: bool = False) -> Path:
+        """Every rank takes part (sharded state); the final one of a distributed run also exports the model."""
+        return save_checkpoint(self.run_dir, self.module, self.model, self.opt, self.state, self.cfg.checkpoint.keep,
+                               self.tokenizer_dir, export=True if final else None)
 
     def calibrate(self, step_seconds: list[float]) -> None:
         """Time-budgeted run: fix the plan from the measured step time, once (then it is saved and reused)."""
         t = self.cfg.train
         per_step = sorted(step_seconds)[len(step_seconds) // 2] / 0.95  # a margin: the machine's speed varies
         remaining = max(t.max_time - self.state.elapsed, 0.0)
-        self.state.total_steps = self.state.step + max(int(remaining / per_step), 1)
+        # every rank must follow the same plan (their clocks differ a little): take the largest
+        self.state.total_steps = self.world.max_int(self.state.step + max(int(remaining / per_step), 1))
         tokens = self.state.tokens
         for _ in range(self.state.total_steps - self.state.step):
             tokens += self.ramp(tokens) * self.cfg.data.seq_len
@@ -257,7 +283,7 @@ class Trainer:
     def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
         """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
         cfg, state = self.cfg, self.state
-        if not state.total_steps and not cfg.train.max_time:
+        if not state.total_steps and (cfg.train.steps or cfg.train.tokens):  # else: timed, calibrated below
             state.total_steps, state.total_tokens = self.plan()
             self._make_schedule()
         received: list[int] = []
@@ -273,8 +299,9 @@ class Trainer:
         except ValueError:  # not the main thread: no signal handling
             previous = {}
         step_times: list[float] = []
+        finished = self.world.max_int(int(self.done()))  # decisions are unanimous: clocks and signals differ
         try:
-            while not self.done():
+            while not finished:
                 t0 = time.perf_counter()
                 result = self.step()
                 dt = time.perf_counter() - t0
@@ -288,24 +315,26 @@ class Trainer:
                     self.stop_reason = "non-finite"
                     raise NonFiniteLossError(f"{state.nonfinite_streak} non-finite losses in a row at step "
                                              f"{state.step}: lower optim.lr, or check the data")
-                if received:
+                if self.world.max_int(int(bool(received))):
                     self.stop_reason = "signal"
                     break
-                if self.evaluate is not None and cfg.eval.every and state.step % cfg.eval.every == 0 \
-                        and not self.done():
+                finished = self.world.max_int(int(self.done()))
+                if finished:
+                    break
+                if self.evaluate is not None and cfg.eval.every and state.step % cfg.eval.every == 0:
                     self.log({"kind": "eval", "step": state.step, "tokens": state.tokens,
-                              **self.evaluate(self.model, state)})
-                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not self.done():
+                              **self.evaluate(self.module, state)})
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                     self.checkpoint()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
         if self.stop_reason is None:
-            self.stop_reason = "time" if cfg.train.max_time and state.elapsed >= cfg.train.max_time and \
-                state.total_steps and state.step < state.total_steps else "done"
+            short = state.total_steps and state.step < state.total_steps
+            self.stop_reason = "time" if short else "done"
         if self.evaluate is not None and self.stop_reason != "signal":
-            self.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **self.evaluate(self.model, state)})
-        self.checkpoint()
+            self.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **self.evaluate(self.module, state)})
+        self.checkpoint(final=True)
         return self.stop_reason
 
 

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch.distributed import DistError
 
 from nanoseek.config import ConfigError
 from nanoseek.device import pick_device, pick_dtype
@@ -28,6 +29,7 @@ from nanoseek.model import NanoSeek
 from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from nanoseek.train.config import RunConfig, load_run_config, to_toml
 from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
+from nanoseek.train.parallel import DistributedError, DistWorld, init_world, parallelize, shutdown
 from nanoseek.train.schedule import lr_schedule, plan_length
 
 console = Console()
@@ -134,8 +136,8 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
 def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overrides: list[str] | None = None,
           world: World | None = None, progress: bool = True, batches: Any = None,
           val: list | None = None) -> RunResult:
-    """Run (or resume) a training run. `batches`/`val` replace the prepared data (tests, synthetic tasks)."""
-    world = world or World()
+    """Run (or resume) a training run; under torchrun, this rank's part of it. `batches`/`val` replace the
+    prepared data (tests, synthetic tasks)."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "run.toml").is_file():
@@ -147,10 +149,25 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
     if resume is None and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run: continue it with `nanoseek train --resume {run_dir}` "
                           "or choose another train.out_dir")
+    own_world = world is None
+    world = world or init_world(cfg.parallel)
+    try:
+        return _train(cfg, run_dir, resume is not None, world, progress, batches, val)
+    except DistError as e:
+        raise DistributedError(f"rank {world.rank}: lost contact with another rank ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}). It failed, was killed or stalled "
+                               f"past parallel.timeout={cfg.parallel.timeout:g}s; its own error is above.") from e
+    finally:
+        if own_world:
+            shutdown(world)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress: bool, batches: Any,
+           val: list | None) -> RunResult:
     cfg.train.out_dir = str(run_dir)
-    device = pick_device(cfg.train.device)
+    device = world.device if isinstance(world, DistWorld) else pick_device(cfg.train.device)
     cfg.train.dtype = pick_dtype(cfg.train.dtype, device)  # resolved, so that run.toml records what ran
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
     tokenizer, tokenizer_dir, token_bytes = None, None, None
     if batches is None:
@@ -164,20 +181,25 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
                               f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
         token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
-    opt = make_optimizer(model, cfg, device)
-    state = TrainState()
-    if resume is not None:
+    wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16")
+    opt = make_optimizer(wrapped, cfg, device)
+    state = TrainState(world_size=world.size)
+    if resuming:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
-        state = load_checkpoint(ckpt, model, opt)
+        state = load_checkpoint(ckpt, model, wrapped, opt)
+        if state.world_size != world.size:
+            console.print(f"resuming a {state.world_size}-rank run on {world.size} rank(s)")
+            state.world_size = world.size
         batches.load_state_dict(state.data)
-        log.truncate_after(state.step)
-        console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
+        if world.is_main:
+            log.truncate_after(state.step)
+            console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
     elif world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "run.toml", to_toml(cfg.to_dict()))
         if tokenizer is not None:
             tokenizer.save(tokenizer_dir)
@@ -187,7 +209,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
     sample = _sampler(cfg, tokenizer, device, val) if tokenizer is not None and cfg.eval.samples else None
 
-    def evaluate(m: NanoSeek, s: TrainState) -> dict[str, Any]:
+    def evaluate(m: NanoSeek, s: TrainState) -> dict[str, Any]:  # every rank runs it: sharded weights need all
         out: dict[str, Any] = evaluate_loss(m, val, device, token_bytes, autocast) if val else {}
         if sample is not None:
             out["samples"] = sample(m, s.step)
@@ -206,14 +228,13 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
             batches.load_state_dict(d)
 
     trainer = Trainer(cfg, model, _Batches(), run_dir, device, state, opt, world, evaluate if val or sample else None,
-                      log if world.is_main else None, tokenizer_dir if tokenizer is not None else None)
-    if cfg.train.compile:
-        trainer.model = torch.compile(model)  # type: ignore[assignment]
+                      log if world.is_main else None, tokenizer_dir if tokenizer is not None else None,
+                      wrapped=torch.compile(wrapped) if cfg.train.compile else wrapped)
 
     window: dict[str, float] = {"t": time.perf_counter(), "tokens": state.tokens}
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress,
-                   transient=False)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                   disable=not (progress and world.is_main), transient=False)
     task = bar.add_task("training", total=state.total_steps or None, completed=state.step)
 
     def on_step(r: StepResult, dt: float) -> None:
@@ -227,7 +248,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
         record = {"kind": "train", "step": s.step, "tokens": s.tokens, "loss": r.loss, "mtp_loss": r.mtp_loss,
                   "balance_loss": r.balance_loss, "lr": r.lr, "batch_size": r.batch_size, "grad_norm": r.grad_norm,
                   "tokens_per_s": tps, "expert_load_max_over_mean": r.expert_load, "skipped": r.skipped,
-                  "elapsed": s.elapsed}
+                  "elapsed": s.elapsed, "ranks": world.size}
         if world.is_main:
             log(record)
         mtp = f" mtp {r.mtp_loss:.3f}" if r.mtp_loss is not None else ""

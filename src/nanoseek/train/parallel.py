@@ -1,0 +1,241 @@
+"""Scale-out with PyTorch's own engine: torchrun processes, DDP or FSDP2, and expert parallelism.
+
+    torchrun --nproc-per-node G -m nanoseek train CONFIG.toml parallel.dp=fsdp parallel.ep=2
+
+Ranks form a 2-D mesh (dp, ep): rank = dp_index·ep + ep_index. Every rank reads its own data. Weights other than
+the routed experts are replicated (DDP) or sharded (FSDP2) over all ranks; with ep = k the routed experts of
+each MoE layer are split over the k ranks of an `ep` group, which exchange token copies with all_to_all, and
+each expert shard is replicated over the `dp` dimension. Nothing here edits the model: the wrappers are applied
+from outside (DDP, fully_shard, an `experts` module swapped for its expert-parallel twin).
+
+Loss normalisation: each rank's loss is its summed token cross-entropy over the global target count (trainer),
+multiplied by the world size here, because DDP/FSDP average gradients over ranks. Expert-parallel weights are
+not averaged by them: their gradients are summed over their replicas and divided by the world size instead.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from nanoseek.config import ConfigError
+from nanoseek.model import NanoSeek
+from nanoseek.model.moe import Experts, MoE, expert_mlp
+from nanoseek.train.config import ParallelConfig
+from nanoseek.train.loop import World
+
+DP_MODES = ("ddp", "fsdp")
+
+
+class DistributedError(RuntimeError):
+    """A rank failed, was killed, or never joined; the message says which and what to check."""
+
+
+class DistWorld(World):
+    """One rank of a torchrun job: its device, the (dp, ep) mesh and the hooks the trainer calls."""
+
+    def __init__(self, cfg: ParallelConfig, rank: int, size: int, device: torch.device):
+        super().__init__(rank=rank, size=size)
+        if cfg.dp not in DP_MODES:
+            raise ConfigError(f"parallel.dp={cfg.dp!r}: use one of {', '.join(DP_MODES)}")
+        if cfg.ep < 1 or size % cfg.ep:
+            raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of ranks ({size})")
+        self.cfg, self.device = cfg, device
+        self.mesh = init_device_mesh(device.type, (size // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
+        self.world_mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("world",))
+        self.wrapped: nn.Module | None = None
+
+    # -- hooks used by the trainer -------------------------------------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        x = t.detach().to(self.device, copy=True)
+        dist.all_reduce(x)
+        return x.to(t.device)
+
+    def max_int(self, n: int) -> int:
+        x = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return int(x.item())
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.size)  # undo DDP/FSDP's gradient averaging: the loss is already a global mean
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        """Synchronise gradients only on the last micro-batch of a step."""
+        m = self.wrapped
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return nullcontext() if last else m.no_sync()
+        if m is not None and hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+            m.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def finish_grads(self, model: nn.Module) -> None:
+        """Expert-parallel weights: sum over replicas (the dp dimension), then divide by the world size."""
+        if self.cfg.ep == 1:
+            return
+        group = self.mesh["dp"].get_group()
+        for p in expert_parameters(model):
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if self.mesh["dp"].size() > 1:
+                dist.all_reduce(g, group=group)
+            g.div_(self.size)
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """Global L2 norm over plain and sharded (DTensor, any mesh) gradients; scale them to `max_norm`."""
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        sharded: dict[tuple[int, tuple[int, ...]], tuple[DeviceMesh, list[torch.Tensor]]] = {}
+        for g in grads:
+            if isinstance(g, DTensor):
+                dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+                sharded.setdefault((id(g.device_mesh), dims), (g.device_mesh, []))[1].append(g.to_local())
+            else:  # replicated (DDP): the same on every rank
+                total += g.double().pow(2).sum()
+        for (_, dims), (mesh, shards) in sharded.items():
+            acc = torch.stack([t.double().pow(2).sum() for t in shards]).sum()
+            for d in dims:  # add up the squares over the ranks that hold different shards
+                dist.all_reduce(acc, group=mesh.get_group(d))
+            total += acc
+        norm = total.sqrt().item()
+        if max_norm > 0 and norm > max_norm:
+            coef = max_norm / (norm + 1e-6)
+            for g in grads:
+                (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+        return norm
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()]
+
+
+def init_world(cfg: ParallelConfig) -> World:
+    """A single process, or this rank of a torchrun job (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # torchrun starts each rank with OMP_NUM_THREADS=1: give each rank its share of the cores instead
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(int(os.environ.get("NANOSEEK_THREADS", share)))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout),
+                                device_id=device if device.type == "cuda" else None)
+    except Exception as e:  # the store times out when a rank never arrives
+        raise DistributedError(f"rank {rank}: the {size} ranks did not all join within parallel.timeout="
+                               f"{cfg.timeout:g}s ({type(e).__name__}: {e}). Check that every rank (and node) was "
+                               "started with the same --nnodes/--nproc-per-node and can reach MASTER_ADDR:"
+                               f"{os.environ.get('MASTER_PORT', '?')}") from e
+    return DistWorld(cfg, rank, size, device)
+
+
+def shutdown(world: World) -> None:
+    if isinstance(world, DistWorld) and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ExpertParallel(nn.Module):
+    """Expert-parallel twin of `mlp.experts`: this rank holds experts [r·E/k, (r+1)·E/k) of its ep group as
+    DTensor shards (so checkpoints know the global [E, ...] tensor), sends each token copy to the rank that
+    owns its expert, runs those experts on what it receives, and sends the results back (all_to_all twice)."""
+
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
+        super().__init__()
+        self.n_experts, self.ep = experts.n_experts, ep_mesh.size()
+        self.local = self.n_experts // self.ep
+        self.group = ep_mesh.get_group()
+        self.gate_up_proj = nn.Parameter(distribute_tensor(experts.gate_up_proj.detach(), ep_mesh, [Shard(0)]))
+        self.down_proj = nn.Parameter(distribute_tensor(experts.down_proj.detach(), ep_mesh, [Shard(0)]))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        order = indices.flatten().argsort(stable=True)  # copies grouped by expert, hence by owning rank
+        token = order // indices.shape[1]
+        xs = x.index_select(0, token)
+        ws = weights.flatten().index_select(0, order).to(xs.dtype)
+        send = counts.view(self.ep, self.local)  # [owner rank, its local expert]: what this rank sends
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # recv[s, e]: copies rank s sends for my expert e
+        send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
+        xr = all_to_all_single(xs.new_empty(sum(recv_sizes), xs.shape[1]), xs, recv_sizes, send_sizes,
+                               group=self.group)
+        wr = all_to_all_single(ws.new_empty(sum(recv_sizes)), ws, recv_sizes, send_sizes, group=self.group)
+        # received rows are grouped by source rank, then expert: regroup by expert for the grouped GEMM
+        expert_of_row = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
+        perm = expert_of_row.argsort(stable=True)
+        y = expert_mlp(xr.index_select(0, perm), wr.index_select(0, perm), recv.sum(0),
+                       self.gate_up_proj.to_local(), self.down_proj.to_local())
+        y = y.index_select(0, perm.argsort())  # back to the order the rows arrived in
+        yb = all_to_all_single(y.new_empty(xs.shape[0], y.shape[1]), y, send_sizes, recv_sizes, group=self.group)
+        return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
+
+
+def activation_checkpointing(model: NanoSeek) -> None:
+    """Recompute each block in the backward pass (forward replaced in place: parameter names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*model.layers, *model.mtp]:
+        inner = block.forward
+
+        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+
+
+def parallelize(model: NanoSeek, world: World, bf16: bool) -> nn.Module:
+    """Wrap `model` for `world` (identity for one process); returns the module to call for training."""
+    if not isinstance(world, DistWorld):
+        return model
+    cfg = world.cfg
+    model.to(world.device)
+    if cfg.ep > 1:
+        if model.config.n_routed_experts % cfg.ep:
+            raise ConfigError(f"parallel.ep={cfg.ep} must divide n_routed_experts={model.config.n_routed_experts}")
+        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+            moe.experts = ExpertParallel(moe.experts, world.mesh["ep"])
+    if cfg.activation_checkpointing:
+        activation_checkpointing(model)
+    experts = set(expert_parameters(model))
+    if cfg.dp == "ddp":
+        names = [n for n, p in model.named_parameters() if p in experts]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        # broadcast_buffers off: the routing bias is kept identical by the global bias update, and the
+        # expert-load counters are per rank until that update sums them
+        wrapped: nn.Module = nn.parallel.DistributedDataParallel(
+            model, broadcast_buffers=False, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    else:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        offload = OffloadPolicy()
+        if cfg.cpu_offload:
+            if world.device.type != "cuda":
+                raise ConfigError("parallel.cpu_offload moves weights from GPU to CPU memory; this run is on CPU")
+            offload = CPUOffloadPolicy()
+        mesh = world.world_mesh
+        for block in [*model.layers, *model.mtp]:
+            fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                        ignored_params={p for p in block.parameters() if p in experts} or None)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=experts or None)
+        wrapped = model
+    world.wrapped = wrapped
+    return wrapped
