@@ -10,31 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from nanoseek.cli import main
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.run import MetricsLog
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def nanoseek(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, **kw)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A tokenizer (vocab 512) and prepared shards of the chatterbot corpus (ships with the install)."""
-    base = tmp_path_factory.mktemp("cli")
-    r = nanoseek("tokenizer", "train", "--input", "chatterbot:english", "--vocab-size", "512", "--out",
-                 str(base / "tok"))
-    assert r.returncode == 0, r.stderr + r.stdout
-    r = nanoseek("data", "prepare", "--input", "chatterbot", "--tokenizer", str(base / "tok"), "--out",
-                 str(base / "data"), "--val-fraction", "0.05", "--no-progress")
-    assert r.returncode == 0, r.stderr + r.stdout
-    return base / "data"
+from tests.conftest import ROOT, nanoseek
 
 
 def _args(data: Path, out: Path, steps: int = 24) -> list[str]:

@@ -15,6 +15,7 @@ from nanoseek.demo import add_command as add_demo
 from nanoseek.model import NanoSeek, load_pretrained
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.commands import add_commands as add_train
+from nanoseek.train.parallel import DistributedError
 
 console = Console()
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, DataError: clear messages
+    except (ValueError, FileNotFoundError, DistributedError) as e:  # ConfigError, CheckpointError, DataError
         console.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
 

@@ -112,6 +112,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nanoseek.train.checkpoint import export_checkpoint, latest_checkpoint
+
+    run = Path(args.run)
+    ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
+    if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+        raise ConfigError(f"no complete checkpoint {'step ' + str(args.step) if args.step else ''} in {run}")
+    export_checkpoint(ckpt, Path(args.out))
+    console.print(f"exported {ckpt} -> {args.out} (HF deepseek_v3 layout)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model: nanoseek train CONFIG.toml [key=value ...]")
     t.add_argument("items", nargs="*", metavar="CONFIG.toml | key=value",
@@ -132,3 +144,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="a run's checkpoint (any number of ranks) as an HF deepseek_v3 model folder")
+    e.add_argument("run", help="RUN_DIR")
+    e.add_argument("--out", required=True, help="the model folder to write")
+    e.add_argument("--step", type=int, default=0, help="which checkpoint (default: the latest)")
+    e.set_defaults(func=cmd_export)

@@ -283,7 +283,7 @@ class Trainer:
     def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
         """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
         cfg, state = self.cfg, self.state
-        if not state.total_steps and (cfg.train.steps or cfg.train.tokens):  # else: timed, calibrated below
+        if cfg.train.steps or cfg.train.tokens:  # (again on resume: a run can be extended) else calibrated below
             state.total_steps, state.total_tokens = self.plan()
             self._make_schedule()
         received: list[int] = []

@@ -1,0 +1,194 @@
+"""Scale-out with real torchrun processes (gloo, CPU, 2 ranks): DDP, FSDP2 and expert parallelism equal one
+process; runs resume across world sizes; failures end the job with a readable error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.run import MetricsLog
+from tests.conftest import ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+# batch 8 of micro-batch 2: one process accumulates 4 micro-batches, each of 2 ranks accumulates 2
+RUN = ["model.vocab_size=512", "data.seq_len=64", "train.batch_size=8", "train.micro_batch_size=2",
+       "train.log_every=1", "eval.every=0", "eval.samples=0", "eval.batches=2", "balance.bias_update_speed=0.01"]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def train_args(data: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:
+    return ["train", str(ROOT / "configs" / "tiny.toml"), f"data.path={data}", f"train.out_dir={out}",
+            f"train.steps={steps}", *RUN, *extra, "--no-progress"]
+
+
+def single(data: Path, out: Path, *extra: str, steps: int = 6) -> None:
+    r = _run([sys.executable, "-m", "nanoseek", *train_args(data, out, *extra, steps=steps)])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def torchrun(data: Path, out: Path, *extra: str, steps: int = 6) -> None:
+    r = _run([*TORCHRUN, "-m", "nanoseek", *train_args(data, out, *extra, steps=steps)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    return nanoseek.from_pretrained(latest_checkpoint(run)).state_dict()
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in MetricsLog(run / "metrics.jsonl").records("train")]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    single(data_dir, out, "checkpoint.every=3")
+    return out
+
+
+@pytest.mark.parametrize("strategy", [["parallel.dp=ddp"], ["parallel.dp=fsdp"], ["parallel.ep=2"],
+                                      ["parallel.dp=fsdp", "parallel.ep=2", "parallel.activation_checkpointing=true"]],
+                         ids=["ddp", "fsdp2", "ep2-ddp", "ep2-fsdp2-ac"])
+def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
+    """After 6 steps (MoE, MTP, bias update on), 2 ranks × 2 micro-batches end where 1 process × 4 does."""
+    run = tmp_path / "run"
+    torchrun(data_dir, run, *strategy)
+    ref, got = final_params(reference), final_params(run)
+    assert ref.keys() == got.keys()
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst < 1e-5, worst
+    bias = "layers.1.mlp.gate.e_score_correction_bias"
+    assert got[bias].abs().sum() > 0 and torch.allclose(ref[bias], got[bias])  # global load on every rank
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
+    assert all(r["ranks"] == 2 for r in MetricsLog(run / "metrics.jsonl").records("train"))
+
+
+def _cut_at_step3(run: Path) -> None:
+    """Turn a finished 6-step run into one interrupted after its step-3 checkpoint."""
+    import shutil
+
+    for p in (run / "checkpoints").glob("step_*"):
+        if p.name != "step_000003":
+            shutil.rmtree(p)
+    (run / "checkpoints" / "LATEST").write_text("step_000003\n")
+
+
+def test_resume_across_world_sizes(data_dir, reference, tmp_path):
+    """Saved by 2 ranks (FSDP2 + EP), resumed by 1 process; saved by 1, resumed by 2: the same losses."""
+    two = tmp_path / "two"
+    torchrun(data_dir, two, "parallel.dp=fsdp", "parallel.ep=2", "checkpoint.every=3")
+    assert {p.name for p in (two / "checkpoints" / "step_000003" / "state").iterdir()} == {
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"}
+    _cut_at_step3(two)
+    r = _run([sys.executable, "-m", "nanoseek", "train", "--resume", str(two), "--no-progress"])
+    assert r.returncode == 0 and "resuming a 2-rank run on 1 rank" in r.stdout, r.stdout + r.stderr
+    assert losses(two) == pytest.approx(losses(reference), abs=1e-5)
+
+    one = tmp_path / "one"
+    single(data_dir, one, "checkpoint.every=3")
+    _cut_at_step3(one)
+    r = _run([*TORCHRUN, "-m", "nanoseek", "train", "--resume", str(one), "parallel.dp=ddp", "--no-progress"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert losses(one) == pytest.approx(losses(reference), abs=1e-5)
+    ref, got = final_params(reference), final_params(one)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_export_consolidates_a_sharded_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    torchrun(data_dir, run, "parallel.dp=fsdp", "parallel.ep=2", "checkpoint.every=3")
+    ckpt = run / "checkpoints" / "step_000006"
+    out = tmp_path / "exported"
+    r = _run([sys.executable, "-m", "nanoseek", "export", str(run), "--out", str(out), "--step", "3"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ours = nanoseek.from_pretrained(out)
+    x = torch.randint(0, 512, (1, 12))
+    assert (hf(x).logits - ours(x)).abs().max() < 1e-4
+    assert (out / "tokenizer.json").is_file()
+    assert (ckpt / "model.safetensors").is_file()  # the final checkpoint of a distributed run is exported too
+
+
+FAULT = """
+import os, sys
+import nanoseek.train.checkpoint as ck
+from nanoseek.cli import main
+real, calls = ck.dcp.save, [0]
+def save(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        os._exit(3)  # this rank dies in the middle of the second checkpoint
+    return real(*a, **k)
+ck.dcp.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rank_dying_mid_save_keeps_previous_checkpoint(data_dir, tmp_path):
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT)
+    run = tmp_path / "run"
+    t0 = time.time()
+    r = _run([*TORCHRUN, str(script), *train_args(data_dir, run, "checkpoint.every=3", "parallel.timeout=20",
+                                                  steps=9)])
+    assert r.returncode != 0
+    assert time.time() - t0 < 120  # no hang
+    assert "exitcode" in r.stderr and "3" in r.stderr  # torchrun names the failed rank and its exit code
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step_000003"
+    state = json.loads((ckpt / "trainer_state.json").read_text())["state"]
+    assert state["step"] == 3
+    r = _run([sys.executable, "-m", "nanoseek", "train", "--resume", str(run), "train.steps=6", "--no-progress"])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_killed_rank_ends_the_job(data_dir, tmp_path):
+    """kill -9 of one rank: torchrun stops the others and fails with the cause; nothing waits forever."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*TORCHRUN, "-m", "nanoseek", *train_args(data_dir, run, "parallel.timeout=30",
+                                                                        steps=100000)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[-1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Signal 9" in out or "SIGKILL" in out, out[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rendezvous_timeout_is_a_clear_error(data_dir, tmp_path):
+    """A job of 2 ranks where the second never starts fails after parallel.timeout, not never."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "nanoseek", *train_args(data_dir, tmp_path / "r", "parallel.timeout=5")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 2
+    assert time.time() - t0 < 60
+    assert "did not all join within parallel.timeout=5s" in " ".join(r.stdout.split())
