@@ -78,6 +78,17 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     assert all(r["ranks"] == 2 for r in MetricsLog(run / "metrics.jsonl").records("train"))
 
 
+def test_samples_from_sharded_weights_equal_one_process(data_dir, tmp_path):
+    """The inference engine reads weights outside forward(): under FSDP2 + EP it gets them gathered, and the
+    evaluation samples (greedy) are the single process's."""
+    extra = ("eval.every=3", "eval.samples=2", "eval.temperature=0", "eval.sample_tokens=12")
+    single(data_dir, tmp_path / "one", *extra, steps=3)
+    torchrun(data_dir, tmp_path / "two", "parallel.dp=fsdp", "parallel.ep=2", *extra, steps=3)
+    samples = [[r["samples"] for r in MetricsLog(tmp_path / run / "metrics.jsonl").records("eval")]
+               for run in ("one", "two")]
+    assert samples[0] == samples[1] and len(samples[0][0]) == 2 and samples[0][0][0]["completion"]
+
+
 def _cut_at_step3(run: Path) -> None:
     """Turn a finished 6-step run into one interrupted after its step-3 checkpoint."""
     import shutil

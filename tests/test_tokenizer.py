@@ -173,6 +173,20 @@ def test_chat_template_rejects_unknown_roles(tok):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+def test_a_tokenizer_without_template_refuses_chat_instead_of_guessing(tok, tok_dir, tmp_path):
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+    base = Tokenizer.load(tmp_path)
+    assert base.chat_template is None
+    with pytest.raises(DataError, match="no chat template"):
+        base.apply_chat_template([{"role": "user", "content": "hi"}])
+    (tmp_path / "chat_template.jinja").write_text(tok.chat_template)  # where transformers 5 writes it
+    assert Tokenizer.load(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_token_byte_lengths_count_utf8_bytes(tok):
     lengths = tok.token_byte_lengths()
     assert lengths.shape == (tok.vocab_size,) and lengths.dtype == np.int64

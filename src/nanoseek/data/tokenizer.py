@@ -120,7 +120,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
 class Tokenizer:
     """`tokenizers.Tokenizer` plus the special-token ids, the chat template and byte lengths for bits-per-byte."""
 
-    def __init__(self, hf: HFTokenizer, model_max_length: int = 4096, chat_template: str = CHAT_TEMPLATE):
+    def __init__(self, hf: HFTokenizer, model_max_length: int = 4096, chat_template: str | None = CHAT_TEMPLATE):
         self.hf = hf
         self.model_max_length = model_max_length
         self.chat_template = chat_template
@@ -146,7 +146,7 @@ class Tokenizer:
                 config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from e
-        template = config.get("chat_template", CHAT_TEMPLATE)
+        template = config.get("chat_template")  # None: a base model with no chat format; never guess one
         if (path / "chat_template.jinja").is_file():  # where transformers 5 saves it when it re-saves a tokenizer
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(hf, model_max_length=config.get("model_max_length", 4096), chat_template=template)
@@ -160,8 +160,9 @@ class Tokenizer:
             "pad_token": PAD,
             "model_max_length": self.model_max_length,
             "clean_up_tokenization_spaces": False,  # decode must give back the exact text
-            "chat_template": self.chat_template,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         write_atomic(path / "tokenizer.json", self.hf.to_str())
         write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
@@ -196,6 +197,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """Render a conversation exactly as transformers' apply_chat_template(..., tokenize=False) does."""
+        if self.chat_template is None:
+            raise DataError("this tokenizer has no chat template (no chat_template in tokenizer_config.json and no "
+                            "chat_template.jinja): it is a base model; use completions, or add a template")
         return _compile_template(self.chat_template).render(messages=messages, bos_token=BOS, eos_token=EOS,
                                                             pad_token=PAD, add_generation_prompt=add_generation_prompt)
 

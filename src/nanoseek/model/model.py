@@ -226,30 +226,6 @@ class NanoSeek(nn.Module):
 
         save_pretrained(self, path, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
-        """Sample by re-running the whole sequence each step (no KV cache): a correctness path for small
-        demos; the serving engine is the fast one. temperature 0: greedy."""
-        was_training = self.training
-        self.eval()
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.config.max_position_embeddings:])[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k > 0:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            ids = torch.cat((ids, nxt), dim=1)
-            if stop_token is not None and bool((nxt == stop_token).all()):
-                break
-        self.train(was_training)
-        return ids
-
     def num_parameters(self, active: bool = False, mtp: bool = False) -> int:
         """Parameters of the main model (tied weights once); `active`: those one token uses (routed experts
         k of E); `mtp`: include the MTP modules."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from nanoseek.config import ConfigError
-from nanoseek.device import pick_device
 
 console = Console()
 
@@ -94,20 +92,16 @@ def resolve_model_dir(path: Path) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.model import load_pretrained
+    from nanoseek.infer import Engine, SamplingParams, load_for_inference
 
-    folder = resolve_model_dir(Path(args.model))
-    device = pick_device(args.device)
-    model = load_pretrained(folder, device=device)
-    tok = Tokenizer.load(folder)
-    ids = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]], device=device)
-    g = torch.Generator(device).manual_seed(args.seed)
-    for _ in range(args.samples):
-        out = model.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k, generator=g,
-                             stop_token=tok.eos_id)
-        console.print(args.prompt + tok.decode(out[0, ids.shape[1]:].tolist()), markup=False, highlight=False)
-        if args.samples > 1:
+    model, tok = load_for_inference(args.model, args.device)
+    engine = Engine(model, tok, max_batch=args.samples)
+    prompt = [tok.bos_id, *tok.encode(args.prompt)]
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             seed=args.seed + i) for i in range(args.samples)]
+    for i, events in enumerate(engine.generate([prompt] * args.samples, params)):
+        console.print(args.prompt + "".join(e.text for e in events), markup=False, highlight=False)
+        if i + 1 < args.samples:
             console.rule()
     return 0
 

@@ -16,7 +16,8 @@ not averaged by them: their gradients are summed over their replicas and divided
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -185,6 +186,22 @@ class ExpertParallel(nn.Module):
         y = y.index_select(0, perm.argsort())  # back to the order the rows arrived in
         yb = all_to_all_single(y.new_empty(xs.shape[0], y.shape[1]), y, send_sizes, recv_sizes, group=self.group)
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Whole (unsharded) FSDP2 weights inside the block, for code that reads parameters without calling the
+    modules' forward (the inference engine); a no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def activation_checkpointing(model: NanoSeek) -> None:

@@ -24,12 +24,13 @@ from torch.distributed import DistError
 
 from nanoseek.config import ConfigError
 from nanoseek.device import pick_device, pick_dtype
+from nanoseek.infer import Engine, SamplingParams
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from nanoseek.train.config import RunConfig, load_run_config, to_toml
 from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
-from nanoseek.train.parallel import DistributedError, DistWorld, init_world, parallelize, shutdown
+from nanoseek.train.parallel import DistributedError, DistWorld, gathered, init_world, parallelize, shutdown
 from nanoseek.train.schedule import lr_schedule, plan_length
 
 console = Console()
@@ -121,14 +122,14 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
         prompts = [tokenizer.decode(val[0][0][i, :8].tolist()) for i in range(min(cfg.eval.samples, len(val[0][0])))]
 
     def sample(model: NanoSeek, step: int) -> list[dict[str, str]]:
-        out = []
-        for i, prompt in enumerate(prompts[: cfg.eval.samples]):
-            ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]], device=device)
-            g = torch.Generator(device).manual_seed(cfg.train.seed + step * 1000 + i)  # never the global RNG
-            gen = model.generate(ids, cfg.eval.sample_tokens, temperature=cfg.eval.temperature, top_k=cfg.eval.top_k,
-                                 generator=g, stop_token=tokenizer.eos_id)
-            out.append({"prompt": prompt, "completion": tokenizer.decode(gen[0, ids.shape[1]:].tolist())})
-        return out
+        chosen = prompts[: cfg.eval.samples]
+        params = [SamplingParams(max_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
+                                 top_k=cfg.eval.top_k, seed=cfg.train.seed + step * 1000 + i)  # never the global RNG
+                  for i in range(len(chosen))]
+        with gathered(model):  # FSDP: whole weights for the engine, which reads them outside forward()
+            outs = Engine(model, tokenizer, max_batch=max(1, len(chosen))).generate(
+                [[tokenizer.bos_id, *tokenizer.encode(p)] for p in chosen], params)
+        return [{"prompt": p, "completion": "".join(e.text for e in evs)} for p, evs in zip(chosen, outs)]
 
     return sample
 

@@ -1,0 +1,357 @@
+"""The inference engine: continuous batching over the latent KV cache, optional MTP self-speculation.
+
+Requests wait in a queue; between two decode steps the scheduler admits as many as there are free cache slots
+(and room in the tokens-in-flight budget), prefills each one, and then every running sequence advances by one
+decode step together. A sequence leaves the batch the moment it finishes or its client goes away, and its slot
+is free for the next request. One thread owns the model and the cache; callers talk to it through queues.
+
+With `speculative="mtp"`, greedy requests also run the MTP module (DeepSeek-V3 §2.2, §5.4.3): after each step
+it drafts the token after next, and the next main step checks the draft for free alongside the real token.
+An accepted draft yields two tokens for one step; a rejected one costs nothing but its share of that step.
+Greedy output is the same tokens as plain decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.forward import Batch, LatentCache, forward_cached, mtp_cached
+from nanoseek.infer.sampling import InferenceError, SamplingParams, generator_for, sample, token_logprobs
+from nanoseek.infer.text import TextStream
+from nanoseek.model.model import NanoSeek
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit (HTTP 429)."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as the engine streams it."""
+
+    token_id: int
+    text: str  # text this token releases (may be "" while held back, see infer/text.py)
+    logprob: float | None
+    top_logprobs: list[tuple[str, float]] | None
+    finish_reason: str | None  # None, or on the last event "stop" / "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[TokenEvent | BaseException], None]
+    text: TextStream
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    speculate: bool
+    slot: int = -1
+    length: int = 0  # positions of this sequence in the main cache (the MTP cache keeps the same count)
+    last: int = -1  # the newest token: chosen, not yet in the cache
+    draft: int | None = None  # the MTP module's guess for the token after `last`
+    generated: int = 0
+    done: bool = False
+    reserved: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reserved = len(self.prompt) + self.params.max_tokens
+
+
+class Engine:
+    def __init__(self, model: NanoSeek, tokenizer: Tokenizer, *, max_batch: int = 16,
+                 max_tokens_in_flight: int | None = None, max_queue: int = 64, queue_policy: str = "reject",
+                 speculative: str | None = None, model_name: str | None = None):
+        config = model.config
+        if queue_policy not in ("reject", "wait"):
+            raise InferenceError(f"queue_policy must be 'reject' or 'wait', got {queue_policy!r}")
+        if speculative not in (None, "mtp"):
+            raise InferenceError(f"speculative must be 'mtp' or None, got {speculative!r}")
+        if speculative and not config.num_nextn_predict_layers:
+            raise InferenceError("speculative='mtp' needs a checkpoint with MTP modules (num_nextn_predict_layers "
+                                 "is 0): serve it without --speculative")
+        if max_batch < 1:
+            raise InferenceError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(model, "name_or_path", None) or "nanoseek"
+        self.max_context = config.max_position_embeddings
+        self.max_batch = max_batch
+        self.max_tokens_in_flight = max_tokens_in_flight or max_batch * self.max_context
+        self.max_queue = max_queue
+        self.queue_policy = queue_policy
+        self.speculative = speculative
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self._cache: LatentCache | None = None  # allocated by the engine's thread, inside inference mode
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._cancelled: set[_Request] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.drafts_proposed = 0
+        self.drafts_accepted = 0
+
+    # ---- public API --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the scheduler in a background thread (servers); `generate` also works without it."""
+        if self._thread is None:
+            self.model.eval()
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            running, waiting = list(self._running), len(self._waiting)
+        rate = self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else None
+        return {"running": len(running), "waiting": waiting, "tokens_in_flight": sum(r.reserved for r in running),
+                "acceptance_rate": rate}
+
+    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Generate for one prompt, token by token. Closing the iterator early frees the request's slot."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+
+        def sink(ev: TokenEvent | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is gone: nobody to tell
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        while True:
+            try:
+                req = self._submit(prompt, params, sink)
+                break
+            except QueueFull:
+                if self.queue_policy == "reject":
+                    raise
+                await asyncio.sleep(0.01)
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(req)
+
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[list[TokenEvent]]:
+        """Generate for several prompts, blocking until all are done. Runs the scheduler in the calling thread
+        unless a background thread is running."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        outs: list[list[TokenEvent]] = [[] for _ in prompts]
+        if self._thread is not None:
+            q: queue.Queue[tuple[int, TokenEvent | BaseException]] = queue.Queue()
+            for i, (p, sp) in enumerate(zip(prompts, plist)):
+                self._submit(p, sp, lambda ev, i=i: q.put((i, ev)), bounded=False)
+            pending = len(prompts)
+            while pending:
+                i, ev = q.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                outs[i].append(ev)
+                pending -= ev.finish_reason is not None
+            return outs
+        reqs = [self._submit(p, sp, outs[i].append, bounded=False) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                while not all(r.done for r in reqs):
+                    self._step()
+        finally:
+            self.model.train(was_training)
+        return outs
+
+    def cancel(self, req: _Request) -> None:
+        with self._cond:
+            if not req.done:
+                self._cancelled.add(req)
+                self._cond.notify_all()
+
+    # ---- scheduling --------------------------------------------------------------------------------
+    def _submit(self, prompt: list[int], params: SamplingParams, sink: Callable, bounded: bool = True) -> _Request:
+        params.check()
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise InferenceError("the prompt is empty: give at least one token")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InferenceError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise InferenceError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"model's context of {self.max_context} tokens: shorten the prompt or lower "
+                                 "max_tokens")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
+        req = _Request(list(prompt), params, sink, TextStream(self.tokenizer, params.stop), frozenset(stop_ids),
+                       generator_for(params), speculate=self.speculative == "mtp" and params.greedy)
+        with self._cond:
+            if bounded and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): retry later")
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._running or self._cancelled):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self._step()
+                except Exception as e:  # a failed step fails its requests, not the server
+                    for r in [*self._running, *self._waiting]:
+                        r.sink(e)
+                        self._finish(r)
+                    with self._cond:
+                        self._waiting.clear()
+
+    def _step(self) -> None:
+        """Drop cancelled requests, admit waiting ones (prefill), then one decode step for the batch."""
+        if self._cache is None:
+            self._cache = LatentCache(self.model.config, self.max_batch, self.max_context + 1, self.device,
+                                      self.dtype, mtp=self.speculative == "mtp")
+        with self._cond:
+            for r in self._cancelled:
+                if r in self._waiting:
+                    self._waiting.remove(r)
+                self._finish(r)
+            self._cancelled.clear()
+            admitted = []
+            in_flight = sum(r.reserved for r in self._running)
+            while self._waiting and self._free and (
+                    (not self._running and not admitted)  # one request always runs, whatever its size
+                    or in_flight + self._waiting[0].reserved <= self.max_tokens_in_flight):
+                r = self._waiting.popleft()
+                r.slot = self._free.pop()
+                in_flight += r.reserved
+                admitted.append(r)
+        for r in admitted:
+            self._prefill(r)
+        if self._running:
+            self._decode()
+
+    def _finish(self, r: _Request) -> None:
+        r.done = True
+        if r.slot >= 0:
+            self._free.append(r.slot)
+            r.slot = -1
+        if r in self._running:
+            self._running.remove(r)
+
+    def _prefill(self, r: _Request) -> None:
+        n = len(r.prompt)
+        batch = Batch.make([r.slot], [0], [n], n, self.device)
+        tokens = torch.tensor([r.prompt], device=self.device)
+        h = forward_cached(self.model, self._cache, tokens, batch)
+        logits = self.model.lm_head(h[:, -1]).float()[0]
+        r.length = n
+        token = sample(logits, r.params, r.generator)
+        if r.speculate:  # fill the MTP cache for the prompt: position i sees token i+1
+            following = torch.tensor([[*r.prompt[1:], token]], device=self.device)
+            out = mtp_cached(self.model, self._cache, h, following, batch)
+            r.draft = int(self.model.lm_head(out[0, -1]).argmax())
+        self._running.append(r)
+        self._emit(r, token, logits)
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        T = 2 if any(r.draft is not None for r in rows) else 1
+        tokens = torch.tensor([[r.last, r.draft if r.draft is not None else 0][:T] for r in rows], device=self.device)
+        n_new = [2 if r.draft is not None else 1 for r in rows]
+        starts = [r.length for r in rows]
+        batch = Batch.make([r.slot for r in rows], starts, n_new, T, self.device)
+        h = forward_cached(self.model, self._cache, tokens, batch)
+        logits = self.model.lm_head(h).float()  # [B, T, vocab]
+        greedy = logits.argmax(dim=-1).tolist()
+        spec_rows, spec_tokens = [], []
+        for b, r in enumerate(rows):
+            chosen = [greedy[b][0] if r.params.greedy else sample(logits[b, 0], r.params, r.generator)]
+            if r.draft is not None:
+                self.drafts_proposed += 1
+                if r.draft == chosen[0]:  # the draft was right: the main model's output after it is valid too
+                    self.drafts_accepted += 1
+                    chosen.append(greedy[b][1])
+            r.length += len(chosen)  # `last` and an accepted draft are now cached
+            for i, token in enumerate(chosen):
+                self._emit(r, token, logits[b, i])
+                if r.done:
+                    break
+            if r.speculate and not r.done:
+                spec_rows.append(b)
+                spec_tokens.append(chosen)
+        if spec_rows:
+            self._draft(rows, spec_rows, spec_tokens, starts, h)
+
+    def _draft(self, rows: list[_Request], idx: list[int], chosen: list[list[int]], starts: list[int],
+               h: torch.Tensor) -> None:
+        """Advance the MTP cache over the positions the main model just cached and draft the next token."""
+        T = max(len(c) for c in chosen)
+        n_new = [len(c) for c in chosen]
+        batch = Batch.make([rows[b].slot for b in idx], [starts[b] for b in idx], n_new, T, self.device)
+        following = torch.tensor([c + [0] * (T - len(c)) for c in chosen], device=self.device)
+        out = mtp_cached(self.model, self._cache, h[idx, :T], following, batch)
+        last = out[torch.arange(len(idx), device=self.device), torch.tensor(n_new, device=self.device) - 1]
+        drafts = self.model.lm_head(last).argmax(dim=-1).tolist()
+        for b, d in zip(idx, drafts):
+            rows[b].draft = d
+
+    def _emit(self, r: _Request, token: int, logits: torch.Tensor) -> None:
+        r.generated += 1
+        r.last = token
+        logprob = top = None
+        if r.params.logprobs is not None:
+            logprob, alts = token_logprobs(logits, token, r.params.logprobs)
+            top = [(self.tokenizer.decode([i]), v) for i, v in alts]
+        finish = None
+        if token in r.stop_ids:
+            text, finish = r.text.flush(), "stop"
+        else:
+            text, hit = r.text.add(token)
+            if hit:
+                finish = "stop"
+            elif r.generated >= r.params.max_tokens:
+                text, finish = text + r.text.flush(), "length"
+        r.sink(TokenEvent(token, text, logprob, top, finish, len(r.prompt), r.generated))
+        if finish is not None:
+            with self._cond:
+                self._finish(r)
+
+
+def load_for_inference(path: str | Path, device: str = "auto") -> tuple[NanoSeek, Tokenizer]:
+    """A run folder (its latest checkpoint) or an HF deepseek_v3 folder with tokenizer files -> model, tokenizer."""
+    from nanoseek.device import pick_device
+    from nanoseek.model.hf import load_pretrained
+    from nanoseek.train.commands import resolve_model_dir
+
+    folder = resolve_model_dir(Path(path))
+    model = load_pretrained(folder, device=pick_device(device))
+    model.eval()
+    model.name_or_path = Path(path).resolve().name
+    return model, Tokenizer.load(folder)

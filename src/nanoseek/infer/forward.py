@@ -1,0 +1,129 @@
+"""The model's forward pass over a latent KV cache: MLA in its absorbed form (DeepSeek-V2 §2.1.2, Appendix C).
+
+The cache keeps, per layer and per token, only what MLA's keys and values are made of: the normalised latent
+c_kv (kv_lora_rank wide) and the rotated shared key k_rope (qk_rope_head_dim wide). Nothing per head.
+`kv_b_proj` (W_UK for keys, W_UV for values) is never applied to the cache; it is folded into the query and
+the output instead, which is what makes decoding cheap:
+
+    score_h(t, j) = q_nope_h(t)·(W_UK_h c_j) + q_rope_h(t)·k_rope_j = (W_UK_hᵀ q_nope_h(t))·c_j + q_rope_h(t)·k_rope_j
+    out_h(t)      = Σ_j p_h(t, j) W_UV_h c_j = W_UV_h (Σ_j p_h(t, j) c_j)
+
+so every head attends over the same [c_kv | k_rope] rows: one batched matrix product for all heads, like
+multi-query attention with a (kv_lora_rank + rope) wide key and a kv_lora_rank wide value.
+
+The functions here read the model's own modules (`layer.self_attn.q_proj`, ...), so the model file stays the
+training model and a checkpoint serves as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.mla import MLA
+from nanoseek.model.model import NanoSeek
+from nanoseek.model.rope import apply_rope
+
+
+class LatentCache:
+    """[layers (+1 for the MTP module), slots, max_len, kv_lora_rank + qk_rope_head_dim]: one row per token.
+
+    A slot is one sequence; its length lives with the engine (rows past it are stale and never read).
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 mtp: bool = False):
+        self.layers = config.num_hidden_layers + (1 if mtp else 0)
+        self.width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.rows = torch.zeros(self.layers, slots, max_len, self.width, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        """(kv_lora_rank + qk_rope_head_dim) × layers × bytes: what one token of context costs."""
+        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+
+    @staticmethod
+    def mha_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        """The same model with a plain multi-head cache: per head a full key (nope + rope) and a value."""
+        per_layer = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        return config.num_hidden_layers * per_layer * dtype.itemsize
+
+
+@dataclass
+class Batch:
+    """Where a forward over the cache reads and writes: row b is slot `slots[b]`, whose first `starts[b]`
+    positions are cached, and `n_new[b]` of its T input tokens are real (the rest pad a ragged batch)."""
+
+    slots: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B, T] long: starts[b] + t
+    write: tuple[torch.Tensor, ...]  # (row, column, slot, position) of each real input token
+    visible: torch.Tensor  # [B, T, K] bool: key j is visible to query t of row b
+    n_keys: int  # K = max(starts + n_new)
+
+    @classmethod
+    def make(cls, slots: list[int], starts: list[int], n_new: list[int], T: int, device: torch.device) -> Batch:
+        slot_t = torch.tensor(slots, device=device)
+        start_t = torch.tensor(starts, device=device)
+        t = torch.arange(T, device=device)
+        positions = start_t[:, None] + t
+        real = t < torch.tensor(n_new, device=device)[:, None]
+        row, col = real.nonzero(as_tuple=True)
+        n_keys = max(s + n for s, n in zip(starts, n_new))
+        visible = torch.arange(n_keys, device=device) <= positions[..., None]  # causal: j <= own position
+        return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible, n_keys)
+
+
+def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+                       batch: Batch) -> torch.Tensor:
+    """MLA over x [B, T, hidden] (already normalised) with the layer's cache rows [slots, max_len, width]:
+    writes this step's latent rows, then attends over every cached row of the batch's slots."""
+    B, T, _ = x.shape
+    h, dn, r = attn.n_heads, attn.qk_nope_head_dim, attn.kv_lora_rank
+    q_nope, q_rope = attn.query(x).split([dn, attn.qk_rope_head_dim], dim=-1)
+    q_rope = apply_rope(q_rope, cos, sin, attn.interleave)
+    c_kv, k_rope = attn.latent(x)
+    new_rows = torch.cat((c_kv, apply_rope(k_rope, cos, sin, attn.interleave).squeeze(2)), dim=-1)
+    b, t, slot, pos = batch.write
+    rows.index_put_((slot, pos), new_rows[b, t])
+
+    w_kv = attn.kv_b_proj.weight.view(h, dn + attn.v_head_dim, r)
+    w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
+    q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
+    q = torch.cat((q_latent, q_rope), dim=-1).reshape(B, T * h, -1)
+    keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
+    scores = torch.bmm(q, keys.transpose(1, 2)).view(B, T, h, -1).float() * attn.softmax_scale
+    scores = scores.masked_fill(~batch.visible[:, :, None], float("-inf"))
+    p = scores.softmax(dim=-1).to(keys.dtype).view(B, T * h, -1)
+    out_latent = torch.bmm(p, keys[..., :r]).view(B, T, h, r)  # values are the latents themselves
+    out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)  # W_UV, applied once per query instead of per key
+    return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
+
+
+def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+           batch: Batch) -> torch.Tensor:
+    """One decoder block (DecoderLayer or the MTP module's block) with cached attention."""
+    h = x + absorbed_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, rows, batch)
+    y = layer.mlp(layer.post_attention_layernorm(h))
+    return h + (y[0] if isinstance(y, tuple) else y)  # MoE also returns its (unused) balance term
+
+
+def forward_cached(model: NanoSeek, cache: LatentCache, tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """tokens [B, T] at batch.positions -> final-normed hidden states [B, T, hidden] (lm_head gives logits)."""
+    cos, sin = model.rotary_emb(batch.positions)
+    h = model.embed_tokens(tokens)
+    for i, layer in enumerate(model.layers):
+        h = _block(layer, h, cos, sin, cache.rows[i], batch)
+    return model.norm(h)
+
+
+def mtp_cached(model: NanoSeek, cache: LatentCache, hidden: torch.Tensor, next_tokens: torch.Tensor,
+               batch: Batch) -> torch.Tensor:
+    """MTP module 1 at batch.positions: hidden [B, T, H] (the main model's output at position i) and the token
+    at i+1 -> its normed output [B, T, H], whose head predicts the token at i+2. Its cache is the last layer."""
+    mtp = model.mtp[0]
+    cos, sin = model.rotary_emb(batch.positions)
+    x = mtp.eh_proj(torch.cat((mtp.enorm(model.embed_tokens(next_tokens)), mtp.hnorm(hidden)), dim=-1))
+    return mtp.shared_head.norm(_block(mtp, x, cos, sin, cache.rows[-1], batch))

@@ -1,0 +1,83 @@
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling with a per-request seed.
+
+Each request samples with its own `torch.Generator`, so a seeded request gives the same text whether it runs
+alone or in a batch with others (the batch never shares random numbers between requests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class InferenceError(ValueError):
+    """A request the engine cannot serve as asked; the message names the field and the limit."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS (unless ignore_eos)
+    logprobs: int | None = None  # None: off; n: the chosen token's logprob and the n most likely alternatives
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        if self.max_tokens < 1:
+            raise InferenceError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InferenceError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InferenceError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InferenceError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InferenceError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise InferenceError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def generator_for(params: SamplingParams) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator()
+    if params.seed is None:
+        g.seed()  # fresh entropy: an unseeded request is not reproducible, as in the OpenAI API
+    else:
+        g.manual_seed(params.seed)
+    return g
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [vocab] (fp32) -> one token id."""
+    if params.greedy:
+        return int(logits.argmax())
+    logits = logits.cpu() / params.temperature  # the generator is a CPU one: the same draw on any device
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        # nucleus: keep the most likely tokens until their mass reaches top_p (always at least the first)
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` (before temperature and truncation, as OpenAI reports it) and the
+    n most likely tokens with theirs."""
+    logp = logits.float().log_softmax(dim=-1)
+    top = logp.topk(n) if n else None
+    alternatives = [(int(i), float(v)) for v, i in zip(top.values, top.indices)] if top is not None else []
+    return float(logp[token]), alternatives

@@ -1,0 +1,235 @@
+"""The inference engine against the plain full-sequence forward (the independent reference)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import Engine, InferenceError, LatentCache, QueueFull, SamplingParams
+from nanoseek.infer.forward import Batch, forward_cached
+from nanoseek.infer.text import TextStream
+
+CONFIGS = {
+    "plain": {},
+    "q_lora+yarn+interleave": dict(q_lora_rank=24, rope_interleave=True, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8,
+        "beta_fast": 32, "beta_slow": 1}),
+}
+
+
+class IdText:
+    """A decoder for tests without a trained tokenizer: token i reads as "<i>"."""
+
+    eos_id = 1
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+def tiny(seed: int = 0, **kw) -> nanoseek.NanoSeek:
+    torch.manual_seed(seed)
+    return nanoseek.NanoSeek(nanoseek.preset("tiny", initializer_range=0.1, max_position_embeddings=128, **kw)).eval()
+
+
+def greedy_reference(model: nanoseek.NanoSeek, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [40, 41, 42, 43], [100, 7]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_forward_matches_full_forward(name):
+    model = tiny(**CONFIGS[name])
+    ids = torch.randint(0, 256, (1, 40))
+    cache = LatentCache(model.config, slots=3, max_len=64, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(ids)
+        # the prompt in two pieces (prefill 25, then 15 more) into slot 2: the same logits as one full pass
+        h1 = forward_cached(model, cache, ids[:, :25], Batch.make([2], [0], [25], 25, ids.device))
+        h2 = forward_cached(model, cache, ids[:, 25:], Batch.make([2], [25], [15], 15, ids.device))
+    got = model.lm_head(torch.cat((h1, h2), dim=1))
+    assert (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_engine_equals_full_forward(name):
+    model = tiny(**CONFIGS[name])
+    outs = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)  # 5 requests, 3 slots: joins and leaves
+    for prompt, events in zip(PROMPTS, outs):
+        assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
+        assert [e.finish_reason for e in events] == [None] * 9 + ["length"]
+        assert events[-1].prompt_tokens == len(prompt) and events[-1].completion_tokens == 10
+
+
+def test_kv_cache_bytes_per_token_formula_and_mha_ratio():
+    config = nanoseek.preset("demo")
+    cache = LatentCache(config, slots=2, max_len=16, device=torch.device("cpu"), dtype=torch.bfloat16)
+    measured = cache.rows.numel() * cache.rows.element_size() / (2 * 16)
+    assert measured == LatentCache.bytes_per_token(config, torch.bfloat16) == 6 * (64 + 16) * 2
+    # a full multi-head cache of the same model: 8 heads x (48-wide key + 32-wide value) per layer
+    assert LatentCache.mha_bytes_per_token(config, torch.bfloat16) / measured == 8 * (48 + 32) / 80
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch():
+    model = tiny()
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+    alone = Engine(model, IdText()).generate([PROMPTS[0]], p)[0]
+    crowd = Engine(model, IdText(), max_batch=4).generate(PROMPTS, [p, *[SamplingParams(
+        max_tokens=12, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(PROMPTS) - 1)]])[0]
+    other = Engine(model, IdText()).generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=1.0, seed=8,
+                                                                          ignore_eos=True))[0]
+    tokens = lambda evs: [e.token_id for e in evs]
+    assert tokens(alone) == tokens(crowd)
+    assert tokens(alone) != tokens(other)
+    assert tokens(alone) != greedy_reference(model, PROMPTS[0], 12)  # it really sampled
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = tiny()
+    ref = greedy_reference(model, PROMPTS[1], 8)
+    for p in (SamplingParams(max_tokens=8, top_k=1, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=8, top_p=1e-6, seed=1, ignore_eos=True)):
+        assert [e.token_id for e in Engine(model, IdText()).generate([PROMPTS[1]], p)[0]] == ref
+
+
+def test_logprobs_are_the_models():
+    model = tiny()
+    events = Engine(model, IdText()).generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0, logprobs=2,
+                                                                           ignore_eos=True))[0]
+    ids = torch.tensor([PROMPTS[0] + [e.token_id for e in events]])
+    with torch.no_grad():
+        logp = model(ids)[0].log_softmax(-1)
+    for i, e in enumerate(events):
+        row = logp[len(PROMPTS[0]) - 1 + i]
+        assert abs(e.logprob - row[e.token_id].item()) < 1e-4
+        assert e.top_logprobs[0] == (f"<{e.token_id}>", pytest.approx(e.logprob, abs=1e-6))  # greedy: the top one
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[1][1] <= e.top_logprobs[0][1]
+
+
+def test_stop_token_and_stop_string():
+    model = tiny()
+    ref = greedy_reference(model, PROMPTS[1], 10)
+    events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0,
+                                                                           stop_token_ids=[ref[3]]))[0]
+    assert [e.token_id for e in events] == ref[: ref.index(ref[3]) + 1] and events[-1].finish_reason == "stop"
+    stop = f"<{ref[4]}><{ref[5]}>"
+    events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, stop=[stop],
+                                                                           ignore_eos=True))[0]
+    text = "".join(e.text for e in events)
+    full = IdText().decode(ref)
+    assert text == full[: full.index(stop)] and events[-1].finish_reason == "stop"
+
+
+def test_text_stream_holds_back_stop_prefixes_and_broken_characters(data_dir):
+    tok = Tokenizer.load(data_dir.parent / "tok")
+    text = "Hé, the café is open. END of story"
+    ids = tok.encode(text)
+    s = TextStream(tok, ["END"])
+    pieces, stopped = [], False
+    for i in ids:
+        piece, stopped = s.add(i)
+        pieces.append(piece)
+        assert "\ufffd" not in piece and not "".join(pieces).endswith(("E", "EN"))
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "Hé, the café is open. "
+    s = TextStream(tok, [])
+    assert "".join(s.add(i)[0] for i in tok.encode("naïve — ok")) + s.flush() == "naïve — ok"
+
+
+def test_bad_requests_are_clear_errors():
+    engine = Engine(tiny(), IdText())
+    with pytest.raises(InferenceError, match="exceeds the model's context of 128"):
+        engine.generate([[1] * 100], SamplingParams(max_tokens=29))
+    with pytest.raises(InferenceError, match="empty"):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(InferenceError, match="outside the vocabulary"):
+        engine.generate([[99999]], SamplingParams())
+    with pytest.raises(InferenceError, match="top_p"):
+        engine.generate([[1]], SamplingParams(top_p=0))
+    with pytest.raises(InferenceError, match="MTP"):
+        Engine(tiny(num_nextn_predict_layers=0), IdText(), speculative="mtp")
+
+
+def test_background_engine_streams_queues_and_frees_cancelled_slots():
+    model = tiny()
+    engine = Engine(model, IdText(), max_batch=2, max_queue=2)
+    engine.start()
+
+    async def run() -> None:
+        async def collect(prompt):
+            return [e async for e in engine.stream(prompt, GREEDY)]
+
+        results = await asyncio.gather(*(collect(p) for p in PROMPTS[:2]))
+        for p, evs in zip(PROMPTS, results):
+            assert [e.token_id for e in evs] == greedy_reference(model, p, 10)
+        # a client that leaves after 2 tokens gives its slot back
+        long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        agen = engine.stream(PROMPTS[0], long)
+        assert (await agen.__anext__()).token_id == greedy_reference(model, PROMPTS[0], 1)[0]
+        await agen.__anext__()
+        await agen.aclose()
+        for _ in range(100):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats() == {"running": 0, "waiting": 0, "tokens_in_flight": 0, "acceptance_rate": None}
+        # two long requests fill both slots, two wait, the next is refused
+        busy = [engine.stream(p, long) for p in PROMPTS[:4]]
+        for g in busy[:2]:
+            await g.__anext__()
+        waiting = [asyncio.ensure_future(g.__anext__()) for g in busy[2:]]
+        await asyncio.sleep(0.05)
+        assert engine.stats()["waiting"] == 2 and engine.stats()["running"] == 2
+        with pytest.raises(QueueFull):
+            await engine.stream(PROMPTS[4], GREEDY).__anext__()
+        for g in busy[:2]:
+            await g.aclose()
+        for p, w in zip(PROMPTS[2:4], waiting):
+            assert (await w).token_id == greedy_reference(model, p, 1)[0]
+        for g in busy[2:]:
+            await g.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+def _train_counting_model() -> nanoseek.NanoSeek:
+    """A tiny model (with its MTP module) taught t[i+1] = t[i] + step mod 64 for a per-sequence step: both the next
+    token and the one after are predictable, so MTP drafts get accepted."""
+    torch.manual_seed(0)
+    model = nanoseek.NanoSeek(nanoseek.preset("tiny", vocab_size=64, max_position_embeddings=64,
+                                              initializer_range=0.02))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        start, step = torch.randint(0, 64, (16, 1)), torch.randint(1, 4, (16, 1))
+        seq = (start + step * torch.arange(33)) % 64
+        out = model(seq[:, :-1], seq[:, 1:])
+        (out.loss + out.mtp_loss).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_mtp_speculative_decoding_is_exact_and_accepts_drafts():
+    model = _train_counting_model()
+    prompts = [[3, 5, 7], [10, 11], [60, 63, 2], [8, 9, 10, 11], [1, 2], [20, 22]]
+    p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = Engine(model, IdText(), max_batch=4).generate(prompts, p)
+    spec_engine = Engine(model, IdText(), max_batch=4, speculative="mtp")
+    spec = spec_engine.generate(prompts, p)
+    for prompt, a, b in zip(prompts, plain, spec):
+        assert [e.token_id for e in a] == [e.token_id for e in b] == greedy_reference(model, prompt, 20)
+    assert spec_engine.stats()["acceptance_rate"] > 0.5
