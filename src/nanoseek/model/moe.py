@@ -190,12 +190,30 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
         """x [N, H]; indices, weights [N, k]; counts [E] = token copies per expert -> [N, H]."""
+        if indices.numel() < self.n_experts and not torch.is_grad_enabled():
+            return self._few_tokens(x, indices, weights)
         order = indices.flatten().argsort(stable=True)  # token copies grouped by expert
         token = order // indices.shape[1]
         xs = x.index_select(0, token)
         gate_w = weights.flatten().index_select(0, order)
         y = expert_mlp(xs, gate_w, counts, self.gate_up_proj, self.down_proj)
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)
+
+
+    def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding: fewer token copies than experts. One mat-vec per (token, chosen expert) on views of the
+        stacked weights: only the chosen experts' weights are read, while the grouped GEMM on CPU visits all
+        experts (docs/LOG.md). The gate weight scales the output (linear, so the same as scaling the input)."""
+        xs = x.to(self.gate_up_proj.dtype)
+        rows = []
+        for n, (chosen, gates) in enumerate(zip(indices.tolist(), weights.tolist())):
+            acc = None
+            for e, g in zip(chosen, gates):
+                gate, up = F.linear(xs[n], self.gate_up_proj[e]).chunk(2)
+                y = F.linear(F.silu(gate) * up, self.down_proj[e])
+                acc = y * g if acc is None else acc.add_(y, alpha=g)
+            rows.append(acc)
+        return torch.stack(rows).to(x.dtype)
 
 
 def expert_mlp(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,

@@ -14,6 +14,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, no casts (decoding)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         # Normalise in fp32 (bf16 has too few mantissa bits for the mean of squares), scale in x's dtype.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return y * self.weight.to(x.dtype)

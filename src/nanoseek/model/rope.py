@@ -93,7 +93,8 @@ def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 

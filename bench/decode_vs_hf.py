@@ -1,0 +1,111 @@
+"""Decode speed of nanoseek's engine vs transformers' `generate` on the same model, and the KV cache it keeps.
+
+Same checkpoint (the `demo` preset with its MTP module, random weights: speed does not depend on them), same
+prompts, greedy, a fixed number of new tokens (EOS ignored), fp32, the same threads. transformers runs its
+DynamicCache (per-head keys and values) with SDPA attention; nanoseek its latent cache with absorbed MLA.
+The two alternate in rounds and the median ratio counts (this machine is noisy). Also checks that both
+produced the same tokens, and measures the cache: bytes per token against the formula and against a
+multi-head cache of the same model.
+
+    python bench/decode_vs_hf.py                    # batch 1 and 16, 64 new tokens
+    python bench/decode_vs_hf.py --speculative      # also nanoseek with MTP self-speculation (batch 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import nanoseek
+from nanoseek.infer import Engine, LatentCache, SamplingParams
+
+warnings.filterwarnings("ignore")
+
+
+class IdText:
+    eos_id = -1  # never stops on its own: every request makes exactly max_tokens
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def nanoseek_run(model: nanoseek.NanoSeek, prompts: torch.Tensor, n: int, speculative: bool) -> tuple[float, list]:
+    engine = Engine(model, IdText(), max_batch=len(prompts), speculative="mtp" if speculative else None)
+    t = time.perf_counter()
+    outs = engine.generate(prompts.tolist(), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    return time.perf_counter() - t, [[e.token_id for e in evs] for evs in outs]
+
+
+def hf_run(hf, prompts: torch.Tensor, n: int) -> tuple[float, list]:
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t, out[:, prompts.shape[1]:].tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--speculative", action="store_true")
+    args = p.parse_args()
+
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    config = nanoseek.preset(args.preset)
+    console = Console(width=130)
+    with tempfile.TemporaryDirectory() as ckpt:
+        nanoseek.NanoSeek(config).save_pretrained(ckpt)
+        ours = nanoseek.from_pretrained(ckpt).eval()
+        hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+        table = Table(title=f"greedy decode, {args.preset} preset, prompt {args.prompt} + {args.new} new tokens, "
+                            f"fp32, {torch.get_num_threads()} threads")
+        for col in ("batch", "nanoseek tok/s", "transformers tok/s", "ratio", "same tokens"):
+            table.add_column(col, justify="right")
+        for batch in map(int, args.batches.split(",")):
+            prompts = torch.randint(5, config.vocab_size, (batch, args.prompt))
+            runs = [("plain", False)] + ([("MTP speculative", True)] if args.speculative and batch == 1 else [])
+            hf_run(hf, prompts, 4)  # warm-up
+            for name, spec in runs:
+                nanoseek_run(ours, prompts, 4, spec)
+                t_ours, t_hf, ratios, same = [], [], [], True
+                for _ in range(args.rounds):
+                    a, toks_a = nanoseek_run(ours, prompts, args.new, spec)
+                    b, toks_b = hf_run(hf, prompts, args.new)
+                    t_ours.append(a)
+                    t_hf.append(b)
+                    ratios.append(b / a)
+                    same &= toks_a == toks_b
+                total = batch * args.new
+                table.add_row(f"{batch} ({name})", f"{total / statistics.median(t_ours):,.0f}",
+                              f"{total / statistics.median(t_hf):,.0f}", f"{statistics.median(ratios):.2f}x",
+                              "yes" if same else "no")
+        console.print(table)
+
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = LatentCache(config, slots=4, max_len=256, device=torch.device("cpu"), dtype=dtype)
+            measured = cache.rows[: config.num_hidden_layers].nbytes / (4 * 256)
+            formula = LatentCache.bytes_per_token(config, dtype)
+            mha = LatentCache.mha_bytes_per_token(config, dtype)
+            console.print(f"KV cache {str(dtype).removeprefix('torch.')}: {measured:,.0f} bytes/token measured, "
+                          f"{formula:,} by the formula layers x (kv_lora_rank + qk_rope_head_dim) x bytes; a "
+                          f"multi-head cache of the same model: {mha:,} bytes/token ({mha / measured:.1f}x more)")
+
+
+if __name__ == "__main__":
+    main()
