@@ -79,6 +79,10 @@ def test_generate_from_run(data_dir, tmp_path):
     r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello") == 2
+    r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "8", "--temperature", "0",
+                 "--speculative", "mtp")
+    assert r.returncode == 0, r.stderr
+    assert "MTP drafts accepted:" in r.stdout and "%" in r.stdout
 
 
 def test_train_errors_are_clear(tmp_path, capsys):

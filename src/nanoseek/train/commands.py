@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from nanoseek.infer import Engine, SamplingParams, load_for_inference
 
     model, tok = load_for_inference(args.model, args.device)
-    engine = Engine(model, tok, max_batch=args.samples)
+    engine = Engine(model, tok, max_batch=args.samples, speculative=args.speculative)
     prompt = [tok.bos_id, *tok.encode(args.prompt)]
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i) for i in range(args.samples)]
@@ -103,6 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         console.print(args.prompt + "".join(e.text for e in events), markup=False, highlight=False)
         if i + 1 < args.samples:
             console.rule()
+    if args.speculative:
+        rate = engine.stats()["acceptance_rate"]
+        shown = "none proposed (speculation is for greedy: --temperature 0)" if rate is None else f"{rate:.0%}"
+        console.print(f"MTP drafts accepted: {shown}")
     return 0
 
 
@@ -137,6 +141,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--speculative", choices=["mtp"], help="self-speculative decoding with the MTP module (greedy only: "
+                   "use --temperature 0)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="a run's checkpoint (any number of ranks) as an HF deepseek_v3 model folder")
