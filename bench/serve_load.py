@@ -1,0 +1,170 @@
+"""Serving under load: output tokens/s and request latency through the HTTP server for 1, 4 and 16 clients.
+
+Starts `nanoseek serve` on a free loopback port, then for each level runs N concurrent streaming clients, each
+sending --requests chat requests one after another (different prompts, fixed --max-tokens with ignore_eos, so
+every level generates the same amount per request). Reports output tokens/s over the level's wall time, p50/p99
+request latency and time to first token as the client sees them, and the throughput ratio of the most clients
+to one (goal: >= 6x at 16, from continuous batching).
+
+    python bench/serve_load.py                      # a random demo-preset model with a trained tokenizer
+    python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console(width=120)
+GOAL = 6.0
+
+
+@dataclass
+class Result:
+    latency: float
+    ttft: float
+    tokens: int
+
+
+def demo_model(out: Path) -> Path:
+    """A randomly initialised demo-preset model with a BPE tokenizer trained on the chatterbot corpus."""
+    import torch
+
+    from nanoseek import NanoSeek, preset
+    from nanoseek.data.corpora import iter_documents
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    folder = out / "demo-random"
+    if not (folder / "config.json").is_file():
+        tok = train_tokenizer((d.text for d in iter_documents(["chatterbot"])), 8192, out / "tok")
+        torch.manual_seed(0)
+        NanoSeek(preset("demo", vocab_size=tok.vocab_size)).save_pretrained(str(folder))
+        tok.save(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--device", args.device,
+           "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
+           "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "NANOSEEK_API_KEY": ""})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nanoseek serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("nanoseek serve did not answer /health within 300 s")
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - t0
+    return Result(latency, latency if ttft is None else ttft, tokens)
+
+
+async def level(base: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[Result]]:
+    """`clients` concurrent clients, each sending `requests` requests in turn; returns wall time and results."""
+    async def client_loop(c: int, http: httpx.AsyncClient) -> list[Result]:
+        return [await one_request(http, model, f"Client {c}, question {i}: tell me about topic {c * 31 + i}.",
+                                  max_tokens) for i in range(requests)]
+
+    limits = httpx.Limits(max_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+        await one_request(http, model, "warm-up", 4)
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(c, http) for c in range(clients)))
+        return time.perf_counter() - t0, [r for rs in per_client for r in rs]
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="a run or model folder (default: a random demo-preset model)")
+    p.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
+    p.add_argument("--requests", type=int, default=3, help="requests per client at each level")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        model_dir = Path(args.model) if args.model else demo_model(Path(tmp))
+        port = free_port()
+        console.print(f"starting nanoseek serve {model_dir} on 127.0.0.1:{port} …")
+        proc = start_server(model_dir, port, args)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+            rows = []
+            for n in levels:
+                wall, results = asyncio.run(level(base, model, n, args.requests, args.max_tokens))
+                tokens = sum(r.tokens for r in results)
+                lat, ttft = [r.latency for r in results], [r.ttft for r in results]
+                rows.append((n, len(results), tokens / wall, pct(lat, 50), pct(lat, 99), pct(ttft, 50), pct(ttft, 99)))
+                console.print(f"{n} client(s): {tokens / wall:.1f} output tokens/s")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    table = Table(title=f"nanoseek serve: {model}, {args.max_tokens} tokens per request, max batch {args.max_batch}")
+    for col in ("clients", "requests", "output tokens/s", "latency p50", "latency p99", "TTFT p50", "TTFT p99"):
+        table.add_column(col, justify="right")
+    for n, reqs, tps, l50, l99, t50, t99 in rows:
+        table.add_row(str(n), str(reqs), f"{tps:.1f}", f"{l50:.2f} s", f"{l99:.2f} s", f"{t50 * 1000:.0f} ms",
+                      f"{t99 * 1000:.0f} ms")
+    console.print(table)
+    if len(rows) > 1:
+        ratio = rows[-1][2] / rows[0][2]
+        verdict = "[green]meets[/green]" if ratio >= GOAL else "[red]misses[/red]"
+        console.print(f"throughput at {rows[-1][0]} clients / at {rows[0][0]}: {ratio:.1f}x ({verdict} the goal of "
+                      f"{GOAL:g}x)")
+
+
+if __name__ == "__main__":
+    main()

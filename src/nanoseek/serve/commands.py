@@ -1,0 +1,160 @@
+"""`nanoseek serve` (the OpenAI-compatible HTTP server and web chat) and `nanoseek chat` (chat in the terminal)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+
+from nanoseek.data.tokenizer import DataError
+
+if TYPE_CHECKING:  # imported when a command runs, so `nanoseek --help` stays quick
+    from nanoseek.infer import Engine, SamplingParams
+
+console = Console()
+API_KEY_ENV = "NANOSEEK_API_KEY"
+# Control characters a model may emit (escape sequences, carriage returns) would drive the terminal: drop them.
+_TERMINAL_UNSAFE = dict.fromkeys([*range(0, 9), *range(11, 32), 127])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="RUN_DIR (its latest checkpoint) or a model folder with tokenizer files")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (the fastest available)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanoseek.infer import Engine, load_for_inference
+    from nanoseek.serve.app import create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    model, tokenizer = load_for_inference(args.model, device=args.device)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    queue_policy=args.queue_policy, speculative=args.speculative)
+    app = create_app(engine, tokenizer, api_key=api_key)
+    if not _is_loopback(args.host) and not api_key:
+        console.print(f"[yellow]warning:[/yellow] listening on {escape(args.host)} without an API key: anyone who "
+                      f"can reach this address can use the model; set {API_KEY_ENV} or pass --api-key", soft_wrap=True)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    console.print(f"serving [bold]{escape(engine.model_name)}[/bold] (context {engine.max_context} tokens) at "
+                  f"http://{shown}:{args.port}/ (web chat) and http://{shown}:{args.port}/v1 (OpenAI API)"
+                  + (" with an API key" if api_key else ""), highlight=False, soft_wrap=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal: make that a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    engine.start()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+async def _answer(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> str:
+    """Stream one answer to stdout as it is generated; returns its text."""
+    parts = []
+    async for ev in engine.stream(prompt_ids, params):
+        parts.append(ev.text)
+        sys.stdout.write(ev.text.translate(_TERMINAL_UNSAFE))
+        sys.stdout.flush()
+    return "".join(parts)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from nanoseek.infer import Engine, SamplingParams, load_for_inference
+
+    with contextlib.suppress(ImportError):  # line editing and arrow-key recall in input(), where the OS has it
+        import readline  # noqa: F401
+
+    model, tokenizer = load_for_inference(args.model, device=args.device)
+    if tokenizer.chat_template is None:
+        raise DataError(f"{args.model} has no chat template (no chat_template in tokenizer_config.json and no "
+                        "chat_template.jinja), so there is no way to format a conversation for it: add one, or "
+                        f"use `nanoseek generate {args.model} --prompt ...` for plain completion")
+    engine = Engine(model, tokenizer, max_batch=1)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    console.print(f"chatting with [bold]{escape(engine.model_name)}[/bold]: /reset forgets the conversation, "
+                  "/exit (or Ctrl-D) quits, Ctrl-C stops an answer", highlight=False)
+    engine.start()
+    try:
+        with asyncio.Runner() as runner:
+            while True:
+                try:
+                    line = input("you> ").strip()
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    return 0
+                if line in ("/exit", "/quit"):
+                    return 0
+                if line == "/reset":
+                    history.clear()
+                    console.print("(conversation cleared)", style="dim")
+                    continue
+                if not line:
+                    continue
+                turn = [*history, {"role": "user", "content": line}]
+                ids = tokenizer.encode(tokenizer.apply_chat_template(system + turn, add_generation_prompt=True))
+                room = engine.max_context - len(ids)
+                if room < 1:
+                    console.print(f"(the conversation is {len(ids)} tokens, the model's context {engine.max_context}:"
+                                  " /reset to start over)", style="yellow")
+                    continue
+                params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                        top_p=args.top_p, seed=args.seed)
+                sys.stdout.write("model> ")
+                try:
+                    answer = runner.run(_answer(engine, ids, params))
+                except KeyboardInterrupt:  # the runner cancelled the stream, which frees its slot
+                    print()
+                    console.print("(stopped; that exchange is not kept)", style="dim")
+                    continue
+                print()
+                history = [*turn, {"role": "assistant", "content": answer}]
+    finally:
+        engine.shutdown()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page at /")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; 0.0.0.0 exposes it to the network)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV}, else no key)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot")
+    s.add_argument("--queue-policy", choices=["reject", "wait"], default="reject",
+                   help="with a full queue: answer 429 (reject) or hold the request until there is room (wait)")
+    s.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="speculative decoding with the model's multi-token-prediction head")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="chat with a model in the terminal (streaming, history, /reset)")
+    _engine_args(c)
+    c.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--system", default="", help="a system prompt")
+    c.set_defaults(func=cmd_chat)

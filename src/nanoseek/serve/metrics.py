@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server app, exposed at `GET /metrics`.
+
+Each app has its own `CollectorRegistry`, so several apps in one process (tests, benchmarks) never share or
+clash over counters. Latencies are measured in the server, around the engine's token stream, so they include
+queueing and scheduling but not the network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds: from a few ms (a decode step of a small model on a GPU) to minutes (a long answer on a CPU).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    """Request, token and latency counters, plus gauges read from `engine.stats()` at scrape time."""
+
+    def __init__(self, engine: Any):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nanoseek_requests", "HTTP requests answered, by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("nanoseek_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("nanoseek_generation_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "nanoseek_time_to_first_token_seconds", "From a request's arrival to its first generated token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "nanoseek_inter_token_latency_seconds", "Between consecutive generated tokens of one request",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_latency = Histogram(
+            "nanoseek_request_latency_seconds", "From a request's arrival to its last generated token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+
+        def stat(key: str) -> Any:
+            def read() -> float:
+                value = engine.stats()[key]
+                return math.nan if value is None else float(value)
+            return read
+
+        Gauge("nanoseek_batch_size", "Requests decoding together now", registry=r).set_function(stat("running"))
+        Gauge("nanoseek_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(stat("waiting"))
+        Gauge("nanoseek_tokens_in_flight", "Prompt and generated tokens held by running requests",
+              registry=r).set_function(stat("tokens_in_flight"))
+        Gauge("nanoseek_speculative_acceptance_rate", "Share of MTP draft tokens accepted (NaN without MTP)",
+              registry=r).set_function(stat("acceptance_rate"))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

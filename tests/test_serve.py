@@ -1,0 +1,489 @@
+"""The OpenAI-compatible server on loopback, through the official `openai` client and raw HTTP: chat and
+completions (streamed and not), stop, max_tokens, seeds, usage, logprobs, 32 concurrent streams against the same
+requests served alone, every error case, metrics, client disconnects, and the `serve` / `chat` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from nanoseek import NanoSeek, preset
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import Engine, SamplingParams, load_for_inference
+from nanoseek.serve.app import create_app
+from tests.conftest import ROOT, nanoseek
+
+KEY = "test-key-123"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}  # fixed-length, deterministic answers
+
+
+@contextlib.contextmanager
+def live_server(app) -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port (bound before the server starts: no race for the port)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(data_dir: Path, tmp_path_factory) -> Path:
+    tok = Tokenizer.load(data_dir.parent / "tok")
+    out = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    torch.manual_seed(0)
+    NanoSeek(preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(str(out))
+    tok.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[Engine]:
+    model, tok = load_for_inference(model_dir, device="cpu")
+    eng = Engine(model, tok, max_batch=8, max_queue=64)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tok(engine: Engine) -> Tokenizer:
+    return engine.tokenizer
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine, tok: Tokenizer) -> Iterator[str]:
+    with live_server(create_app(engine, tok, api_key=KEY)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def chat_ids(tok: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def engine_text(engine: Engine, ids: list[int], **params) -> str:
+    return "".join(ev.text for ev in engine.generate([ids], SamplingParams(**params))[0])
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# ---- the openai client -------------------------------------------------------------------------------------
+
+def test_models_and_health(client, http, engine):
+    models = client.models.list().data
+    assert [m.id for m in models] == [engine.model_name] == ["tiny-chat"]
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    health = httpx.get(f"{http.base_url}/health").json()  # open without a key, for load balancers
+    assert health["status"] == "ok" and health["model"] == "tiny-chat"
+
+
+def test_chat(client, engine, tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, **GREEDY)
+    choice = r.choices[0]
+    ids = chat_ids(tok, messages)
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content == engine_text(engine, ids, max_tokens=12, temperature=0, ignore_eos=True)
+    assert choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+
+
+def test_chat_stream_equals_non_stream(client):
+    kw = dict(model="tiny-chat", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=16, **GREEDY)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert not chunks[-1].choices and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(**kw, stream=True))  # without include_usage: no usage chunk
+    assert all(c.choices for c in plain)
+
+
+def test_completions_stream_and_not(client, engine, tok):
+    prompt = "The weather today is"
+    ids = [tok.bos_id, *tok.encode(prompt)]
+    r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, **GREEDY)
+    assert r.choices[0].text == engine_text(engine, ids, max_tokens=10, temperature=0, ignore_eos=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    chunks = list(client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10
+    default = client.completions.create(model="tiny-chat", prompt=prompt, **GREEDY)  # OpenAI's default: 16
+    assert default.usage.completion_tokens == 16
+    by_ids = client.completions.create(model="tiny-chat", prompt=ids, max_tokens=10, **GREEDY)
+    assert by_ids.choices[0].text == r.choices[0].text
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 23])
+def test_max_tokens(client, max_tokens):
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Count"}],
+                                       max_tokens=max_tokens, **GREEDY)
+    assert r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
+
+
+def test_stop_strings(client):
+    kw = dict(model="tiny-chat", prompt="Once upon a time", max_tokens=24, **GREEDY)
+    full = client.completions.create(**kw).choices[0].text
+    window = re.search(r"(?<=.{3})[A-Za-z]{2}", full)  # a plain-ASCII piece a few characters in
+    assert window, f"no ASCII letters to stop on in {full!r}"
+    stop = window.group()
+    expected = full[:full.index(stop)]
+    for s in (stop, [stop, "zzzzzz"]):
+        r = client.completions.create(**kw, stop=s)
+        assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=24, **GREEDY)
+    text = chat.choices[0].message.content
+    piece = re.search(r"(?<=.{3})[A-Za-z]{2}", text)
+    if piece:  # the same through chat, when its answer has a letter pair to stop on
+        again = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=24, stop=piece.group(), **GREEDY)
+        assert again.choices[0].message.content == text[:text.index(piece.group())]
+
+
+def test_seed_reproducible(client):
+    kw = dict(model="tiny-chat", messages=[{"role": "user", "content": "Surprise me"}], max_tokens=16,
+              temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
+    b = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
+    c = client.chat.completions.create(**kw, seed=4321).choices[0].message.content
+    streamed = "".join(ch.choices[0].delta.content or ""
+                       for ch in client.chat.completions.create(**kw, seed=1234, stream=True))
+    assert a == b == streamed and a != c
+
+
+def test_logprobs(client, tok):
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))  # greedy: the top one
+    c = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4, logprobs=2, **GREEDY)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+    assert all(len(alts) <= 2 for alts in lp.top_logprobs) and lp.text_offset[0] == 0
+    plain = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_raw_server_sent_events(http):
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    chunks = [json.loads(e[6:]) for e in events[:-2]]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_speculative_mtp_server(model_dir, tok, client):
+    messages = [{"role": "user", "content": "Speculate, please"}]
+    plain = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, **GREEDY)
+    model, _ = load_for_inference(model_dir, device="cpu")
+    mtp = Engine(model, tok, max_batch=4, speculative="mtp")
+    mtp.start()
+    try:
+        with live_server(create_app(mtp, tok)) as base:
+            oa = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            fast = oa.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, **GREEDY)
+            assert fast.choices[0].message.content == plain.choices[0].message.content
+            rate = re.search(r"^nanoseek_speculative_acceptance_rate ([\d.e+-]+)$", httpx.get(f"{base}/metrics").text,
+                             re.M)
+            assert rate and 0 <= float(rate.group(1)) <= 1
+    finally:
+        mtp.shutdown()
+
+
+# ---- under load ----------------------------------------------------------------------------------------------
+
+def test_32_concurrent_streams_equal_served_alone(url, client, engine):
+    prompts = [f"Question {i}: what is {i} plus {i * 7 % 13}?" for i in range(32)]
+
+    def request(prompt: str) -> dict:
+        return dict(model="tiny-chat", messages=[{"role": "user", "content": prompt}], max_tokens=16, **GREEDY)
+
+    alone = [client.chat.completions.create(**request(p)).choices[0].message.content for p in prompts]
+    assert all(alone)
+
+    peak, stop_polling = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop_polling.is_set():
+            peak[0] = max(peak[0], engine.stats()["running"])
+            time.sleep(0.005)
+
+    async def one(aclient: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None, int]:
+        parts, finish, usage = [], None, 0
+        stream = await aclient.chat.completions.create(**request(prompt), stream=True,
+                                                       stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            elif chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return "".join(parts), finish, usage
+
+    async def all_at_once() -> list[tuple[str, str | None, int]]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, p) for p in prompts))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        together = asyncio.run(all_at_once())
+    finally:
+        stop_polling.set()
+        poller.join()
+    assert peak[0] > 1, "the requests never shared a batch"
+    for prompt, expected, (text, finish, usage) in zip(prompts, alone, together):
+        assert (text, finish, usage) == (expected, "length", 16), prompt
+
+
+def test_queue_full_is_429(model_dir, tok):
+    model, _ = load_for_inference(model_dir, device="cpu")
+    small = Engine(model, tok, max_batch=1, max_queue=1, queue_policy="reject")
+    small.start()
+    try:
+        with live_server(create_app(small, tok)) as base:
+            body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 64, "ignore_eos": True}
+
+            async def burst() -> list[httpx.Response]:
+                async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                    return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6)))
+
+            answers = asyncio.run(burst())
+            statuses = sorted(r.status_code for r in answers)
+            assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}, statuses
+            busy = next(r for r in answers if r.status_code == 429)
+            assert_error(busy, 429, code="queue_full")
+            assert busy.json()["error"]["type"] == "rate_limit_error" and busy.headers["retry-after"]
+
+            async def openai_burst() -> list:
+                async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as oa:
+                    return await asyncio.gather(*(oa.completions.create(model="tiny-chat", prompt="Hello",
+                                                                        max_tokens=64, extra_body={"ignore_eos": True})
+                                                  for _ in range(6)), return_exceptions=True)
+
+            kinds = {type(r).__name__ for r in asyncio.run(openai_burst())}
+            assert kinds == {"Completion", "RateLimitError"}, kinds
+            assert httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 2}, timeout=60).status_code == 200
+    finally:
+        small.shutdown()
+
+
+def test_client_disconnect_frees_the_slot(http, engine):
+    body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
+
+    def wait_idle() -> None:
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] or engine.stats()["waiting"]:
+            assert time.monotonic() < deadline, f"a gone client still holds the engine: {engine.stats()}"
+            time.sleep(0.05)
+
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert next(r.iter_lines()).startswith("data: ")  # generating; now hang up mid-stream
+    wait_idle()
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting for the whole answer
+        http.post("/v1/completions", json=body, timeout=0.5)
+    wait_idle()
+
+
+# ---- errors: right status, OpenAI body, and the server keeps serving -----------------------------------------
+
+def test_error_cases(url, http, client):
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert_error(http.post("/v1/chat/completions", json={**chat, "model": "gpt-9"}), 404, "model",
+                 "model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert_error(http.get("/v1/models/gpt-9"), 404, "model")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
+    for field, value in [("messages", "hi"), ("max_tokens", "ten"), ("temperature", "hot"), ("stream", "yes"),
+                         ("messages", [{"role": "robot", "content": "hi"}]), ("messages", [{"role": "user"}]),
+                         ("stop", [""]), ("max_tokens", 0), ("temperature", 3), ("seed", -1), ("top_p", 0)]:
+        err = assert_error(http.post("/v1/chat/completions", json={**chat, field: value}), 400)
+        assert err["param"].startswith(field), (field, value, err)
+    assert_error(http.post("/v1/chat/completions", json={"messages": chat["messages"]}), 400, "model")
+    assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
+    assert_error(http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+                 400)
+    err = assert_error(http.post("/v1/chat/completions", json={**chat, "max_tokens": 100_000}), 400, "max_tokens",
+                       "context_length_exceeded")
+    assert "512" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-chat", prompt="hi", max_tokens=600)
+    assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": "word " * 600}), 400, "prompt",
+                 "context_length_exceeded")
+    assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": [5, 99999]}), 400, "prompt")
+    assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": ["a", "b"]}), 400, "prompt")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "n": 2}), 400, "n")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "tools": [{"type": "function"}]}), 400, "tools")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "stream_options": {"include_usage": True}}), 400,
+                 "stream_options")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
+    # oversized bodies: by Content-Length, and counted when sent chunked without one
+    big = json.dumps({**chat, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
+    assert_error(http.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"}), 413,
+                 code="request_too_large")
+    chunked = http.post("/v1/chat/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                        headers={"Content-Type": "application/json"})
+    assert_error(chunked, 413, code="request_too_large")
+    # routing and auth
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/chat/completions"), 405)
+    assert_error(httpx.post(f"{url}/v1/chat/completions", json=chat), 401, code="missing_api_key")
+    bad = httpx.post(f"{url}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong"})
+    assert_error(bad, 401, code="invalid_api_key")
+    assert bad.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    # still serving, and nothing above was a server error
+    assert client.chat.completions.create(model="tiny-chat", messages=chat["messages"], max_tokens=3).choices
+    metrics = http.get("/metrics").text
+    assert not re.search(r'nanoseek_requests_total\{[^}]*status="5\d\d"', metrics)
+
+
+def test_model_without_chat_template(model_dir, engine, tmp_path):
+    base = Tokenizer.load(model_dir)
+    Tokenizer(base.hf, chat_template=None).save(tmp_path)  # as a base model ships: no template anywhere
+    tok = Tokenizer.load(tmp_path)
+    assert tok.chat_template is None
+    with live_server(create_app(engine, tok)) as base_url:
+        r = httpx.post(f"{base_url}/v1/chat/completions", timeout=30,
+                       json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]})
+        err = assert_error(r, 400, "messages", "no_chat_template")
+        assert "chat template" in err["message"] and "/v1/completions" in err["message"]
+        ok = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 2},
+                        timeout=30)
+        assert ok.status_code == 200
+
+
+# ---- metrics and the page -------------------------------------------------------------------------------------
+
+def test_metrics(url, http, client):
+    list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "m"}],
+                                        max_tokens=4, stream=True, **GREEDY))
+    assert_error(httpx.get(f"{url}/metrics"), 401)  # the key guards metrics too
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["nanoseek_prompt_tokens_total"] > 0 and values["nanoseek_generation_tokens_total"] >= 4
+    assert values["nanoseek_time_to_first_token_seconds_count"] >= 1
+    assert values["nanoseek_inter_token_latency_seconds_count"] >= 3
+    assert values["nanoseek_request_latency_seconds_count"] >= 1
+    assert values["nanoseek_batch_size"] == 0 and values["nanoseek_queue_depth"] == 0
+
+
+def test_chat_page_is_self_contained(url):
+    r = httpx.get(f"{url}/")  # open: the page itself asks for the key
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "getReader" in r.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", r.text), "the page must not load anything remote"
+
+
+# ---- the commands ---------------------------------------------------------------------------------------------
+
+def test_serve_command(model_dir):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "NANOSEEK_API_KEY": "env-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
+                             "--device", "cpu", "--max-batch", "4", "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "nanoseek serve did not come up"
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        oa = openai.OpenAI(base_url=f"{base}/v1", api_key="env-key", max_retries=0)
+        assert oa.completions.create(model="tiny-chat", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"http://127.0.0.1:{port}/" in out and "with an API key" in out
+
+
+def test_chat_command(model_dir, tmp_path):
+    r = nanoseek("chat", str(model_dir), "--max-tokens", "6", "--temperature", "0", "--device", "cpu",
+                 input="Hello there\n/reset\nAnd again\n/exit\n", timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.count("model> ") == 2 and "(conversation cleared)" in r.stdout
+    base = Tokenizer.load(model_dir)
+    plain = tmp_path / "base-model"
+    NanoSeek(preset("tiny", vocab_size=base.vocab_size)).save_pretrained(str(plain))
+    Tokenizer(base.hf, chat_template=None).save(plain)
+    r = nanoseek("chat", str(plain), "--device", "cpu", input="hi\n", timeout=120)
+    assert r.returncode == 2 and "no chat template" in r.stdout + r.stderr
