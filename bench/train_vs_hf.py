@@ -22,22 +22,9 @@ import torch
 
 import nanoseek
 from nanoseek.cost.flops import train_flops_per_token
+from nanoseek.cost.hardware import cpu_matmul_probe
 
 warnings.filterwarnings("ignore")
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n×n matmul over a few short runs."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        t, it = time.perf_counter(), 0
-        while time.perf_counter() - t < seconds / 3:
-            a @ b
-            it += 1
-        best = max(best, 2 * n**3 * it / (time.perf_counter() - t))
-    return best
 
 
 def make_step(model, opt, inputs, labels, autocast: bool, nanoseek_api: bool):
@@ -94,7 +81,7 @@ def main() -> None:
         nanoseek.NanoSeek(cfg).save_pretrained(ckpt)
         for dtype in args.dtypes.split(","):
             autocast = dtype == "bf16"
-            peak = matmul_peak(torch.bfloat16 if autocast else torch.float32)
+            peak = cpu_matmul_probe(dtype, seconds=1.0)
             ours = nanoseek.from_pretrained(ckpt)
             ours.train()
             ours_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused), inputs, labels,

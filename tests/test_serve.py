@@ -24,9 +24,12 @@ import torch
 import uvicorn
 
 from nanoseek import NanoSeek, preset
+from nanoseek.cost.energy import EnergyMeter
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams, load_for_inference
 from nanoseek.serve.app import create_app
+from nanoseek.train.config import CostConfig
+from nanoseek.train.run import tariff
 from tests.conftest import ROOT, nanoseek
 
 KEY = "test-key-123"
@@ -79,8 +82,10 @@ def tok(engine: Engine) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def url(engine: Engine, tok: Tokenizer) -> Iterator[str]:
-    with live_server(create_app(engine, tok, api_key=KEY)) as base:
+    meter = EnergyMeter(tariff(CostConfig()), "cpu")
+    with live_server(create_app(engine, tok, api_key=KEY, energy=meter)) as base:
         yield base
+    meter.close()
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +441,12 @@ def test_metrics(url, http, client):
     assert values["nanoseek_inter_token_latency_seconds_count"] >= 3
     assert values["nanoseek_request_latency_seconds_count"] >= 1
     assert values["nanoseek_batch_size"] == 0 and values["nanoseek_queue_depth"] == 0
+    # energy per generated token: this VM has no readable RAPL counters, so codecarbon's estimate, labelled so
+    energy = {k: v for k, v in values.items() if k.startswith("nanoseek_energy")}
+    source = "measured" if 'nanoseek_energy_kwh_total{source="measured"}' in energy else "estimated"
+    kwh = energy[f'nanoseek_energy_kwh_total{{source="{source}"}}']
+    per_token = energy[f'nanoseek_energy_per_generated_token_joules{{source="{source}"}}']
+    assert kwh > 0 and per_token == pytest.approx(kwh * 3.6e6 / values["nanoseek_generation_tokens_total"])
 
 
 def test_chat_page_is_self_contained(url):

@@ -10,10 +10,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from nanoseek.config import PRESETS, preset
+from nanoseek.cost.commands import add_commands as add_plan
 from nanoseek.data.commands import add_commands as add_data
 from nanoseek.demo import add_command as add_demo
 from nanoseek.model import NanoSeek, load_pretrained
 from nanoseek.model.summary import parameter_counts
+from nanoseek.report import add_commands as add_report
+from nanoseek.serve.commands import add_commands as add_serve
 from nanoseek.train.commands import add_commands as add_train
 from nanoseek.train.parallel import DistributedError
 
@@ -71,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     add_demo(sub)
+    add_plan(sub)
     add_train(sub)
+    add_serve(sub)
     add_data(sub)
+    add_report(sub)
 
     i = sub.add_parser("info", help="parameter table of a preset or a checkpoint folder")
     i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder")

@@ -3,7 +3,8 @@
 1. train a byte-level BPE tokenizer on the Python standard library (the running Python's own sources, offline),
 2. tokenize the corpus into shards with a held-out validation split,
 3. train configs/demo.toml (the `demo` preset: MLA, 32 fine-grained experts, MTP) for a fixed wall-clock budget,
-4. print sampled continuations and the run's summary.
+4. print sampled continuations and the run's summary, then write its report card (report.md, plots, model card
+   with energy, cost and CO2) and print the card's summary.
 Steps 1-2 are cached under the output folder, so a second demo goes straight to training.
 """
 
@@ -25,6 +26,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from nanoseek.data.corpora import iter_documents
     from nanoseek.data.shards import prepare
     from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.report import write_report
     from nanoseek.train.config import load_run_config
     from nanoseek.train.run import MetricsLog, summary_table, train
 
@@ -66,6 +68,11 @@ def run_demo(args: argparse.Namespace) -> int:
                       f"{evals[-1].get('val_bpb', float('nan')):.3f})")
     console.print(summary_table({**result.summary, "setup_seconds": setup}))
     console.print(f"run folder: {run_dir}\nsample more: nanoseek generate {run_dir} --prompt 'def'")
+    report = write_report(run_dir)
+    console.rule("report card")
+    for line in report.lines:
+        console.print(line, highlight=False)
+    console.print(f"report: {report.path}")
     return 0
 
 

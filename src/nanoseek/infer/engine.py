@@ -110,6 +110,7 @@ class Engine:
     def start(self) -> None:
         """Run the scheduler in a background thread (servers); `generate` also works without it."""
         if self._thread is None:
+            self._stopping = False
             self.model.eval()
             self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
             self._thread.start()
@@ -160,12 +161,17 @@ class Engine:
 
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams]) -> list[list[TokenEvent]]:
-        """Generate for several prompts, blocking until all are done. Runs the scheduler in the calling thread
-        unless a background thread is running."""
+        """Generate for several prompts, blocking until all are done. Without a running background thread, one is
+        started for the call: decoding in the caller's thread ran up to 20x slower on a loaded 2-core machine
+        (its OpenMP team waits on busy cores; docs/LOG.md), and the caller's float state stays untouched."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         outs: list[list[TokenEvent]] = [[] for _ in prompts]
-        if self._thread is not None:
-            q: queue.Queue[tuple[int, TokenEvent | BaseException]] = queue.Queue()
+        q: queue.Queue[tuple[int, TokenEvent | BaseException]] = queue.Queue()
+        for p, sp in zip(prompts, plist):  # all checked before any runs
+            self._check(p, sp)
+        own, was_training = self._thread is None, self.model.training
+        self.start()
+        try:
             for i, (p, sp) in enumerate(zip(prompts, plist)):
                 self._submit(p, sp, lambda ev, i=i: q.put((i, ev)), bounded=False)
             pending = len(prompts)
@@ -175,16 +181,10 @@ class Engine:
                     raise ev
                 outs[i].append(ev)
                 pending -= ev.finish_reason is not None
-            return outs
-        reqs = [self._submit(p, sp, outs[i].append, bounded=False) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                while not all(r.done for r in reqs):
-                    self._step()
         finally:
-            self.model.train(was_training)
+            if own:
+                self.shutdown()
+                self.model.train(was_training)
         return outs
 
     def cancel(self, req: _Request) -> None:
@@ -194,7 +194,7 @@ class Engine:
                 self._cond.notify_all()
 
     # ---- scheduling --------------------------------------------------------------------------------
-    def _submit(self, prompt: list[int], params: SamplingParams, sink: Callable, bounded: bool = True) -> _Request:
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
         params.check()
         vocab = self.model.config.vocab_size
         if not prompt:
@@ -205,6 +205,9 @@ class Engine:
             raise InferenceError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                  f"model's context of {self.max_context} tokens: shorten the prompt or lower "
                                  "max_tokens")
+
+    def _submit(self, prompt: list[int], params: SamplingParams, sink: Callable, bounded: bool = True) -> _Request:
+        self._check(prompt, params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
         req = _Request(list(prompt), params, sink, TextStream(self.tokenizer, params.stop), frozenset(stop_ids),
                        generator_for(params), speculate=self.speculative == "mtp" and params.greedy)
@@ -216,6 +219,7 @@ class Engine:
         return req
 
     def _loop(self) -> None:
+        torch.set_flush_denormal(True)  # this thread only: tiny probabilities are zeros, not slow subnormals
         with torch.inference_mode():
             while True:
                 with self._cond:

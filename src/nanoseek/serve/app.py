@@ -30,6 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nanoseek.cost.energy import EnergyMeter
 from nanoseek.data.tokenizer import DataError, Tokenizer
 from nanoseek.infer import Engine, InferenceError, QueueFull, SamplingParams, TokenEvent
 from nanoseek.serve.metrics import ServerMetrics
@@ -537,10 +538,10 @@ class Server:
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, energy: EnergyMeter | None = None) -> FastAPI:
     """The server app for a started `engine` (the caller starts and shuts it down). With `api_key`, the API and
-    the metrics need `Authorization: Bearer api_key`."""
-    metrics = ServerMetrics(engine)
+    the metrics need `Authorization: Bearer api_key`; with `energy`, /metrics reports energy per token."""
+    metrics = ServerMetrics(engine, energy)
     server = Server(engine, tokenizer, metrics)
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

@@ -49,7 +49,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.model, device=args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     queue_policy=args.queue_policy, speculative=args.speculative)
-    app = create_app(engine, tokenizer, api_key=api_key)
+    energy = None
+    if not args.no_energy:
+        from nanoseek.cost.energy import EnergyMeter
+        from nanoseek.train.config import CostConfig
+        from nanoseek.train.run import tariff
+
+        energy = EnergyMeter(tariff(CostConfig(country=args.country)), engine.device)
+    app = create_app(engine, tokenizer, api_key=api_key, energy=energy)
     if not _is_loopback(args.host) and not api_key:
         console.print(f"[yellow]warning:[/yellow] listening on {escape(args.host)} without an API key: anyone who "
                       f"can reach this address can use the model; set {API_KEY_ENV} or pass --api-key", soft_wrap=True)
@@ -147,6 +154,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="with a full queue: answer 429 (reject) or hold the request until there is room (wait)")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's multi-token-prediction head")
+    s.add_argument("--country", default="world", help="grid carbon intensity for /metrics (ISO 3166 alpha-3, e.g. FRA)")
+    s.add_argument("--no-energy", action="store_true", help="do not meter energy (no energy per token in /metrics)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

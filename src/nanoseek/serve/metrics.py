@@ -12,14 +12,17 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from nanoseek.cost.energy import EnergyMeter
+
 # Seconds: from a few ms (a decode step of a small model on a GPU) to minutes (a long answer on a CPU).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class ServerMetrics:
-    """Request, token and latency counters, plus gauges read from `engine.stats()` at scrape time."""
+    """Request, token and latency counters, gauges read from `engine.stats()` at scrape time, and, with an
+    `EnergyMeter`, the energy the machine used since the server started and its share per generated token."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, energy: EnergyMeter | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("nanoseek_requests", "HTTP requests answered, by endpoint and status code",
@@ -49,6 +52,20 @@ class ServerMetrics:
         Gauge("nanoseek_speculative_acceptance_rate", "Share of MTP draft tokens accepted (NaN without MTP)",
               registry=r).set_function(stat("acceptance_rate"))
 
+        self.energy = energy
+        if energy is not None:
+            label = {"source": energy.source}  # "measured" (NVML/RAPL) or "estimated"
+            self.energy_kwh = Counter("nanoseek_energy_kwh", "Energy of this machine since the server started "
+                                      "(idle time included)", list(label), registry=r).labels(**label)
+            self.energy_per_token = Gauge(
+                "nanoseek_energy_per_generated_token_joules", "Energy since the start divided by the tokens "
+                "generated since the start", list(label), registry=r).labels(**label)
+
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+        """The exposition text and its content type; reads the energy meter first (one interval per scrape)."""
+        if self.energy is not None:
+            kwh = self.energy.interval()["energy_kwh"] or 0.0
+            self.energy_kwh.inc(kwh)
+            tokens = self.generation_tokens._value.get()
+            self.energy_per_token.set(self.energy_kwh._value.get() * 3.6e6 / tokens if tokens else math.nan)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

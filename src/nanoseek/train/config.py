@@ -9,6 +9,7 @@
     [eval]       validation loss / bits per byte and samples, every N steps
     [checkpoint] every N steps, keep the last K
     [parallel]   torchrun runs: ddp | fsdp, expert parallelism, activation checkpointing, timeout
+    [cost]       what the run's energy costs in money and CO2, and the peak FLOP/s that MFU is measured against
 """
 
 from __future__ import annotations
@@ -104,6 +105,19 @@ class ParallelConfig:
 
 
 @dataclass
+class CostConfig:
+    """Prices and grid intensity for the cost columns of metrics.jsonl (see nanoseek.cost.energy)."""
+
+    price_per_kwh: float = 0.15  # USD per kWh. A placeholder, roughly a world average: set your own tariff
+    price_per_hour: float = 0.0  # USD per machine-hour of a rented machine; when > 0 it replaces price_per_kwh
+    country: str = "world"  # ISO 3166-1 alpha-3 code (FRA, USA, IND, ...) for the grid's CO2 per kWh; "world"
+    # (the default: no country is a fair guess for a project used anywhere) is the world average
+    carbon_intensity: float = 0.0  # gCO2e per kWh; > 0 overrides the country's figure (your supplier's, say)
+    energy: bool = True  # measure energy (codecarbon, offline); false: no energy, CO2 or per-kWh cost columns
+    peak_flops: float = 0.0  # FLOP/s per rank that MFU is relative to; 0: the accelerator table or a matmul probe
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -114,6 +128,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> None:
         t = self.train
@@ -130,6 +145,14 @@ class RunConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
+        c = self.cost
+        if min(c.price_per_kwh, c.price_per_hour, c.carbon_intensity, c.peak_flops) < 0:
+            raise ConfigError("cost.price_per_kwh, cost.price_per_hour, cost.carbon_intensity and cost.peak_flops "
+                              "must be >= 0 (0: unused or automatic)")
+        if c.carbon_intensity == 0:
+            from nanoseek.cost.energy import grid_intensity
+
+            grid_intensity(c.country)  # an unknown country fails here, before any training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

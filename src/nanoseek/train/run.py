@@ -1,7 +1,8 @@
 """A training run on disk: `nanoseek train CONFIG.toml [key=value ...]` and `nanoseek train --resume RUN_DIR`.
 
     RUN_DIR/run.toml        the resolved configuration (what --resume reads)
-    RUN_DIR/metrics.jsonl   one JSON record per log interval ("train"), evaluation ("eval") and plan ("plan")
+    RUN_DIR/metrics.jsonl   one JSON record per log interval ("train"), evaluation ("eval") and plan ("plan"), and
+                            a "final" one with the energy spent after the last "train" record
     RUN_DIR/tokenizer/      a copy of the data's tokenizer
     RUN_DIR/checkpoints/    see train/checkpoint.py
     RUN_DIR/summary.json    the run's figures at the end
@@ -10,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,13 +25,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from torch.distributed import DistError
 
+from nanoseek import __version__
 from nanoseek.config import ConfigError
+from nanoseek.cost.energy import EnergyMeter, Tariff, grid_intensity
+from nanoseek.cost.flops import train_flops_per_token
+from nanoseek.cost.hardware import peak_flops
 from nanoseek.device import pick_device, pick_dtype
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from nanoseek.train.config import RunConfig, load_run_config, to_toml
+from nanoseek.train.config import CostConfig, RunConfig, load_run_config, to_toml
 from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
 from nanoseek.train.parallel import DistributedError, DistWorld, gathered, init_world, parallelize, shutdown
 from nanoseek.train.schedule import lr_schedule, plan_length
@@ -93,6 +100,23 @@ def describe_plan(cfg: RunConfig, world_size: int = 1) -> Table:
     table.add_row("balance loss α", str(cfg.balance.seq_aux_alpha))
     table.add_row("dtype / device", f"{t.dtype} / {t.device}")
     return table
+
+
+def tariff(cost: CostConfig) -> Tariff:
+    return Tariff(cost.price_per_kwh, cost.price_per_hour, grid_intensity(cost.country, cost.carbon_intensity))
+
+
+def _peak(cfg: RunConfig, device: torch.device) -> tuple[float, str]:
+    """Peak FLOP/s per rank that MFU is relative to, and where the figure comes from."""
+    if cfg.cost.peak_flops > 0:
+        return cfg.cost.peak_flops, "given (cost.peak_flops)"
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a probe must not move the RNG
+        return peak_flops(device, cfg.train.dtype)
+
+
+def _machines(world: World) -> int:
+    """How many machines the ranks span (torchrun sets LOCAL_WORLD_SIZE): energy is metered on rank 0's only."""
+    return max(world.size // int(os.environ.get("LOCAL_WORLD_SIZE", world.size)), 1)
 
 
 @dataclass
@@ -232,6 +256,10 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
                       log if world.is_main else None, tokenizer_dir if tokenizer is not None else None,
                       wrapped=torch.compile(wrapped) if cfg.train.compile else wrapped)
 
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=cfg.model.num_nextn_predict_layers > 0)
+    peak, peak_source = _peak(cfg, device) if world.is_main else (0.0, "")
+    meter = EnergyMeter(tariff(cfg.cost), device, measure=cfg.cost.energy, whole_machine=world.size > 1) \
+        if world.is_main else None
     window: dict[str, float] = {"t": time.perf_counter(), "tokens": state.tokens}
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -241,7 +269,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     def on_step(r: StepResult, dt: float) -> None:
         s = trainer.state
         bar.update(task, completed=s.step, total=s.total_steps or None)
-        if s.step % cfg.train.log_every and not r.skipped:
+        if s.step % cfg.train.log_every and not r.skipped and not trainer.done():  # the last step is always logged
             return
         now = time.perf_counter()
         tps = (s.tokens - window["tokens"]) / max(now - window["t"], 1e-9)
@@ -250,23 +278,61 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
                   "balance_loss": r.balance_loss, "lr": r.lr, "batch_size": r.batch_size, "grad_norm": r.grad_norm,
                   "tokens_per_s": tps, "expert_load_max_over_mean": r.expert_load, "skipped": r.skipped,
                   "elapsed": s.elapsed, "ranks": world.size}
-        if world.is_main:
+        if meter is not None:  # rank 0, once per log interval
+            record.update(mfu=tps * flops_per_token / (peak * world.size), flops_per_token=flops_per_token,
+                          peak_flops=peak, peak_source=peak_source, **meter.interval())
             log(record)
         mtp = f" mtp {r.mtp_loss:.3f}" if r.mtp_loss is not None else ""
         bar.update(task, description=f"step {s.step} loss {r.loss:.3f}{mtp} lr {r.lr:.2e} {tps:,.0f} tok/s")
 
     started = time.perf_counter()
-    with bar:
-        reason = trainer.fit(on_step)
+    try:
+        with bar:
+            reason = trainer.fit(on_step)
+        if meter is not None:  # what came after the last "train" record: its steps, the final evaluation, checkpoint
+            log({"kind": "final", "step": trainer.state.step, "tokens": trainer.state.tokens, **meter.interval()})
+    finally:
+        if meter is not None:
+            meter.close()
     wall = time.perf_counter() - started
-    summary = _summary(cfg, trainer.state, log, model, wall, reason)
+    summary = _summary(cfg, trainer.state, log, model, wall, reason, flops_per_token, _machines(world))
     if world.is_main:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return RunResult(run_dir, reason, summary)
 
 
-def _summary(cfg: RunConfig, state: TrainState, log: MetricsLog, model: NanoSeek, wall: float,
-             reason: str) -> dict[str, Any]:
+def interval_total(records: list[dict[str, Any]], key: str) -> float | None:
+    """The sum of a per-interval figure over the records that have it; None when none has."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) if values else None
+
+
+def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_token: float,
+                  machines: int) -> dict[str, Any]:
+    """The run's totals: sums over every interval of metrics.jsonl, this session's and earlier ones'."""
+    train_records = log.records("train")
+    metered = train_records + log.records("final")
+    sources = {r["energy_source"] for r in metered if "energy_source" in r}
+    mfu = [r["mfu"] for r in train_records if r.get("mfu") is not None]
+    prices = tariff(cfg.cost)
+    return {
+        "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
+        "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
+        "peak_flops": next((r["peak_flops"] for r in reversed(train_records) if "peak_flops" in r), None),
+        "peak_source": next((r["peak_source"] for r in reversed(train_records) if "peak_source" in r), None),
+        "energy_kwh": interval_total(metered, "energy_kwh"),
+        "energy_source": "measured" if sources == {"measured"} else "estimated" if "estimated" in sources else "off",
+        "energy_method": " | ".join(dict.fromkeys(r["energy_method"] for r in metered if r.get("energy_method"))),
+        "energy_scope": "this machine" if machines == 1 else
+                        f"rank 0's machine only, 1 of {machines}: the others are not metered",
+        "cost_usd": interval_total(metered, "cost_usd"), "cost_basis": prices.basis,
+        "co2_kg": interval_total(metered, "co2_kg"), "carbon_intensity_g_per_kwh": prices.grid.g_per_kwh,
+        "carbon_intensity_source": prices.grid.source,
+    }
+
+
+def _summary(cfg: RunConfig, state: TrainState, log: MetricsLog, model: NanoSeek, wall: float, reason: str,
+             flops_per_token: float, machines: int) -> dict[str, Any]:
     train_records = log.records("train")
     evals = [r for r in log.records("eval") if "val_loss" in r]
     return {
@@ -277,6 +343,8 @@ def _summary(cfg: RunConfig, state: TrainState, log: MetricsLog, model: NanoSeek
         "val_loss": evals[-1]["val_loss"] if evals else None, "val_bpb": evals[-1].get("val_bpb") if evals else None,
         "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
         "model": cfg.model.to_hf_dict()["architectures"][0], "dtype": cfg.train.dtype,
+        **_cost_summary(cfg, state, log, flops_per_token, machines),
+        "software": f"nanoseek {__version__}, torch {torch.__version__}, Python {platform.python_version()}",
     }
 
 

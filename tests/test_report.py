@@ -1,0 +1,45 @@
+"""`nanoseek report` on a short real run: report.md with the key figures, and every plot as a real PNG."""
+
+from __future__ import annotations
+
+import json
+
+from nanoseek.cli import main
+from nanoseek.report import _co2, _energy, _usd
+from nanoseek.train.config import load_run_config
+from nanoseek.train.run import train
+from tests.conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_card_from_a_short_run(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = load_run_config(ROOT / "configs" / "tiny.toml", [
+        f"data.path={data_dir}", f"train.out_dir={run}", "model.vocab_size=512", "train.steps=5", "data.seq_len=32",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.log_every=1", "eval.every=3", "eval.batches=1",
+        "eval.samples=1", "eval.sample_tokens=8", "cost.country=FRA"])
+    train(cfg, progress=False)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    report = run / "report" / "report.md"
+    assert f"report: {report}" in out.replace("\n", "")
+
+    for name in ("loss", "schedule", "throughput", "expert_load", "energy"):
+        png = run / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000, name
+    s = json.loads((run / "summary.json").read_text())
+    card = report.read_text()
+    for figure in (f"{s['tokens']:,}", f"{_energy(s['energy_kwh'])} ({s['energy_source']})", s["energy_method"],
+                   _usd(s["cost_usd"]), _co2(s["co2_kg"]), s["carbon_intensity_source"], f"{s['val_bpb']:.4g}",
+                   f"{s['total_flops']:.3g}", f"{100 * s['mfu_mean']:.2f}%", "France", "## Model card", "### Data",
+                   "chatterbot", "routed experts", "Sample for the prompt",
+                   f"nanoseek train {run}/run.toml train.out_dir=NEW_RUN_DIR", "expert_load.png", "energy.png"):
+        assert figure in card, figure
+    assert f"energy {_energy(s['energy_kwh'])} ({s['energy_source']})" in out
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a training run folder" in capsys.readouterr().out
