@@ -26,7 +26,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from nanoseek.data.corpora import iter_documents
     from nanoseek.data.shards import prepare
     from nanoseek.data.tokenizer import train_tokenizer
-    from nanoseek.report import write_report
+    from nanoseek.report import print_report, write_report
     from nanoseek.train.config import load_run_config
     from nanoseek.train.run import MetricsLog, summary_table, train
 
@@ -70,9 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(f"run folder: {run_dir}\nsample more: nanoseek generate {run_dir} --prompt 'def'")
     report = write_report(run_dir)
     console.rule("report card")
-    for line in report.lines:
-        console.print(line, highlight=False)
-    console.print(f"report: {report.path}")
+    print_report(report)
     return 0
 
 

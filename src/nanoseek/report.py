@@ -13,6 +13,7 @@ summary.json, the data's index.json).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from rich.console import Console
 
 from nanoseek.config import ConfigError, load_toml
+from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
@@ -126,7 +128,9 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
         paths.append(out / f"{name}.png")
-        fig.savefig(paths[-1])
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        write_atomic(paths[-1], png.getvalue())
         plt.close(fig)
 
     def empty(ax: Any, text: str) -> None:
@@ -355,15 +359,19 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(run, out)
     text, lines = _card(run, plots)
-    (out / "report.md").write_text(text)
+    write_atomic(out / "report.md", text)
     return Report(out / "report.md", plots, lines)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    report = write_report(args.run, args.out)
+def print_report(report: Report) -> None:
+    """The card's summary lines and where the report is."""
     for line in report.lines:
         console.print(line, highlight=False)
     console.print(f"report: {report.path}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print_report(write_report(args.run, args.out))
     return 0
 
 
