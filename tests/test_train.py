@@ -279,3 +279,17 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     train(cfg, batches=task, val=[], progress=False)
     with pytest.raises(nanoseek.ConfigError, match="--resume"):
         train(_cfg(tmp_path, task, train={"steps": 2}), batches=ReverseTask(), val=[], progress=False)
+
+
+def test_activation_checkpointing_in_one_process_recomputes_blocks_with_the_same_results(tmp_path, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    task = ReverseTask()
+    runs, calls, real = {}, [0], tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    for ac in (False, True):
+        cfg = _cfg(tmp_path / str(ac), task, train={"steps": 3}, parallel={"activation_checkpointing": ac})
+        result = train(cfg, batches=ReverseTask(), progress=False)
+        runs[ac] = nanoseek.from_pretrained(latest_checkpoint(result.run_dir)).state_dict()
+    assert max((runs[True][k] - runs[False][k]).abs().max().item() for k in runs[False]) < 1e-6
+    assert calls[0] >= 3 * 3  # every block (2 layers + MTP) of every step went through checkpoint

@@ -217,11 +217,13 @@ def activation_checkpointing(model: NanoSeek) -> None:
         block.forward = forward  # type: ignore[method-assign]
 
 
-def parallelize(model: NanoSeek, world: World, bf16: bool) -> nn.Module:
-    """Wrap `model` for `world` (identity for one process); returns the module to call for training."""
+def parallelize(model: NanoSeek, world: World, bf16: bool, cfg: ParallelConfig) -> nn.Module:
+    """Wrap `model` for `world` (for one process, only activation checkpointing applies); returns the module to
+    call for training."""
     if not isinstance(world, DistWorld):
+        if cfg.activation_checkpointing:
+            activation_checkpointing(model)
         return model
-    cfg = world.cfg
     model.to(world.device)
     if cfg.ep > 1:
         if model.config.n_routed_experts % cfg.ep:

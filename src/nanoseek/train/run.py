@@ -208,7 +208,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
-    wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16")
+    wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16", cfg=cfg.parallel)
     opt = make_optimizer(wrapped, cfg, device)
     state = TrainState(world_size=world.size)
     if resuming:
