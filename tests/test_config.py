@@ -64,7 +64,8 @@ def test_writes_deepseek_layout():
 
 def test_unknown_keys_warn_not_fail():
     with pytest.warns(UserWarning, match="something_new"):
-        ModelConfig.from_hf_dict({**DEEPSEEK_V3_JSON, "something_new": 1})
+        cfg = ModelConfig.from_hf_dict({**DEEPSEEK_V3_JSON, "something_new": 1})
+    assert cfg == ModelConfig.from_hf_dict(DEEPSEEK_V3_JSON)  # read as if the key were absent
 
 
 def test_presets_and_errors():
