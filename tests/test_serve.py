@@ -24,12 +24,11 @@ import torch
 import uvicorn
 
 from nanoseek import NanoSeek, preset
-from nanoseek.cost.energy import EnergyMeter
+from nanoseek.cost.energy import EnergyMeter, Tariff
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams, load_for_inference
 from nanoseek.serve.app import create_app
 from nanoseek.train.config import CostConfig
-from nanoseek.train.run import tariff
 from tests.conftest import ROOT, nanoseek
 
 KEY = "test-key-123"
@@ -82,7 +81,7 @@ def tok(engine: Engine) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def url(engine: Engine, tok: Tokenizer) -> Iterator[str]:
-    meter = EnergyMeter(tariff(CostConfig()), "cpu")
+    meter = EnergyMeter(Tariff.of(CostConfig()), "cpu")
     with live_server(create_app(engine, tok, api_key=KEY, energy=meter)) as base:
         yield base
     meter.close()

@@ -25,11 +25,12 @@ import torch
 from rich.console import Console
 
 from nanoseek.config import ConfigError, load_toml
+from nanoseek.cost.energy import Tariff
 from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
-from nanoseek.train.run import interval_total, tariff
+from nanoseek.train.run import interval_total
 
 console = Console()
 
@@ -258,7 +259,7 @@ def _figures(run: RunRecords) -> dict[str, Any]:
     """summary.json's figures; for a run still going (or killed), the same figures from its records so far."""
     last, metered = run.train[-1], run.train + run.final
     mfu = [r["mfu"] for r in run.train if r.get("mfu") is not None]
-    prices = tariff(run.cfg.cost)
+    prices = Tariff.of(run.cfg.cost)
     so_far = {"cost_basis": prices.basis, "carbon_intensity_g_per_kwh": prices.grid.g_per_kwh,
               "carbon_intensity_source": prices.grid.source, "stop_reason": "none yet: still running, or killed",
               "steps": last["step"], "tokens": last["tokens"],

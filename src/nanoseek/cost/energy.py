@@ -26,12 +26,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.cost.hardware import match_device_name
+
+if TYPE_CHECKING:
+    from nanoseek.train.config import CostConfig
 
 GENERIC_CPU_WATTS = 85.0  # codecarbon's POWER_CONSTANT: the TDP it assumes for a CPU it cannot identify
 _COUNTER_CPU_MODES = {"intel_rapl": "RAPL counters", "windows_emi": "the Windows Energy Meter Interface (RAPL)",
@@ -81,6 +84,11 @@ class Tariff:
     price_per_kwh: float
     price_per_hour: float
     grid: GridIntensity
+
+    @classmethod
+    def of(cls, cost: CostConfig) -> Tariff:
+        """The tariff a run's (or server's) `[cost]` settings describe."""
+        return cls(cost.price_per_kwh, cost.price_per_hour, grid_intensity(cost.country, cost.carbon_intensity))
 
     def cost_usd(self, kwh: float | None, seconds: float) -> float | None:
         """A rented machine's hourly price includes its power, so it replaces the per-kWh price when set."""

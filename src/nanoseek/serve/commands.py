@@ -51,11 +51,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     queue_policy=args.queue_policy, speculative=args.speculative)
     energy = None
     if not args.no_energy:
-        from nanoseek.cost.energy import EnergyMeter
+        from nanoseek.cost.energy import EnergyMeter, Tariff
         from nanoseek.train.config import CostConfig
-        from nanoseek.train.run import tariff
 
-        energy = EnergyMeter(tariff(CostConfig(country=args.country)), engine.device)
+        energy = EnergyMeter(Tariff.of(CostConfig(country=args.country)), engine.device)
     app = create_app(engine, tokenizer, api_key=api_key, energy=energy)
     if not _is_loopback(args.host) and not api_key:
         console.print(f"[yellow]warning:[/yellow] listening on {escape(args.host)} without an API key: anyone who "

@@ -27,7 +27,7 @@ from torch.distributed import DistError
 
 from nanoseek import __version__
 from nanoseek.config import ConfigError
-from nanoseek.cost.energy import EnergyMeter, Tariff, grid_intensity
+from nanoseek.cost.energy import EnergyMeter, Tariff
 from nanoseek.cost.flops import train_flops_per_token
 from nanoseek.cost.hardware import peak_flops
 from nanoseek.device import pick_device, pick_dtype
@@ -35,7 +35,7 @@ from nanoseek.infer import Engine, SamplingParams
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from nanoseek.train.config import CostConfig, RunConfig, load_run_config, to_toml
+from nanoseek.train.config import RunConfig, load_run_config, to_toml
 from nanoseek.train.loop import StepResult, Trainer, World, batch_ramp, evaluate_loss, make_optimizer
 from nanoseek.train.parallel import DistributedError, DistWorld, gathered, init_world, parallelize, shutdown
 from nanoseek.train.schedule import lr_schedule, plan_length
@@ -100,10 +100,6 @@ def describe_plan(cfg: RunConfig, world_size: int = 1) -> Table:
     table.add_row("balance loss α", str(cfg.balance.seq_aux_alpha))
     table.add_row("dtype / device", f"{t.dtype} / {t.device}")
     return table
-
-
-def tariff(cost: CostConfig) -> Tariff:
-    return Tariff(cost.price_per_kwh, cost.price_per_hour, grid_intensity(cost.country, cost.carbon_intensity))
 
 
 def _peak(cfg: RunConfig, device: torch.device) -> tuple[float, str]:
@@ -258,7 +254,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=cfg.model.num_nextn_predict_layers > 0)
     peak, peak_source = _peak(cfg, device) if world.is_main else (0.0, "")
-    meter = EnergyMeter(tariff(cfg.cost), device, measure=cfg.cost.energy, whole_machine=world.size > 1) \
+    meter = EnergyMeter(Tariff.of(cfg.cost), device, measure=cfg.cost.energy, whole_machine=world.size > 1) \
         if world.is_main else None
     window: dict[str, float] = {"t": time.perf_counter(), "tokens": state.tokens}
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -314,7 +310,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
     metered = train_records + log.records("final")
     sources = {r["energy_source"] for r in metered if "energy_source" in r}
     mfu = [r["mfu"] for r in train_records if r.get("mfu") is not None]
-    prices = tariff(cfg.cost)
+    prices = Tariff.of(cfg.cost)
     return {
         "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
         "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
