@@ -10,6 +10,7 @@ multi-head cache of the same model.
 
     python bench/decode_vs_hf.py                    # batch 1 and 16, 64 new tokens
     python bench/decode_vs_hf.py --speculative      # also nanoseek with MTP self-speculation (batch 1)
+    python bench/decode_vs_hf.py --eager            # nanoseek's decode step uncompiled (Engine(compile=False))
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ class IdText:
         return ""
 
 
-def nanoseek_run(model: nanoseek.NanoSeek, prompts: torch.Tensor, n: int, speculative: bool) -> tuple[float, list]:
-    engine = Engine(model, IdText(), max_batch=len(prompts), speculative="mtp" if speculative else None)
+def nanoseek_run(engine: Engine, prompts: torch.Tensor, n: int) -> tuple[float, list]:
     t = time.perf_counter()
     outs = engine.generate(prompts.tolist(), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     return time.perf_counter() - t, [[e.token_id for e in evs] for evs in outs]
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--speculative", action="store_true")
+    p.add_argument("--eager", action="store_true", help="nanoseek's decode step uncompiled")
     args = p.parse_args()
 
     from transformers import DeepseekV3ForCausalLM
@@ -86,7 +87,8 @@ def main() -> None:
         ours = nanoseek.from_pretrained(ckpt).eval()
         hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
         table = Table(title=f"greedy decode, {args.preset} preset, prompt {args.prompt} + {args.new} new tokens, "
-                            f"fp32, {torch.get_num_threads()} threads")
+                            f"fp32, {torch.get_num_threads()} threads, nanoseek "
+                            f"{'eager' if args.eager else 'compiled'}")
         for col in ("batch", "nanoseek tok/s", "transformers tok/s", "ratio", "same tokens"):
             table.add_column(col, justify="right")
         for batch in map(int, args.batches.split(",")):
@@ -94,10 +96,12 @@ def main() -> None:
             runs = [("plain", False)] + ([("MTP speculative", True)] if args.speculative and batch == 1 else [])
             hf_run(hf, prompts, 4)  # warm-up
             for name, spec in runs:
-                nanoseek_run(ours, prompts, 4, spec)
+                engine = Engine(ours, IdText(), max_batch=batch, speculative="mtp" if spec else None,
+                                compile=not args.eager)
+                nanoseek_run(engine, prompts, 4)  # warm-up (and compilation)
                 t_ours, t_hf, ratios, same = [], [], [], True
                 for _ in range(args.rounds):
-                    a, toks_a = nanoseek_run(ours, prompts, args.new, spec)
+                    a, toks_a = nanoseek_run(engine, prompts, args.new)
                     b, toks_b = hf_run(hf, prompts, args.new)
                     t_ours.append(a)
                     t_hf.append(b)
@@ -111,7 +115,7 @@ def main() -> None:
 
         for dtype in (torch.float32, torch.bfloat16):
             cache = LatentCache(config, slots=4, max_len=256, device=torch.device("cpu"), dtype=dtype)
-            measured = cache.rows[: config.num_hidden_layers].nbytes / (4 * 256)
+            measured = cache.nbytes / (4 * 256)
             formula = LatentCache.bytes_per_token(config, dtype)
             mha = LatentCache.mha_bytes_per_token(config, dtype)
             console.print(f"KV cache {str(dtype).removeprefix('torch.')}: {measured:,.0f} bytes/token measured, "

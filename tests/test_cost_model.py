@@ -195,7 +195,7 @@ def test_serving_memory_is_weights_plus_latent_cache():
     cfg = nanoseek.preset("demo")
     est = estimate(cfg, 256, 1, dtype="bf16")
     cache = LatentCache(cfg, slots=2, max_len=64, device=torch.device("cpu"), dtype=torch.bfloat16)
-    assert est.kv_bytes_per_token() == cache.rows.nbytes // (2 * 64)
+    assert est.kv_bytes_per_token() == cache.nbytes // (2 * 64)
     weights = sum(p.numel() for n, p in nanoseek.NanoSeek(cfg).named_parameters() if not n.startswith("mtp."))
     assert est.serving_bytes(1000) == weights * 2 + 1000 * est.kv_bytes_per_token()
 

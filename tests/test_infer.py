@@ -61,6 +61,19 @@ def test_cached_forward_matches_full_forward(name):
     assert (got - ref).abs().max() < 1e-4
 
 
+def test_compiled_engine_equals_eager():
+    """The compiled decode step (gathered experts, dynamic batch and key counts) gives the eager tokens, with
+    requests joining and leaving; two engines on different models in one process each keep their own graphs."""
+    params = [SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
+    for name, cfg in CONFIGS.items():
+        model = tiny(**cfg)
+        eager = Engine(model, IdText(), max_batch=3).generate(PROMPTS, params)
+        compiled = Engine(model, IdText(), max_batch=3, compile=True)
+        got = compiled.generate(PROMPTS, params)
+        assert compiled.compile, f"{name}: compilation fell back to eager"
+        assert [[e.token_id for e in evs] for evs in got] == [[e.token_id for e in evs] for evs in eager], name
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_engine_equals_full_forward(name):
     model = tiny(**CONFIGS[name])
@@ -74,7 +87,7 @@ def test_greedy_engine_equals_full_forward(name):
 def test_kv_cache_bytes_per_token_formula_and_mha_ratio():
     config = nanoseek.preset("demo")
     cache = LatentCache(config, slots=2, max_len=16, device=torch.device("cpu"), dtype=torch.bfloat16)
-    measured = cache.rows.numel() * cache.rows.element_size() / (2 * 16)
+    measured = cache.nbytes / (2 * 16)
     assert measured == LatentCache.bytes_per_token(config, torch.bfloat16) == 6 * (64 + 16) * 2
     # a full multi-head cache of the same model: 8 heads x (48-wide key + 32-wide value) per layer
     assert LatentCache.mha_bytes_per_token(config, torch.bfloat16) / measured == 8 * (48 + 32) / 80

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import queue
 import threading
+import types
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,10 +28,12 @@ from typing import Any
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer.forward import Batch, LatentCache, forward_cached, mtp_cached
+from nanoseek.infer.forward import Batch, LatentCache, decode_step, forward_cached, mtp_cached
 from nanoseek.infer.sampling import InferenceError, SamplingParams, generator_for, sample, token_logprobs
 from nanoseek.infer.text import TextStream
 from nanoseek.model.model import NanoSeek
+
+PREFILL_TOKENS = 2048  # prompts prefilled together: at most this many tokens, padding included (or one prompt)
 
 
 class QueueFull(RuntimeError):
@@ -73,7 +77,7 @@ class _Request:
 class Engine:
     def __init__(self, model: NanoSeek, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_tokens_in_flight: int | None = None, max_queue: int = 64, queue_policy: str = "reject",
-                 speculative: str | None = None, model_name: str | None = None):
+                 speculative: str | None = None, model_name: str | None = None, compile: bool = False):
         config = model.config
         if queue_policy not in ("reject", "wait"):
             raise InferenceError(f"queue_policy must be 'reject' or 'wait', got {queue_policy!r}")
@@ -105,6 +109,11 @@ class Engine:
         self._stopping = False
         self.drafts_proposed = 0
         self.drafts_accepted = 0
+        # The decode step, optionally compiled into one graph (inductor): at small batches eager decoding is
+        # mostly per-op dispatch (~800 ops per token), which fused kernels remove (docs/LOG.md). Prefill stays
+        # eager: its few large ops gain nothing.
+        self.compile = compile
+        self._decode_step = _compiled(decode_step) if compile else decode_step
 
     # ---- public API --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -221,6 +230,13 @@ class Engine:
     def _loop(self) -> None:
         torch.set_flush_denormal(True)  # this thread only: tiny probabilities are zeros, not slow subnormals
         with torch.inference_mode():
+            if self.compile:
+                try:
+                    self._warm_up()
+                except Exception as e:  # e.g. no C++ compiler for inductor's CPU kernels: serve, only slower
+                    warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
+                                  stacklevel=1)
+                    self.compile, self._decode_step = False, decode_step
             while True:
                 with self._cond:
                     while not (self._stopping or self._waiting or self._running or self._cancelled):
@@ -236,11 +252,26 @@ class Engine:
                     with self._cond:
                         self._waiting.clear()
 
-    def _step(self) -> None:
-        """Drop cancelled requests, admit waiting ones (prefill), then one decode step for the batch."""
+    def _ensure_cache(self) -> LatentCache:
         if self._cache is None:
             self._cache = LatentCache(self.model.config, self.max_batch, self.max_context + 1, self.device,
                                       self.dtype, mtp=self.speculative == "mtp")
+        return self._cache
+
+    def _warm_up(self) -> None:
+        """Compile the decode step for the shapes it will meet (one row, several rows; two tokens per row with
+        speculation) before the first request waits on it. Writes only stale rows of free slots."""
+        cache = self._ensure_cache()
+        for rows in sorted({1, min(2, self.max_batch)}):
+            for T in (1, 2) if self.speculative else (1,):
+                tokens = torch.zeros(rows, T, dtype=torch.long, device=self.device)
+                batch = Batch.make(list(range(rows)), [1 + b for b in range(rows)], [T] * rows, T, self.device)
+                _mark_dynamic(tokens, batch)
+                self._decode_step(self.model, cache, tokens, batch)
+
+    def _step(self) -> None:
+        """Drop cancelled requests, admit waiting ones (prefill), then one decode step for the batch."""
+        self._ensure_cache()
         with self._cond:
             for r in self._cancelled:
                 if r in self._waiting:
@@ -256,8 +287,8 @@ class Engine:
                 r.slot = self._free.pop()
                 in_flight += r.reserved
                 admitted.append(r)
-        for r in admitted:
-            self._prefill(r)
+        if admitted:
+            self._prefill(admitted)
         if self._running:
             self._decode()
 
@@ -269,20 +300,37 @@ class Engine:
         if r in self._running:
             self._running.remove(r)
 
-    def _prefill(self, r: _Request) -> None:
-        n = len(r.prompt)
-        batch = Batch.make([r.slot], [0], [n], n, self.device)
-        tokens = torch.tensor([r.prompt], device=self.device)
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """Prompts of the requests admitted together go through the model as one ragged batch (one forward
+        instead of one per request), in chunks of similar lengths so that padding stays small."""
+        reqs = sorted(reqs, key=lambda r: len(r.prompt))
+        while reqs:
+            n = 1
+            while n < len(reqs) and (n + 1) * len(reqs[n].prompt) <= PREFILL_TOKENS:
+                n += 1
+            self._prefill_chunk(reqs[:n])
+            reqs = reqs[n:]
+
+    def _prefill_chunk(self, reqs: list[_Request]) -> None:
+        n_new = [len(r.prompt) for r in reqs]
+        T = max(n_new)
+        batch = Batch.make([r.slot for r in reqs], [0] * len(reqs), n_new, T, self.device)
+        tokens = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
         h = forward_cached(self.model, self._cache, tokens, batch)
-        logits = self.model.lm_head(h[:, -1]).float()[0]
-        r.length = n
-        token = sample(logits, r.params, r.generator)
-        if r.speculate:  # fill the MTP cache for the prompt: position i sees token i+1
-            following = torch.tensor([[*r.prompt[1:], token]], device=self.device)
+        last = torch.tensor(n_new, device=self.device) - 1
+        logits = self.model.lm_head(h[torch.arange(len(reqs), device=self.device), last]).float()
+        chosen = [sample(logits[b], r.params, r.generator) for b, r in enumerate(reqs)]
+        if any(r.speculate for r in reqs):  # fill the MTP cache for the prompts: position i sees token i+1
+            following = torch.tensor([r.prompt[1:] + [tok] + [0] * (T - len(r.prompt))
+                                      for r, tok in zip(reqs, chosen)], device=self.device)
             out = mtp_cached(self.model, self._cache, h, following, batch)
-            r.draft = int(self.model.lm_head(out[0, -1]).argmax())
-        self._running.append(r)
-        self._emit(r, token, logits)
+            drafts = self.model.lm_head(out[torch.arange(len(reqs), device=self.device), last]).argmax(-1).tolist()
+            for r, d in zip(reqs, drafts):
+                r.draft = d if r.speculate else None
+        for b, r in enumerate(reqs):
+            r.length = n_new[b]
+            self._running.append(r)
+            self._emit(r, chosen[b], logits[b])
 
     def _decode(self) -> None:
         rows = list(self._running)
@@ -291,8 +339,9 @@ class Engine:
         n_new = [2 if r.draft is not None else 1 for r in rows]
         starts = [r.length for r in rows]
         batch = Batch.make([r.slot for r in rows], starts, n_new, T, self.device)
-        h = forward_cached(self.model, self._cache, tokens, batch)
-        logits = self.model.lm_head(h).float()  # [B, T, vocab]
+        if self.compile:
+            _mark_dynamic(tokens, batch)
+        h, logits = self._decode_step(self.model, self._cache, tokens, batch)  # logits [B, T, vocab] fp32
         greedy = logits.argmax(dim=-1).tolist()
         spec_rows, spec_tokens = [], []
         for b, r in enumerate(rows):
@@ -346,6 +395,24 @@ class Engine:
         if finish is not None:
             with self._cond:
                 self._finish(r)
+
+
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile of a private copy of fn. Compiled code is cached per code object, and this cache skips the
+    guards on the model's modules (checking ~100 parameters' metadata cost ~1 ms a step, a third of a decode step
+    on 2 cores): safe because one engine serves one model that never changes, and no other engine shares it."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+    return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+
+def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
+    """Sizes that change from step to step (batch rows, keys, tokens written) are symbols of the compiled graph
+    rather than a reason to recompile. A size of 1 stays static: compilers specialise it anyway."""
+    for t, dims in ((tokens, (0,)), (batch.positions, (0,)), (batch.slots, (0,)), (batch.visible, (0, 2)),
+                    *((w, (0,)) for w in batch.write)):
+        for d in dims:
+            if t.shape[d] > 1:
+                torch._dynamo.mark_dynamic(t, d)
 
 
 def load_for_inference(path: str | Path, device: str = "auto") -> tuple[NanoSeek, Tokenizer]:

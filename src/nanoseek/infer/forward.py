@@ -20,25 +20,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.mla import MLA
 from nanoseek.model.model import NanoSeek
+from nanoseek.model.moe import MoE
 from nanoseek.model.rope import apply_rope
 
 
 class LatentCache:
-    """[layers (+1 for the MTP module), slots, max_len, kv_lora_rank + qk_rope_head_dim]: one row per token.
+    """Per layer (+1 for the MTP module) a [slots, max_len, kv_lora_rank + qk_rope_head_dim] tensor: one row per
+    token. A slot is one sequence; its length lives with the engine (rows past it are stale and never read).
 
-    A slot is one sequence; its length lives with the engine (rows past it are stale and never read).
+    One tensor per layer rather than one for all: a compiled decode step writes each in place, while a write into
+    a slice of one big tensor is compiled as a copy of the whole tensor.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  mtp: bool = False):
         self.layers = config.num_hidden_layers + (1 if mtp else 0)
         self.width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.rows = torch.zeros(self.layers, slots, max_len, self.width, device=device, dtype=dtype)
+        self.rows = tuple(torch.zeros(slots, max_len, self.width, device=device, dtype=dtype)
+                          for _ in range(self.layers))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.rows)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -61,7 +70,11 @@ class Batch:
     positions: torch.Tensor  # [B, T] long: starts[b] + t
     write: tuple[torch.Tensor, ...]  # (row, column, slot, position) of each real input token
     visible: torch.Tensor  # [B, T, K] bool: key j is visible to query t of row b
-    n_keys: int  # K = max(starts + n_new)
+
+    @property
+    def n_keys(self) -> int:
+        """K = max(starts + n_new); read off the mask so that a compiled step sees it as a dynamic size."""
+        return self.visible.shape[-1]
 
     @classmethod
     def make(cls, slots: list[int], starts: list[int], n_new: list[int], T: int, device: torch.device) -> Batch:
@@ -73,7 +86,7 @@ class Batch:
         row, col = real.nonzero(as_tuple=True)
         n_keys = max(s + n for s, n in zip(starts, n_new))
         visible = torch.arange(n_keys, device=device) <= positions[..., None]  # causal: j <= own position
-        return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible, n_keys)
+        return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible)
 
 
 def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
@@ -102,11 +115,30 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 
 
+def gathered_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE for the compiled decode step: each (token, chosen expert) pair reads that expert's weights by
+    index, so the graph has no data-dependent shapes (the eager path sorts tokens by expert, which compiles into
+    graph breaks). Inductor fuses the indexed read into the mat-vec: no weight copy. Few tokens read few experts."""
+    B, T, H = x.shape
+    flat = x.reshape(-1, H)
+    weights, indices, _ = moe.gate(flat)
+    N, k = indices.shape
+    experts, chosen = moe.experts, indices.flatten()
+    xs = flat.to(experts.gate_up_proj.dtype).repeat_interleave(k, dim=0)  # row n*k + j: token n for its j-th expert
+    gate, up = (experts.gate_up_proj[chosen] * xs[:, None]).sum(-1).chunk(2, dim=-1)
+    mid = F.silu(gate) * up * weights.flatten()[:, None].to(xs.dtype)  # gate weight before down_proj (linear)
+    out = (experts.down_proj[chosen] * mid[:, None]).sum(-1).view(N, k, H).sum(1).view(B, T, H).to(x.dtype)
+    return out if moe.shared_experts is None else out + moe.shared_experts(x)
+
+
 def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
            batch: Batch) -> torch.Tensor:
     """One decoder block (DecoderLayer or the MTP module's block) with cached attention."""
     h = x + absorbed_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, rows, batch)
-    y = layer.mlp(layer.post_attention_layernorm(h))
+    x = layer.post_attention_layernorm(h)
+    if isinstance(layer.mlp, MoE) and torch.compiler.is_compiling():
+        return h + gathered_moe(layer.mlp, x)
+    y = layer.mlp(x)
     return h + (y[0] if isinstance(y, tuple) else y)  # MoE also returns its (unused) balance term
 
 
@@ -117,6 +149,13 @@ def forward_cached(model: NanoSeek, cache: LatentCache, tokens: torch.Tensor, ba
     for i, layer in enumerate(model.layers):
         h = _block(layer, h, cos, sin, cache.rows[i], batch)
     return model.norm(h)
+
+
+def decode_step(model: NanoSeek, cache: LatentCache, tokens: torch.Tensor,
+                batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's decode step, whole so that it can be compiled as one graph: (hidden [B, T, H], fp32 logits)."""
+    h = forward_cached(model, cache, tokens, batch)
+    return h, model.lm_head(h).float()
 
 
 def mtp_cached(model: NanoSeek, cache: LatentCache, hidden: torch.Tensor, next_tokens: torch.Tensor,
