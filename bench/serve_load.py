@@ -8,6 +8,7 @@ to one (goal: >= 6x at 16, from continuous batching).
 
     python bench/serve_load.py                      # a random demo-preset model with a trained tokenizer
     python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
+    python bench/serve_load.py --eager              # the server without --compile
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def free_port() -> int:
 def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
-           "warning"]
+           "warning"] + ([] if args.eager else ["--compile"])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "NANOSEEK_API_KEY": ""})
     deadline = time.monotonic() + 300
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--eager", action="store_true", help="serve without --compile")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -152,7 +154,9 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    table = Table(title=f"nanoseek serve: {model}, {args.max_tokens} tokens per request, max batch {args.max_batch}")
+    mode = "" if args.eager else " --compile"
+    table = Table(title=f"nanoseek serve{mode}: {model}, {args.max_tokens} tokens per request, max batch "
+                        f"{args.max_batch}")
     for col in ("clients", "requests", "output tokens/s", "latency p50", "latency p99", "TTFT p50", "TTFT p99"):
         table.add_column(col, justify="right")
     for n, reqs, tps, l50, l99, t50, t99 in rows:

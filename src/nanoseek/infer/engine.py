@@ -106,6 +106,7 @@ class Engine:
         self._cancelled: set[_Request] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.ready = threading.Event()  # set once the engine's thread can take requests (after compiling)
         self._stopping = False
         self.drafts_proposed = 0
         self.drafts_accepted = 0
@@ -237,6 +238,7 @@ class Engine:
                     warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
                                   stacklevel=1)
                     self.compile, self._decode_step = False, decode_step
+            self.ready.set()
             while True:
                 with self._cond:
                     while not (self._stopping or self._waiting or self._running or self._cancelled):

@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model, tokenizer = load_for_inference(args.model, device=args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    queue_policy=args.queue_policy, speculative=args.speculative)
+                    queue_policy=args.queue_policy, speculative=args.speculative, compile=args.compile)
     energy = None
     if not args.no_energy:
         from nanoseek.cost.energy import EnergyMeter, Tariff
@@ -66,6 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal: make that a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine.start()
+    if args.compile:
+        with console.status("compiling the decode step (a minute or so on a small CPU; cached for next time)"):
+            engine.ready.wait()
+        console.print("decode step " + ("compiled" if engine.compile else "[yellow]not compiled[/yellow]: decoding "
+                                        "eagerly (see the warning above)"))
     try:
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -151,6 +156,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot")
     s.add_argument("--queue-policy", choices=["reject", "wait"], default="reject",
                    help="with a full queue: answer 429 (reject) or hold the request until there is room (wait)")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile): ~3x faster decoding on a CPU after a minute of "
+                        "compiling at start")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's multi-token-prediction head")
     s.add_argument("--country", default="world", help="grid carbon intensity for /metrics (ISO 3166 alpha-3, e.g. FRA)")
