@@ -231,7 +231,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_flush_denormal(True)  # this thread only: tiny probabilities are zeros, not slow subnormals
         with torch.inference_mode():
-            if self.compile:
+            if self.compile and not self.ready.is_set():  # once per engine: later threads reuse the graphs
                 try:
                     self._warm_up()
                 except Exception as e:  # e.g. no C++ compiler for inductor's CPU kernels: serve, only slower
@@ -402,9 +402,12 @@ class Engine:
 def _compiled(fn: Callable) -> Callable:
     """torch.compile of a private copy of fn. Compiled code is cached per code object, and this cache skips the
     guards on the model's modules (checking ~100 parameters' metadata cost ~1 ms a step, a third of a decode step
-    on 2 cores): safe because one engine serves one model that never changes, and no other engine shares it."""
+    on 2 cores): safe because one engine serves one model that never changes, and no other engine shares it.
+    `cpp_wrapper`: the graph's ~150 kernel calls are made from C++, not from a generated Python function (whose
+    views, size asserts and calls were another ~0.9 ms a step)."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-    return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                      "cpp_wrapper": True})
 
 
 def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
