@@ -319,14 +319,14 @@ class Engine:
         batch = Batch.make([r.slot for r in reqs], [0] * len(reqs), n_new, T, self.device)
         tokens = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
         h = forward_cached(self.model, self._cache, tokens, batch)
-        last = torch.tensor(n_new, device=self.device) - 1
-        logits = self.model.lm_head(h[torch.arange(len(reqs), device=self.device), last]).float()
+        at_last = (torch.arange(len(reqs), device=self.device), torch.tensor(n_new, device=self.device) - 1)
+        logits = self.model.lm_head(h[at_last]).float()  # each prompt's last real position
         chosen = [sample(logits[b], r.params, r.generator) for b, r in enumerate(reqs)]
         if any(r.speculate for r in reqs):  # fill the MTP cache for the prompts: position i sees token i+1
             following = torch.tensor([r.prompt[1:] + [tok] + [0] * (T - len(r.prompt))
                                       for r, tok in zip(reqs, chosen)], device=self.device)
             out = mtp_cached(self.model, self._cache, h, following, batch)
-            drafts = self.model.lm_head(out[torch.arange(len(reqs), device=self.device), last]).argmax(-1).tolist()
+            drafts = self.model.lm_head(out[at_last]).argmax(-1).tolist()
             for r, d in zip(reqs, drafts):
                 r.draft = d if r.speculate else None
         for b, r in enumerate(reqs):
