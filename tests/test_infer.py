@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 
 import pytest
 import torch
@@ -158,6 +160,59 @@ def test_text_stream_holds_back_stop_prefixes_and_broken_characters(data_dir):
     assert stopped and "".join(pieces) == "Hé, the café is open. "
     s = TextStream(tok, [])
     assert "".join(s.add(i)[0] for i in tok.encode("naïve — ok")) + s.flush() == "naïve — ok"
+
+
+
+def test_text_stream_decodes_a_short_window_and_equals_the_whole_decode(data_dir):
+    """Multi-byte characters split across tokens, a long answer: the pieces concatenate to the full decode, never
+    show a broken character, and each decode call sees a few tokens, not the whole answer (O(1) per token)."""
+    tok = Tokenizer.load(data_dir.parent / "tok")
+    seen: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int]) -> str:
+            seen.append(len(ids))
+            return tok.decode(ids)
+
+    rng = random.Random(0)
+    alphabet = "abc xyz.,é日本語🙂—\n"
+    text = "".join(rng.choice(alphabet) for _ in range(600))
+    ids = tok.encode(text)
+    s = TextStream(Counting(), [])
+    pieces = [s.add(i)[0] for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + s.flush() == tok.decode(ids) == text
+    assert len(ids) > 300 and max(seen) <= 8, max(seen)
+    s = TextStream(tok, [])  # ends inside a character: flush releases what there is, as a whole decode would
+    cut = ids[:next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))]
+    assert "".join(s.add(i)[0] for i in cut) + s.flush() == tok.decode(cut)
+
+
+
+def test_mailbox_wakes_the_loop_once_per_batch_of_events():
+    """What a decode step emits for many streams reaches their queues in order with one wake-up of the loop."""
+    from nanoseek.infer.engine import _Mailbox
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda cb, *a: wakeups.append(cb) or original(cb, *a)  # type: ignore[method-assign]
+    try:
+        queues = [asyncio.Queue() for _ in range(3)]
+        box = _Mailbox(loop)
+        posting = threading.Thread(target=lambda: [box.post(q, (i, step)) for step in range(4)
+                                                   for i, q in enumerate(queues)])
+        posting.start()
+        posting.join()  # the loop is not running: everything waits for one wake-up
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakeups) == 1
+        assert [[q.get_nowait() for _ in range(q.qsize())] for q in queues] == [
+            [(i, step) for step in range(4)] for i in range(3)]
+        box.post(queues[0], "next")  # after a delivery, the next event wakes the loop again
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakeups) == 2 and queues[0].get_nowait() == "next"
+    finally:
+        loop.close()
 
 
 def test_bad_requests_are_clear_errors():

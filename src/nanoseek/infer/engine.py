@@ -19,6 +19,7 @@ import queue
 import threading
 import types
 import warnings
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,33 @@ class _Request:
         self.reserved = len(self.prompt) + self.params.max_tokens
 
 
+class _Mailbox:
+    """Events from the engine's thread to one asyncio loop, with one wake-up of the loop per batch of events.
+
+    A decode step emits an event for every running request; waking the loop for each (call_soon_threadsafe
+    writes to its self-pipe, and the syscall lets the loop's thread take the GIL) made the two threads trade the
+    GIL up to 16 times per step. Events posted before the loop gets to run ride along with the first wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, TokenEvent | BaseException]] = []
+
+    def post(self, events: asyncio.Queue, ev: TokenEvent | BaseException) -> None:
+        with self.lock:
+            self.pending.append((events, ev))
+            if len(self.pending) > 1:
+                return  # a wake-up is on its way and will deliver this one too
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is gone: nobody to tell
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for events, ev in batch:
+            events.put_nowait(ev)
+
+
 class Engine:
     def __init__(self, model: NanoSeek, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_tokens_in_flight: int | None = None, max_queue: int = 64, queue_policy: str = "reject",
@@ -108,6 +136,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the engine's thread can take requests (after compiling)
         self._stopping = False
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = \
+            weakref.WeakKeyDictionary()
         self.drafts_proposed = 0
         self.drafts_accepted = 0
         # The decode step, optionally compiled into one graph (inductor): at small batches eager decoding is
@@ -144,11 +174,11 @@ class Engine:
         """Generate for one prompt, token by token. Closing the iterator early frees the request's slot."""
         self.start()
         loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, _Mailbox(loop))
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
         def sink(ev: TokenEvent | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's event loop is gone: nobody to tell
-                loop.call_soon_threadsafe(events.put_nowait, ev)
+            mailbox.post(events, ev)
 
         while True:
             try:
@@ -431,3 +461,4 @@ def load_for_inference(path: str | Path, device: str = "auto") -> tuple[NanoSeek
     model.eval()
     model.name_or_path = Path(path).resolve().name
     return model, Tokenizer.load(folder)
+

@@ -15,17 +15,28 @@ class Decoder(Protocol):
 
 
 class TextStream:
+    """Decodes a window of recent tokens rather than the whole answer each time (O(1) per token, not O(length)):
+    `prefix_text` is the text of ids[prefix:read], already released; the window's text past it is new. The window
+    starts at a token whose text was complete, so the pieces concatenate exactly (and tokenizers that treat the
+    first token specially, like SentencePiece's leading space, see the same context as a whole decode)."""
+
     def __init__(self, tokenizer: Decoder, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
-        self.text = ""  # everything decoded so far
+        self.prefix = self.read = 0  # the decode window is ids[prefix:]; ids[:read] are in `text`
+        self.prefix_text = ""
+        self.text = ""  # the complete characters decoded so far
         self.sent = 0  # characters of `text` already released
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token -> (text now safe to release, whether a stop string was reached)."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(window) > len(self.prefix_text) and not window.endswith("\ufffd"):  # no unfinished UTF-8 char
+            self.text += window[len(self.prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
         hit = self._first_stop()
         if hit is not None:
             self.text = self.text[:hit]
@@ -35,6 +46,9 @@ class TextStream:
 
     def flush(self) -> str:
         """At the end (length or stop token): whatever was held back, complete or not."""
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        self.text += window[len(self.prefix_text):]
+        self.read, self.prefix_text = len(self.ids), window  # a second flush adds nothing
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> str:
@@ -48,9 +62,8 @@ class TextStream:
         return min(hits) if hits else None
 
     def _held(self) -> int:
-        """Characters at the end that must wait: an unfinished UTF-8 character (decoded as U+FFFD) or the
-        longest proper prefix of a stop string."""
-        held = len(self.text) - len(self.text.rstrip("\ufffd"))
+        """Characters at the end that must wait: the longest proper prefix of a stop string."""
+        held = 0
         for s in self.stop:
             for n in range(min(len(s) - 1, len(self.text)), held, -1):
                 if self.text.endswith(s[:n]):
