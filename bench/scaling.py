@@ -5,7 +5,13 @@ The cores are split evenly (1 process × N threads vs 2 processes × N/2 threads
 cost over gloo. Same model (the demo preset), data, global batch and steps; tokens/s is the median over the
 second half of the steps (after warm-up).
 
+Expert parallelism removes the routed experts from DDP's gradient all-reduce but exchanges token rows in every MoE
+layer, forward and backward; which costs less depends on how much of the model the experts are. `--ep-sweep` runs
+DDP and DDP + EP 2 (alternating, `--repeats` times each) for the demo preset with several routed-expert counts
+(same top-k, so the same compute per token) and prints EP's tokens/s over DDP's.
+
     python bench/scaling.py --steps 30
+    python bench/scaling.py --steps 12 --ep-sweep 32,64,128 --repeats 2
 """
 
 from __future__ import annotations
@@ -55,15 +61,44 @@ def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args:
     return statistics.median(tps[len(tps) // 2:])
 
 
+def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespace) -> None:
+    table = Table(title=f"DDP vs DDP + EP 2: 2 processes × {threads} thread(s), demo preset with n routed experts, "
+                        f"batch {args.batch} x 256, gloo")
+    for col in ("routed experts", "expert share of parameters", "DDP tokens/s", "DDP + EP 2 tokens/s", "EP / DDP"):
+        table.add_column(col, justify="right")
+    for n in counts:
+        from nanoseek import NanoSeek, preset
+
+        model = NanoSeek(preset("demo", vocab_size=args.vocab, n_routed_experts=n))
+        experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        share = experts / sum(p.numel() for p in model.parameters())
+        base = [f"model.n_routed_experts={n}", "parallel.dp=ddp"]
+        tps: dict[str, list[float]] = {"ddp": [], "ep": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(args.repeats):  # alternate, so that drift of a noisy machine hits both alike
+                for name, extra in (("ddp", base), ("ep", [*base, "parallel.ep=2"])):
+                    tps[name].append(run(2, threads, extra, data, Path(tmp) / f"{name}{i}", args))
+                    console.print(f"{n} experts, {name}: {tps[name][-1]:,.0f} tokens/s")
+        ddp, ep = statistics.median(tps["ddp"]), statistics.median(tps["ep"])
+        table.add_row(str(n), f"{share:.0%}", f"{ddp:,.0f}", f"{ep:,.0f}", f"{ep / ddp:.2f}")
+    console.print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences of 256 tokens)")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--cache", default=str(ROOT / "runs" / "bench-data"), help="tokenizer and data go here")
+    p.add_argument("--ep-sweep", default="", help="routed-expert counts for DDP vs DDP + EP 2, e.g. 32,64,128 "
+                                                 "(skips the main table)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each setup in --ep-sweep (median)")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     data = prepare_data(Path(args.cache), args.vocab)
+    if args.ep_sweep:
+        ep_sweep([int(e) for e in args.ep_sweep.split(",")], max(1, cores // 2), data, args)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = run(1, cores, [], data, Path(tmp) / "one", args)
