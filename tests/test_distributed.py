@@ -75,7 +75,11 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     bias = "layers.1.mlp.gate.e_score_correction_bias"
     assert got[bias].abs().sum() > 0 and torch.allclose(ref[bias], got[bias])  # global load on every rank
     assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
-    assert all(r["ranks"] == 2 for r in MetricsLog(run / "metrics.jsonl").records("train"))
+    records = MetricsLog(run / "metrics.jsonl").records("train")
+    assert all(r["ranks"] == 2 for r in records)
+    # the global gradient norm over replicated and sharded gradients is the one process's norm
+    ref_norms = [r["grad_norm"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]
+    assert [r["grad_norm"] for r in records] == pytest.approx(ref_norms, rel=1e-5)
 
 
 def test_samples_from_sharded_weights_equal_one_process(data_dir, tmp_path):
