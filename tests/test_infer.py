@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
+import weakref
 
 import pytest
 import torch
@@ -193,26 +195,35 @@ def test_mailbox_wakes_the_loop_once_per_batch_of_events():
     """What a decode step emits for many streams reaches their queues in order with one wake-up of the loop."""
     from nanoseek.infer.engine import _Mailbox
 
-    loop = asyncio.new_event_loop()
     wakeups = []
-    original = loop.call_soon_threadsafe
-    loop.call_soon_threadsafe = lambda cb, *a: wakeups.append(cb) or original(cb, *a)  # type: ignore[method-assign]
+
+    class Counted(_Mailbox):
+        def _deliver(self) -> None:  # runs once per call_soon_threadsafe: one per wake-up
+            wakeups.append(len(self.pending))
+            super()._deliver()
+
+    loop = asyncio.new_event_loop()
+    queues = [asyncio.Queue() for _ in range(3)]
+    box = Counted(loop)
     try:
-        queues = [asyncio.Queue() for _ in range(3)]
-        box = _Mailbox(loop)
         posting = threading.Thread(target=lambda: [box.post(q, (i, step)) for step in range(4)
                                                    for i, q in enumerate(queues)])
         posting.start()
         posting.join()  # the loop is not running: everything waits for one wake-up
         loop.run_until_complete(asyncio.sleep(0))
-        assert len(wakeups) == 1
+        assert wakeups == [12]
         assert [[q.get_nowait() for _ in range(q.qsize())] for q in queues] == [
             [(i, step) for step in range(4)] for i in range(3)]
         box.post(queues[0], "next")  # after a delivery, the next event wakes the loop again
         loop.run_until_complete(asyncio.sleep(0))
-        assert len(wakeups) == 2 and queues[0].get_nowait() == "next"
+        assert wakeups == [12, 1] and queues[0].get_nowait() == "next"
     finally:
         loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None  # the engine keeps a mailbox per loop; it must not keep the loop alive
+    box.post(queues[1], "late")  # and posting for a loop that is gone is a no-op, not an error
 
 
 def test_bad_requests_are_clear_errors():

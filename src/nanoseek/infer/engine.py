@@ -83,7 +83,7 @@ class _Mailbox:
     GIL up to 16 times per step. Events posted before the loop gets to run ride along with the first wake-up."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # the engine keeps one mailbox per loop: it must not keep the loop alive
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, TokenEvent | BaseException]] = []
 
@@ -92,8 +92,11 @@ class _Mailbox:
             self.pending.append((events, ev))
             if len(self.pending) > 1:
                 return  # a wake-up is on its way and will deliver this one too
-        with contextlib.suppress(RuntimeError):  # the caller's event loop is gone: nobody to tell
-            self.loop.call_soon_threadsafe(self._deliver)
+        loop = self.loop()
+        if loop is None:  # the caller's event loop is gone: nobody to tell
+            return
+        with contextlib.suppress(RuntimeError):  # ... or closed
+            loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self.lock:
@@ -461,4 +464,3 @@ def load_for_inference(path: str | Path, device: str = "auto") -> tuple[NanoSeek
     model.eval()
     model.name_or_path = Path(path).resolve().name
     return model, Tokenizer.load(folder)
-

@@ -16,7 +16,7 @@ class Decoder(Protocol):
 
 class TextStream:
     """Decodes a window of recent tokens rather than the whole answer each time (O(1) per token, not O(length)):
-    `prefix_text` is the text of ids[prefix:read], already released; the window's text past it is new. The window
+    `prefix_text` is the text of ids[prefix:read], already in `text`; the window's text past it is new. The window
     starts at a token whose text was complete, so the pieces concatenate exactly (and tokenizers that treat the
     first token specially, like SentencePiece's leading space, see the same context as a whole decode)."""
 
