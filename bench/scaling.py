@@ -62,13 +62,13 @@ def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args:
 
 
 def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespace) -> None:
+    from nanoseek import NanoSeek, preset
+
     table = Table(title=f"DDP vs DDP + EP 2: 2 processes × {threads} thread(s), demo preset with n routed experts, "
                         f"batch {args.batch} x 256, gloo")
     for col in ("routed experts", "expert share of parameters", "DDP tokens/s", "DDP + EP 2 tokens/s", "EP / DDP"):
         table.add_column(col, justify="right")
     for n in counts:
-        from nanoseek import NanoSeek, preset
-
         model = NanoSeek(preset("demo", vocab_size=args.vocab, n_routed_experts=n))
         experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
         share = experts / sum(p.numel() for p in model.parameters())
