@@ -67,13 +67,23 @@ def test_cached_forward_matches_full_forward(name):
 
 def test_compiled_engine_equals_eager():
     """The compiled decode step (gathered experts, dynamic batch and key counts) gives the eager tokens, with
-    requests joining and leaving; two engines on different models in one process each keep their own graphs."""
+    requests joining and leaving, and never compiles again after its warm-up; two engines on different models in
+    one process each keep their own graphs."""
+    from torch._dynamo.utils import counters
+
     params = [SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
     for name, cfg in CONFIGS.items():
         model = tiny(**cfg)
         eager = Engine(model, IdText(), max_batch=3).generate(PROMPTS, params)
         compiled = Engine(model, IdText(), max_batch=3, compile=True)
-        got = compiled.generate(PROMPTS, params)
+        compiled.start()
+        compiled.ready.wait()
+        graphs = counters["stats"]["unique_graphs"]
+        try:
+            got = compiled.generate(PROMPTS, params)
+        finally:
+            compiled.shutdown()
+        assert counters["stats"]["unique_graphs"] == graphs, f"{name}: recompiled while decoding"
         assert compiled.compile, f"{name}: compilation fell back to eager"
         assert [[e.token_id for e in evs] for evs in got] == [[e.token_id for e in evs] for evs in eager], name
 

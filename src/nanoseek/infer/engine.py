@@ -374,8 +374,6 @@ class Engine:
         n_new = [2 if r.draft is not None else 1 for r in rows]
         starts = [r.length for r in rows]
         batch = Batch.make([r.slot for r in rows], starts, n_new, T, self.device)
-        if self.compile:
-            _mark_dynamic(tokens, batch)
         h, logits = self._decode_step(self.model, self._cache, tokens, batch)  # logits [B, T, vocab] fp32
         greedy = logits.argmax(dim=-1).tolist()
         spec_rows, spec_tokens = [], []
@@ -445,7 +443,8 @@ def _compiled(fn: Callable) -> Callable:
 
 def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
     """Sizes that change from step to step (batch rows, keys, tokens written) are symbols of the compiled graph
-    rather than a reason to recompile. A size of 1 stays static: compilers specialise it anyway."""
+    rather than a reason to recompile. A size of 1 stays static: compilers specialise it anyway. Marking the
+    warm-up's inputs is enough: later steps match the symbolic graphs' guards without being marked."""
     for t, dims in ((tokens, (0,)), (batch.positions, (0,)), (batch.slots, (0,)), (batch.visible, (0, 2)),
                     *((w, (0,)) for w in batch.write)):
         for d in dims:
