@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
+import subprocess
+import sys
 import threading
 import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer import Engine, InferenceError, LatentCache, QueueFull, SamplingParams
+from nanoseek.infer import Engine, InferenceError, LatentCache, QueueFull, SamplingParams, kernels
 from nanoseek.infer.forward import Batch, forward_cached
 from nanoseek.infer.text import TextStream
 
@@ -334,3 +338,63 @@ def test_decode_expert_path_equals_grouped_gemm(tokens):
         fast = experts(x, indices, weights, counts)
     grouped = experts(x, indices, weights, counts)  # grad mode: the training path
     assert (fast - grouped).abs().max() < 1e-6
+
+
+def kernel_built() -> None:
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler here: the decode kernel is not built and torch's path serves")
+    assert kernels.load(), "a C++ compiler is present, so the decode kernel must build"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
+def test_routed_experts_kernel_equals_a_naive_reference(tokens):
+    """The decode kernel (infer/kernels.cpp) against a float64 loop over tokens and their chosen experts, with
+    experts shared between tokens (one read serves several) and pair counts that do not fill its tiles."""
+    kernel_built()
+    torch.manual_seed(tokens)
+    E, H, inner, k = 8, 48, 32, 3
+    gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
+    x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
+    got = kernels.routed_experts(x, indices, weights, gate_up, down)
+    want = torch.zeros(tokens, H, dtype=torch.float64)
+    for t in range(tokens):
+        for e, w in zip(indices[t].tolist(), weights[t].tolist()):
+            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
+            want[t] += w * (down[e].double() @ (F.silu(gate) * up))
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_routed_experts_kernel_rejects_bad_input_clearly():
+    kernel_built()
+    E, H, inner = 4, 32, 16
+    gate_up, down, x = torch.randn(E, 2 * inner, H), torch.randn(E, H, inner), torch.randn(2, H)
+    assert kernels.routed_experts(x[:0], torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), gate_up,
+                                  down).shape == (0, H)
+    with pytest.raises(RuntimeError, match="expert index 4 out of range"):
+        kernels.routed_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2), gate_up, down)
+    with pytest.raises(RuntimeError, match="mismatched shapes"):
+        kernels.routed_experts(torch.randn(2, 48), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate_up, down)
+    assert not kernels.covers(x.double(), gate_up) and not kernels.covers(torch.randn(2, 40), gate_up)
+
+
+def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
+    """Where the kernel is not built (or does not cover the model), decoding takes torch's path: same tokens."""
+    model = tiny()
+    with_kernel = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+    monkeypatch.setattr(kernels, "covers", lambda *tensors: False)
+    without = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+    assert [[e.token_id for e in evs] for evs in with_kernel] == [[e.token_id for e in evs] for evs in without]
+
+
+def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):
+    """A compiler that fails: load() says False with the reason, no half-built library stays in the cache."""
+    cxx = tmp_path / "cxx"
+    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "fake 1.0" && exit 0\necho "fatal: no" >&2; exit 1\n')
+    cxx.chmod(0o755)
+    env = {**os.environ, "CXX": str(cxx), "NANOSEEK_CACHE": str(tmp_path / "cache")}
+    code = "from nanoseek.infer import kernels; print(kernels.load(), kernels.cache_dir())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", str(tmp_path / "cache" / "kernels")], result.stderr
+    assert "could not build the decode kernel" in result.stderr and "fatal: no" in result.stderr
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []

@@ -1,0 +1,144 @@
+"""Routed experts at decode time: nanoseek's kernel (infer/kernels.cpp) against torch's paths, and what it does
+to a whole compiled decode step.
+
+1. The routed experts of the `demo` preset's 5 MoE layers (32 experts, top-4, random weights), 1 / 4 / 16 tokens:
+   the kernel vs inductor's fused gathered kernel (what a compiled step used before; all layers in one graph) and
+   vs the model's own eager path (per-pair mat-vecs below 32 pairs, grouped GEMMs above). Weights in cache, and
+   cold (a 240 MB sweep before each call: in a real step the rest of the model has evicted them).
+2. The compiled decode step (`infer/forward.py: decode_step`, the engine's graph) with the kernel and with torch's
+   path, alternated in one process.
+Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
+
+    python bench/decode_kernel.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+import nanoseek
+from nanoseek.infer import kernels
+from nanoseek.infer.engine import _mark_dynamic
+from nanoseek.infer.forward import Batch, LatentCache, decode_step
+
+warnings.filterwarnings("ignore")
+
+
+def gathered(x, indices, weights, gate_up, down):
+    """Inductor's formulation: each (token, expert) pair reads its expert's weights by index."""
+    N, k = indices.shape
+    chosen = indices.flatten()
+    gate, up = (gate_up[chosen] * x.repeat_interleave(k, dim=0)[:, None]).sum(-1).chunk(2, dim=-1)
+    mid = F.silu(gate) * up * weights.flatten()[:, None]
+    return (down[chosen] * mid[:, None]).sum(-1).view(N, k, -1).sum(1)
+
+
+def timed(fn, repeats: int, sweep: torch.Tensor | None) -> float:
+    times = []
+    for _ in range(repeats):
+        if sweep is not None:
+            sweep.add_(1.0)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
+    moes = [layer.mlp for layer in model.layers[model.config.first_k_dense_replace:]]
+    gate_ups = [moe.experts.gate_up_proj for moe in moes]
+    downs = [moe.experts.down_proj for moe in moes]
+
+    def all_layers(expert_fn, x, routes):  # the same x through every MoE layer's experts
+        return [expert_fn(x, i, w, g, d) for (w, i), g, d in zip(routes, gate_ups, downs)]
+
+    # one graph for all layers, so that the compiled function's call cost is paid once, as in a decode step
+    inductor = torch.compile(lambda x, routes: all_layers(gathered, x, routes), dynamic=False)
+    sweep = torch.empty(60_000_000)
+    table = Table(title="routed experts of the 5 MoE layers (median µs; ratio = torch path / kernel)")
+    for col in ("tokens", "weights", "kernel", "inductor gathered", "ratio", "model eager path", "ratio"):
+        table.add_column(col, justify="right")
+    for n in (1, 4, 16):
+        x = torch.randn(n, model.config.hidden_size)
+        routes = [moe.gate(x)[:2] for moe in moes]
+        counts = [torch.bincount(i.flatten(), minlength=moe.n_experts) for moe, (_, i) in zip(moes, routes)]
+        variants = {
+            "kernel": lambda x=x, routes=routes: all_layers(kernels.routed_experts, x, routes),
+            "inductor": lambda x=x, routes=routes: inductor(x, routes),
+            "model": lambda x=x, routes=routes, counts=counts: [
+                moe.experts(x, i, w, c) for moe, (w, i), c in zip(moes, routes, counts)],
+        }
+        outs = {name: torch.stack(f()) for name, f in variants.items()}
+        assert all((o - outs["kernel"]).abs().max() < 1e-4 for o in outs.values()), "variants disagree"
+        for cold in (False, True):
+            res: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(15):
+                for name, f in variants.items():
+                    res[name].append(timed(f, 3, sweep if cold else None))
+            med = {name: statistics.median(v) * 1e6 for name, v in res.items()}
+            table.add_row(str(n), "cold" if cold else "in cache", f"{med['kernel']:.0f}", f"{med['inductor']:.0f}",
+                          f"{med['inductor'] / med['kernel']:.2f}x", f"{med['model']:.0f}",
+                          f"{med['model'] / med['kernel']:.2f}x")
+    console.print(table)
+
+
+def step_table(model: nanoseek.NanoSeek, console: Console) -> None:
+    real = kernels.covers
+    variants = {"kernel": real, "torch": lambda *tensors: False}
+    steps = {}
+    for name in variants:  # each its own compiled copy of the engine's step, traced with or without the kernel
+        own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, f"step_{name}")
+        steps[name] = torch.compile(own, options={"cpp_wrapper": True, "guard_filter_fn":
+                                                  torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    sizes = (1, 4, 16)
+    cache = LatentCache(model.config, max(sizes), 128, torch.device("cpu"), torch.float32)
+    res: dict[tuple[str, int], list[float]] = {(name, b): [] for name in variants for b in sizes}
+
+    def run(name: str, b: int) -> torch.Tensor:
+        kernels.covers = variants[name]
+        tokens = torch.randint(0, model.config.vocab_size, (b, 1), generator=torch.Generator().manual_seed(b))
+        batch = Batch.make(list(range(b)), [80] * b, [1] * b, 1, torch.device("cpu"))
+        _mark_dynamic(tokens, batch)
+        return steps[name](model, cache, tokens, batch)[1]
+
+    try:
+        with torch.inference_mode():
+            for b in (1, 2, *sizes):
+                logits = [run(name, b) for name in variants]
+                assert (logits[0] - logits[1]).abs().max() < 1e-4
+            for _ in range(20):
+                for name in variants:
+                    for b in sizes:
+                        res[(name, b)].append(timed(lambda name=name, b=b: run(name, b), 10, None))
+    finally:
+        kernels.covers = real
+    table = Table(title="compiled decode step (demo preset, 80 cached tokens; median ms)")
+    for col in ("batch", "with kernel", "torch path", "torch / kernel"):
+        table.add_column(col, justify="right")
+    for b in sizes:
+        k, t = (statistics.median(res[(name, b)]) * 1e3 for name in variants)
+        table.add_row(str(b), f"{k:.2f}", f"{t:.2f}", f"{t / k:.2f}x")
+    console.print(table)
+
+
+def main() -> None:
+    if not kernels.load():
+        raise SystemExit("the decode kernel could not be built here (see the warning above): nothing to compare")
+    torch.manual_seed(0)
+    model = nanoseek.NanoSeek(nanoseek.preset("demo")).eval()
+    console = Console()
+    with torch.inference_mode():
+        experts_table(model, console)
+    step_table(model, console)
+
+
+if __name__ == "__main__":
+    main()

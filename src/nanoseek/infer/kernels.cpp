@@ -1,0 +1,169 @@
+// Decode-time kernel for DeepSeekMoE's routed experts: the CPU implementation of the torch op
+// `nanoseek_cpu::routed_experts` (infer/kernels.py defines it, and builds this file with the machine's C++ compiler
+// and torch's headers on first use).
+//
+// At a few tokens per step the routed experts are mat-vecs whose time is the time to read the chosen experts'
+// weights. Inductor's fused kernel for the compiled step reads an expert once per (token, expert) pair, each
+// output one dependent chain of FMAs; at 16 tokens that is ~2.3 reads of every chosen expert. Here the pairs are
+// grouped by expert, each weight row is read once for all the tokens that chose it, R x M independent
+// accumulators hide the FMA latency, and a prefetch a few rows ahead keeps enough cache-line reads in flight to
+// stream (docs/LOG.md, 2026-11-29: figures against inductor's kernel and the model's grouped GEMMs).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+typedef float vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2, four NEON
+constexpr int64_t V = 16;
+constexpr int64_t R = 4;         // weight rows per tile
+constexpr int64_t AHEAD = 8;     // prefetch distance in rows (8-16 measured best, docs/LOG.md)
+
+static inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline float hsum(vec v) {  // a halving tree: 4 vector adds rather than 15 dependent scalar ones
+  typedef float half __attribute__((vector_size(32)));
+  typedef float quarter __attribute__((vector_size(16)));
+  half a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
+  a += b;
+  quarter c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<char*>(&a) + 16, 16);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// y[r][j] = w[r]·x[j] for R rows of w (row stride ldw) and M vectors of length n.
+// noinline: inlined into its caller, gcc 12 kept the accumulators on the stack (a store-load chain per FMA).
+template <int M>
+__attribute__((noinline)) static void tile(const float* w, int64_t ldw, const float* const* x, int64_t n,
+                                           float y[R][R]) {
+  vec acc[R][M] = {};
+  for (int64_t i = 0; i < n; i += V) {
+    vec xv[M];
+    for (int j = 0; j < M; ++j) xv[j] = load(x[j] + i);
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w + (r + AHEAD) * ldw + i);
+      const vec wv = load(w + r * ldw + i);
+      for (int j = 0; j < M; ++j) acc[r][j] += wv * xv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < M; ++j) y[r][j] = hsum(acc[r][j]);
+}
+
+// out[j*ldo + r] = w[r]·x[j] for rows r in [r0, r1) of w (whole tiles) and m vectors x[j] of length n.
+// Rows outer, vectors inner: a tile of rows is read from memory once and from L1 for the other vectors.
+static void rows_times(const float* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* x, int64_t m,
+                       int64_t n, float* out, int64_t ldo) {
+  float y[R][R];
+  for (int64_t r = r0; r < r1; r += R) {
+    for (int64_t j0 = 0; j0 < m; j0 += R) {
+      const int mm = int(std::min(m - j0, R));
+      switch (mm) {
+        case 1: tile<1>(w + r * ldw, ldw, x + j0, n, y); break;
+        case 2: tile<2>(w + r * ldw, ldw, x + j0, n, y); break;
+        case 3: tile<3>(w + r * ldw, ldw, x + j0, n, y); break;
+        default: tile<4>(w + r * ldw, ldw, x + j0, n, y); break;
+      }
+      for (int64_t a = 0; a < R; ++a)
+        for (int j = 0; j < mm; ++j) out[(j0 + j) * ldo + r + a] = y[a][j];
+    }
+  }
+}
+
+// Split `rows` rows (a multiple of R) in tiles over torch's threads, `row_floats` weights per row (all matrices
+// together); a thread's share is at least ~128 KB of weights: less is not worth waking a second thread for.
+template <typename F>
+static void over_rows(int64_t rows, int64_t row_floats, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / (R * row_floats));
+  at::parallel_for(0, rows / R, grain, [&](int64_t t0, int64_t t1) { body(t0 * R, t1 * R); });
+}
+
+static void check(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.size(-1) % V == 0,
+              name, ": expected a ", dim, "-d float32 CPU tensor whose last size is a multiple of ", V);
+}
+
+// DeepSeekMoE's routed experts for a few tokens: out[t] = Σ_j gate[t, j] · down_e(silu(gate_e x_t) · up_e x_t)
+// with e = indices[t, j]. x [N, H]; indices, weights [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows);
+// down_proj [E, H, I]. Pairs are grouped by expert so that each chosen expert's weights are read once.
+at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, const at::Tensor& weights_,
+                          const at::Tensor& gate_up_, const at::Tensor& down_) {
+  check(x_, 2, "x");
+  check(gate_up_, 3, "gate_up_proj");
+  check(down_, 3, "down_proj");
+  const at::Tensor x = x_.contiguous(), indices = indices_.to(at::kLong).contiguous(),
+                   weights = weights_.to(at::kFloat).contiguous(), gate_up = gate_up_.contiguous(),
+                   down = down_.contiguous();
+  const int64_t N = x.size(0), k = indices.size(1), E = down.size(0), H = down.size(1), I = down.size(2), P = N * k;
+  TORCH_CHECK(x.size(1) == H && gate_up.size(0) == E && gate_up.size(1) == 2 * I && gate_up.size(2) == H &&
+              indices.size(0) == N && weights.sizes() == indices.sizes(), "routed_experts: mismatched shapes");
+  if (P == 0) return at::zeros({N, H}, x.options());
+  const int64_t* index = indices.const_data_ptr<int64_t>();
+  const float* gate = weights.const_data_ptr<float>();
+  std::vector<int64_t> begin(E + 1, 0), pair(P);  // counting sort of the (token, expert) pairs by expert
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(index[p] >= 0 && index[p] < E, "routed_experts: expert index ", index[p], " out of range");
+    ++begin[index[p] + 1];
+  }
+  int64_t chosen = 0;  // distinct experts: how many matrices each row split covers
+  for (int64_t e = 0; e < E; ++e) {
+    chosen += begin[e + 1] > 0;
+    begin[e + 1] += begin[e];
+  }
+  std::vector<int64_t> next(begin.begin(), begin.end() - 1);
+  for (int64_t p = 0; p < P; ++p) pair[next[index[p]]++] = p;
+
+  std::vector<const float*> xs(P), mids(P);
+  std::vector<float> gu(P * 2 * I), mid(P * I), y(P * H);
+  for (int64_t s = 0; s < P; ++s) {
+    xs[s] = x.const_data_ptr<float>() + pair[s] / k * H;
+    mids[s] = mid.data() + s * I;
+  }
+  const float* w_gu = gate_up.const_data_ptr<float>();
+  const float* w_down = down.const_data_ptr<float>();
+  // gate and up rows: each thread its share of every chosen expert
+  over_rows(2 * I, H * chosen, [&](int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < E; ++e)
+      if (begin[e + 1] > begin[e])
+        rows_times(w_gu + e * 2 * I * H, H, r0, r1, xs.data() + begin[e], begin[e + 1] - begin[e], H,
+                   gu.data() + begin[e] * 2 * I, 2 * I);
+  });
+  for (int64_t s = 0; s < P; ++s) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
+    const float* g = gu.data() + s * 2 * I;
+    const float w = gate[pair[s]];
+    for (int64_t i = 0; i < I; ++i) mid[s * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i] * w;
+  }
+  at::Tensor out = at::empty({N, H}, x.options());
+  float* o = out.mutable_data_ptr<float>();
+  over_rows(H, I * chosen, [&](int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < E; ++e)
+      if (begin[e + 1] > begin[e])
+        rows_times(w_down + e * H * I, I, r0, r1, mids.data() + begin[e], begin[e + 1] - begin[e], I,
+                   y.data() + begin[e] * H, H);
+    for (int64_t n = 0; n < N; ++n)  // sum each token's k rows over this thread's columns: no write races
+      std::fill(o + n * H + r0, o + n * H + r1, 0.0f);
+    for (int64_t s = 0; s < P; ++s)
+      for (int64_t h = r0; h < r1; ++h) o[pair[s] / k * H + h] += y[s * H + h];
+  });
+  return out;
+}
+
+// The schema is defined in infer/kernels.py (at import, before this library is built).
+TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
+  m.impl("routed_experts", &routed_experts);
+}

@@ -1,0 +1,141 @@
+"""The decode kernel for routed experts (kernels.cpp), built for this machine on first use.
+
+At a few tokens per step DeepSeekMoE's routed experts cost what reading the chosen experts' weights costs.
+kernels.cpp reads each chosen expert once for all the tokens that chose it (inductor's fused kernel reads it once
+per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures.
+
+`torch.ops.nanoseek_cpu.routed_experts` is built with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/
+`clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in ~10-20 s, once:
+the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a hash of the
+source, the flags, torch, the compiler and the CPU. It is a C++ op, so a compiled decode step calls it without
+Python. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors it does not cover (not float32 on CPU,
+widths not multiples of 16), `covers` is False and callers keep torch's path: same results, only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("kernels.cpp")
+VECTOR = 16  # floats per vector in kernels.cpp: widths must be multiples of it
+# Tried in order, the first that compiles is kept. -fopenmp: at::parallel_for is inlined from torch's headers and
+# runs on one thread without it. Not every compiler has -march=native or OpenMP (Apple clang has neither).
+FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+
+
+def cache_dir() -> Path:
+    if "NANOSEEK_CACHE" in os.environ:
+        return Path(os.environ["NANOSEEK_CACHE"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek" / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+
+
+def _cpu() -> str:
+    """What -march=native depends on: a library built for one CPU must not be loaded on another (shared homes)."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _command(cxx: str, flags: list[str], out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths  # imports setuptools: only when building
+
+    lib = library_paths()[0]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    undefined = ["-undefined", "dynamic_lookup"] if platform.system() == "Darwin" else []
+    return [cxx, "-O3", "-std=c++20", "-shared", "-fPIC", abi, *flags, *(f"-I{p}" for p in include_paths()),
+            str(SOURCE), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", *undefined, "-o", str(out)]
+
+
+def _build(cxx: str, out: Path) -> None:
+    """Compile SOURCE into out atomically (a temp file renamed into place: a crash leaves no half library)."""
+    errors = []
+    for flags in FLAG_SETS:
+        with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        result = subprocess.run(cmd := _command(cxx, flags, tmp_path), capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp_path, out)
+            return
+        tmp_path.unlink(missing_ok=True)
+        errors.append(f"`{cxx} ... {' '.join(flags)}`: {result.stderr.strip()[-300:] or cmd[0] + ' failed'}")
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the op; False, with one warning saying why, where that fails."""
+    if os.environ.get("NANOSEEK_KERNELS", "1") == "0":
+        return False
+    cxx = compiler()
+    if cxx is None:
+        log.warning("no C++ compiler ($CXX, c++, g++, clang++): routed experts use torch's kernels (slower on CPU)")
+        return False
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        parts = (SOURCE.read_text(), str(FLAG_SETS), torch.__version__, cxx, version, _cpu())
+        path = cache_dir() / f"kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("building the decode kernel (once per machine) into %s", path)
+            _build(cxx, path)
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        log.warning("could not build the decode kernel (%s); routed experts use torch's kernels (slower on CPU)", e)
+        return False
+    return True
+
+
+# The op's schema, shape function (for compiled graphs) and FLOPs are defined here, at import; the library adds
+# its CPU implementation when loaded. So FlopCounterMode and torch.compile know the op before it is built.
+torch.library.define("nanoseek_cpu::routed_experts",
+                     "(Tensor x, Tensor indices, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor")
+
+
+@torch.library.register_fake("nanoseek_cpu::routed_experts")
+def _(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+      down_proj: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@register_flop_formula(torch.ops.nanoseek_cpu.routed_experts)
+def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, out_shape=None, **kwargs) -> int:
+    """For FlopCounterMode: per (token, expert) pair, gate+up [2I, H] and down [H, I], 2 FLOPs a MAC."""
+    (n, k), (_, hidden, inner) = indices_shape, down_shape
+    return 2 * n * k * 3 * hidden * inner
+
+
+@torch.compiler.assume_constant_result  # a compiled step asks once, while tracing
+def built() -> bool:
+    return load()
+
+
+def covers(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: plain (not sharded DTensors), float32 on CPU, last sizes multiples
+    of VECTOR, and it is built."""
+    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+             and t.shape[-1] % VECTOR == 0 for t in tensors)
+    return ok and built()
+
+
+def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[t, j] · down_e(silu(gate_e x_t) · up_e x_t), e = indices[t, j]: x [N, H]; indices, weights
+    [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows); down_proj [E, H, I] -> [N, H]."""
+    return torch.ops.nanoseek_cpu.routed_experts(x, indices, weights, gate_up_proj, down_proj)
