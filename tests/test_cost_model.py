@@ -87,7 +87,7 @@ def test_decode_flops_match_flop_counter():
     """One decode step of 4 sequences over a latent cache of `context` tokens: absorbed MLA (infer/forward.py)."""
     cfg = tiny(num_nextn_predict_layers=0)
     model = nanoseek.NanoSeek(cfg).eval()
-    slots, context = 4, 40  # 4 tokens x top-2 = 8 expert rows: the grouped path that FlopCounterMode counts
+    slots, context = 4, 40  # 4 tokens x top-2 = 8 expert rows (the decode kernel: counted by its FLOP formula)
     cache = LatentCache(cfg, slots, 64, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         prompt = torch.randint(0, cfg.vocab_size, (slots, context - 1))

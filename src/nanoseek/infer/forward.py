@@ -116,9 +116,10 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 
 
-# Rows up to which the eager path routes experts through the decode kernel: decode steps and small prefills. A
-# long prefill has many rows per expert, which the grouped GEMMs of the model's own MoE path multiply faster.
-DECODE_ROWS = 64
+# Rows up to which the eager path routes experts through the decode kernel: decode steps and small prefills. With
+# many rows per expert the model's grouped GEMMs win: one demo layer, grouped time / kernel time = 2.47x at 16 rows,
+# 1.63x at 64, 1.38x at 128, 1.04x at 256, 0.63x at 1,024 (docs/LOG.md).
+DECODE_ROWS = 128
 
 
 def _kernel_rows(moe: MoE, x: torch.Tensor) -> bool:
@@ -128,11 +129,10 @@ def _kernel_rows(moe: MoE, x: torch.Tensor) -> bool:
 
 def decode_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """DeepSeekMoE for a decode step. Routed experts through the decode kernel (infer/kernels.py: each chosen
-    expert's weights read once for all its tokens) where it is built; otherwise, and in a compiled step of one row
+    expert's weights read once for all its tokens) where it is built. Otherwise, and in a compiled step of one row
     (there inductor's kernel, fused with its neighbours, was 4-13% faster), each (token, chosen expert) pair reads
-    that expert's weights by
-    index: no data-dependent shapes for the compiler (the model's path sorts tokens by expert, which breaks the
-    graph), and inductor fuses the indexed read into the mat-vec, with no weight copy."""
+    that expert's weights by index: no data-dependent shapes for the compiler (the model's path sorts tokens by
+    expert, which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy."""
     B, T, H = x.shape
     flat = x.reshape(-1, H)
     weights, indices, _ = moe.gate(flat)
