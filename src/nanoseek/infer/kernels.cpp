@@ -24,7 +24,7 @@
 typedef float vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2, four NEON
 constexpr int64_t V = 16;
 constexpr int64_t R = 4;         // weight rows per tile
-constexpr int64_t AHEAD = 8;     // prefetch distance in rows (8-16 measured best, docs/LOG.md)
+constexpr int64_t AHEAD = 8;     // prefetch distance in rows (best of none / 8 / 16 measured, docs/LOG.md)
 
 static inline vec load(const float* p) {
   vec v;
