@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import types
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from rich.table import Table
 
 import nanoseek
 from nanoseek.infer import kernels
-from nanoseek.infer.engine import _mark_dynamic
+from nanoseek.infer.engine import _compiled, _mark_dynamic
 from nanoseek.infer.forward import Batch, LatentCache, decode_step
 
 warnings.filterwarnings("ignore")
@@ -93,11 +92,8 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
 def step_table(model: nanoseek.NanoSeek, console: Console) -> None:
     real = kernels.covers
     variants = {"kernel": real, "torch": lambda *tensors: False}
-    steps = {}
-    for name in variants:  # each its own compiled copy of the engine's step, traced with or without the kernel
-        own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, f"step_{name}")
-        steps[name] = torch.compile(own, options={"cpp_wrapper": True, "guard_filter_fn":
-                                                  torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    # each its own compiled copy of the engine's step, traced with or without the kernel
+    steps = {name: _compiled(decode_step) for name in variants}
     sizes = (1, 4, 16)
     cache = LatentCache(model.config, max(sizes), 128, torch.device("cpu"), torch.float32)
     res: dict[tuple[str, int], list[float]] = {(name, b): [] for name in variants for b in sizes}

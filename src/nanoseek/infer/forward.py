@@ -122,23 +122,16 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
 DECODE_ROWS = 128
 
 
-def _kernel_rows(moe: MoE, x: torch.Tensor) -> bool:
-    """Eager: whether x's rows are few enough for the decode kernel, and the kernel takes them."""
-    return x.shape[0] * x.shape[1] <= DECODE_ROWS and kernels.covers(x, moe.experts.gate_up_proj, moe.experts.down_proj)
-
-
-def decode_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """DeepSeekMoE for a decode step. Routed experts through the decode kernel (infer/kernels.py: each chosen
-    expert's weights read once for all its tokens) where it is built. Otherwise, and in a compiled step of one row
-    (there inductor's kernel, fused with its neighbours, was 4-13% faster), each (token, chosen expert) pair reads
-    that expert's weights by index: no data-dependent shapes for the compiler (the model's path sorts tokens by
-    expert, which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy."""
+def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """DeepSeekMoE for a decode step. Routed experts through the decode kernel if `kernel` (infer/kernels.py: each
+    chosen expert's weights read once for all its tokens); otherwise each (token, chosen expert) pair reads that
+    expert's weights by index: no data-dependent shapes for the compiler (the model's path sorts tokens by expert,
+    which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy."""
     B, T, H = x.shape
     flat = x.reshape(-1, H)
     weights, indices, _ = moe.gate(flat)
     experts = moe.experts
-    fused_one_row = torch.compiler.is_compiling() and flat.shape[0] == 1
-    if kernels.covers(flat, experts.gate_up_proj, experts.down_proj) and not fused_one_row:
+    if kernel:
         out = kernels.routed_experts(flat, indices, weights, experts.gate_up_proj, experts.down_proj)
     else:
         N, k = indices.shape
@@ -158,9 +151,13 @@ def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     x = layer.post_attention_layernorm(h)
     mlp = layer.mlp
     # the model's own experts only: a parallel wrapper (train/parallel.py) holds a shard and exchanges tokens
-    if isinstance(mlp, MoE) and isinstance(mlp.experts, Experts) and (torch.compiler.is_compiling()
-                                                                      or _kernel_rows(mlp, x)):
-        return h + decode_moe(mlp, x)
+    if isinstance(mlp, MoE) and isinstance(mlp.experts, Experts):
+        n, compiling = x.shape[0] * x.shape[1], torch.compiler.is_compiling()
+        # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode kernel
+        kernel = (n != 1 if compiling else n <= DECODE_ROWS) and kernels.covers(
+            x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+        if compiling or kernel:
+            return h + decode_moe(mlp, x, kernel)
     y = mlp(x)
     return h + (y[0] if isinstance(y, tuple) else y)  # MoE also returns its (unused) balance term
 
