@@ -4,7 +4,9 @@ to a whole compiled decode step.
 1. The routed experts of the `demo` preset's 5 MoE layers (32 experts, top-4, random weights), 1 / 4 / 16 tokens:
    the kernel vs inductor's fused gathered kernel (what a compiled step used before; all layers in one graph) and
    vs the model's own eager path (per-pair mat-vecs below 32 pairs, grouped GEMMs above). Weights in cache, and
-   cold (a 240 MB sweep before each call: in a real step the rest of the model has evicted them).
+   cold (a 240 MB sweep before each call: in a real step the rest of the model has evicted them). Also the kernel
+   over the same experts stored in bf16 (`--expert-dtype bf16`: half the bytes; checked against the kernel over the
+   rounded weights in fp32, which it must equal exactly).
 2. The compiled decode step (`infer/forward.py: decode_step`, the engine's graph) with the kernel and with torch's
    path, alternated in one process.
 Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
@@ -56,14 +58,18 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
     gate_ups = [moe.experts.gate_up_proj for moe in moes]
     downs = [moe.experts.down_proj for moe in moes]
 
-    def all_layers(expert_fn, x, routes):  # the same x through every MoE layer's experts
+    def all_layers(expert_fn, x, routes, gate_ups=gate_ups, downs=downs):  # the same x through every MoE layer
         return [expert_fn(x, i, w, g, d) for (w, i), g, d in zip(routes, gate_ups, downs)]
+
+    bf16 = [g.detach().bfloat16() for g in gate_ups], [d.detach().bfloat16() for d in downs]
+    rounded = [g.float() for g in bf16[0]], [d.float() for d in bf16[1]]
 
     # one graph for all layers, so that the compiled function's call cost is paid once, as in a decode step
     inductor = torch.compile(lambda x, routes: all_layers(gathered, x, routes), dynamic=False)
     sweep = torch.empty(60_000_000)
-    table = Table(title="routed experts of the 5 MoE layers (median µs; ratio = torch path / kernel)")
-    for col in ("tokens", "weights", "kernel", "inductor gathered", "ratio", "model eager path", "ratio"):
+    table = Table(title="routed experts of the 5 MoE layers (median µs; ratio = that time / the kernel's)")
+    for col in ("tokens", "weights", "kernel", "kernel, bf16 experts", "ratio", "inductor gathered", "ratio",
+                "model eager path", "ratio"):
         table.add_column(col, justify="right")
     for n in (1, 4, 16):
         x = torch.randn(n, model.config.hidden_size)
@@ -71,19 +77,23 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
         counts = [torch.bincount(i.flatten(), minlength=moe.n_experts) for moe, (_, i) in zip(moes, routes)]
         variants = {
             "kernel": lambda x=x, routes=routes: all_layers(kernels.routed_experts, x, routes),
+            "bf16": lambda x=x, routes=routes: all_layers(kernels.routed_experts, x, routes, *bf16),
             "inductor": lambda x=x, routes=routes: inductor(x, routes),
             "model": lambda x=x, routes=routes, counts=counts: [
                 moe.experts(x, i, w, c) for moe, (w, i), c in zip(moes, routes, counts)],
         }
-        outs = {name: torch.stack(f()) for name, f in variants.items()}
+        outs = {name: torch.stack(f()) for name, f in variants.items() if name != "bf16"}
         assert all((o - outs["kernel"]).abs().max() < 1e-4 for o in outs.values()), "variants disagree"
+        assert torch.equal(torch.stack(variants["bf16"]()),
+                           torch.stack(all_layers(kernels.routed_experts, x, routes, *rounded))), "bf16 disagrees"
         for cold in (False, True):
             res: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(15):
                 for name, f in variants.items():
                     res[name].append(timed(f, 3, sweep if cold else None))
             med = {name: statistics.median(v) * 1e6 for name, v in res.items()}
-            table.add_row(str(n), "cold" if cold else "in cache", f"{med['kernel']:.0f}", f"{med['inductor']:.0f}",
+            table.add_row(str(n), "cold" if cold else "in cache", f"{med['kernel']:.0f}", f"{med['bf16']:.0f}",
+                          f"{med['bf16'] / med['kernel']:.2f}x", f"{med['inductor']:.0f}",
                           f"{med['inductor'] / med['kernel']:.2f}x", f"{med['model']:.0f}",
                           f"{med['model'] / med['kernel']:.2f}x")
     console.print(table)
@@ -130,7 +140,7 @@ def main() -> None:
         raise SystemExit("the decode kernel could not be built here (see the warning above): nothing to compare")
     torch.manual_seed(0)
     model = nanoseek.NanoSeek(nanoseek.preset("demo")).eval()
-    console = Console()
+    console = Console(width=140)
     with torch.inference_mode():
         experts_table(model, console)
     step_table(model, console)

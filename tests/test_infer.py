@@ -346,14 +346,16 @@ def kernel_built() -> None:
     assert kernels.load(), "a C++ compiler is present, so the decode kernel must build"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 40])
-def test_routed_experts_kernel_equals_a_naive_reference(tokens):
+def test_routed_experts_kernel_equals_a_naive_reference(tokens, dtype):
     """The decode kernel (infer/kernels.cpp) against a float64 loop over tokens and their chosen experts, with
-    experts shared between tokens (one read serves several) and pair counts that do not fill its tiles."""
+    experts shared between tokens (one read serves several) and pair counts that do not fill its tiles; expert
+    weights in float32 or stored in bfloat16 (the reference reads the same bf16 values)."""
     kernel_built()
     torch.manual_seed(tokens)
     E, H, inner, k = 8, 48, 32, 3
-    gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
+    gate_up, down = (torch.randn(E, 2 * inner, H) * 0.2).to(dtype), (torch.randn(E, H, inner) * 0.2).to(dtype)
     x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
     indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
     got = kernels.routed_experts(x, indices, weights, gate_up, down)
@@ -375,7 +377,12 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
         kernels.routed_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2), gate_up, down)
     with pytest.raises(RuntimeError, match="mismatched shapes"):
         kernels.routed_experts(torch.randn(2, 48), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate_up, down)
-    assert not kernels.covers(x.double(), gate_up) and not kernels.covers(torch.randn(2, 40), gate_up)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate_up.bfloat16(), down)
+    assert kernels.covers(x, gate_up, down) and kernels.covers(x, gate_up.bfloat16(), down.bfloat16())
+    assert not kernels.covers(x.double(), gate_up, down) and not kernels.covers(torch.randn(2, 40), gate_up, down)
+    assert not kernels.covers(x.bfloat16(), gate_up.bfloat16(), down.bfloat16())  # activations: float32 only
+    assert not kernels.covers(x, gate_up.bfloat16(), down)
 
 
 def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
@@ -385,6 +392,49 @@ def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
     monkeypatch.setattr(kernels, "covers", lambda *tensors: False)
     without = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
     assert [[e.token_id for e in evs] for evs in with_kernel] == [[e.token_id for e in evs] for evs in without]
+
+
+def test_bf16_experts_decode_as_fp32_with_rounded_experts(monkeypatch, tmp_path):
+    """--expert-dtype bf16: the routed experts take half their memory, and every decode path (the kernel, torch's
+    eager path, the compiled step) gives the tokens of an fp32 model whose experts hold the same rounded values."""
+    from nanoseek.model.hf import cast_model
+    from nanoseek.model.moe import Experts
+
+    def expert_tensors(m: nanoseek.NanoSeek) -> list[torch.Tensor]:
+        return [p for e in m.modules() if isinstance(e, Experts) for p in (e.gate_up_proj, e.down_proj)]
+
+    model, rounded = tiny(), tiny()
+    fp32_bytes = sum(p.nbytes for p in expert_tensors(model))
+    cast_model(model, torch.float32, torch.bfloat16)
+    assert sum(p.nbytes for p in expert_tensors(model)) == fp32_bytes // 2
+    assert model.embed_tokens.weight.dtype == torch.float32  # only the experts
+    for p in expert_tensors(rounded):
+        p.data = p.data.bfloat16().float()
+    want = [greedy_reference(rounded, p, 10) for p in PROMPTS]
+    assert [greedy_reference(model, p, 10) for p in PROMPTS] == want  # the model's own (grouped GEMM) path
+
+    def tokens(engine: Engine) -> list[list[int]]:
+        return [[e.token_id for e in evs] for evs in engine.generate(PROMPTS, GREEDY)]
+
+    assert tokens(Engine(model, IdText(), max_batch=3)) == want  # through the kernel where it is built
+    compiled = Engine(model, IdText(), max_batch=3, compile=True)  # inductor at 1 row, the kernel above
+    assert tokens(compiled) == want and compiled.compile
+    # the numbers, not only the tokens: the rounded model's, and not the unrounded one's
+    scored = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+
+    def logprobs(m: nanoseek.NanoSeek) -> list[float]:
+        return [e.logprob for evs in Engine(m, IdText(), max_batch=3).generate(PROMPTS, scored) for e in evs]
+
+    got, ref, unrounded = logprobs(model), logprobs(rounded), logprobs(tiny())
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5 < max(abs(a - b) for a, b in zip(got, unrounded))
+    monkeypatch.setattr(kernels, "covers", lambda *tensors: False)
+    assert tokens(Engine(model, IdText(), max_batch=3)) == want  # torch's eager path
+
+    # and from a checkpoint folder, read straight into bf16 storage
+    rounded.save_pretrained(str(tmp_path / "m"))
+    loaded = nanoseek.load_pretrained(tmp_path / "m", expert_dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in expert_tensors(loaded))
+    assert all(torch.equal(a.float(), b) for a, b in zip(expert_tensors(loaded), expert_tensors(rounded)))
 
 
 def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):

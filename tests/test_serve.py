@@ -484,6 +484,10 @@ def test_serve_command(model_dir):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{port}/" in out and "with an API key" in out
+    threads = max(1, torch.get_num_threads() - 1)  # the default leaves the event loop a core
+    assert f"{threads} model thread{'s' * (threads > 1)}" in out, out
+    r = nanoseek("serve", str(model_dir), "--threads", "0", timeout=120)
+    assert r.returncode == 2 and "--threads must be at least 1" in r.stdout + r.stderr
 
 
 def test_chat_command(model_dir, tmp_path):

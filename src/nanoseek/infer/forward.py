@@ -126,7 +126,8 @@ def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
     """DeepSeekMoE for a decode step. Routed experts through the decode kernel if `kernel` (infer/kernels.py: each
     chosen expert's weights read once for all its tokens); otherwise each (token, chosen expert) pair reads that
     expert's weights by index: no data-dependent shapes for the compiler (the model's path sorts tokens by expert,
-    which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy."""
+    which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy. Either way
+    the math is in x's dtype, also over expert weights stored in bf16 (`--expert-dtype bf16`)."""
     B, T, H = x.shape
     flat = x.reshape(-1, H)
     weights, indices, _ = moe.gate(flat)
@@ -136,11 +137,11 @@ def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
     else:
         N, k = indices.shape
         chosen = indices.flatten()
-        xs = flat.to(experts.gate_up_proj.dtype).repeat_interleave(k, dim=0)  # row n*k + j: token n, j-th expert
-        gate, up = (experts.gate_up_proj[chosen] * xs[:, None]).sum(-1).chunk(2, dim=-1)
+        xs = flat.repeat_interleave(k, dim=0)  # row n*k + j: token n, j-th expert
+        gate, up = (experts.gate_up_proj[chosen].to(xs.dtype) * xs[:, None]).sum(-1).chunk(2, dim=-1)
         mid = F.silu(gate) * up * weights.flatten()[:, None].to(xs.dtype)  # gate weight before down_proj (linear)
-        out = (experts.down_proj[chosen] * mid[:, None]).sum(-1).view(N, k, H).sum(1)
-    out = out.view(B, T, H).to(x.dtype)
+        out = (experts.down_proj[chosen].to(xs.dtype) * mid[:, None]).sum(-1).view(N, k, H).sum(1)
+    out = out.view(B, T, H)
     return out if moe.shared_experts is None else out + moe.shared_experts(x)
 
 

@@ -32,6 +32,19 @@ static inline vec load(const float* p) {
   return v;
 }
 
+// bfloat16 weights (stored as their 16 bits): a bf16 is the upper half of a float32, so widening is exact.
+// Half the bytes of float32 to read, and reading is what a decode step's experts cost.
+static inline vec load(const uint16_t* p) {
+  typedef uint16_t bits16 __attribute__((vector_size(32)));
+  typedef uint32_t bits32 __attribute__((vector_size(64)));
+  bits16 h;
+  std::memcpy(&h, p, sizeof h);
+  const bits32 u = __builtin_convertvector(h, bits32) << 16;
+  vec v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
 static inline float hsum(vec v) {  // a halving tree: 4 vector adds rather than 15 dependent scalar ones
   typedef float half __attribute__((vector_size(32)));
   typedef float quarter __attribute__((vector_size(16)));
@@ -48,8 +61,8 @@ static inline float hsum(vec v) {  // a halving tree: 4 vector adds rather than 
 
 // y[r][j] = w[r]·x[j] for R rows of w (row stride ldw) and M vectors of length n.
 // noinline: inlined into its caller, gcc 12 kept the accumulators on the stack (a store-load chain per FMA).
-template <int M>
-__attribute__((noinline)) static void tile(const float* w, int64_t ldw, const float* const* x, int64_t n,
+template <int M, typename W>
+__attribute__((noinline)) static void tile(const W* w, int64_t ldw, const float* const* x, int64_t n,
                                            float y[R][R]) {
   vec acc[R][M] = {};
   for (int64_t i = 0; i < n; i += V) {
@@ -67,17 +80,18 @@ __attribute__((noinline)) static void tile(const float* w, int64_t ldw, const fl
 
 // out[j*ldo + r] = w[r]·x[j] for rows r in [r0, r1) of w (whole tiles) and m vectors x[j] of length n.
 // Rows outer, vectors inner: a tile of rows is read from memory once and from L1 for the other vectors.
-static void rows_times(const float* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* x, int64_t m,
+template <typename W>
+static void rows_times(const W* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* x, int64_t m,
                        int64_t n, float* out, int64_t ldo) {
   float y[R][R];
   for (int64_t r = r0; r < r1; r += R) {
     for (int64_t j0 = 0; j0 < m; j0 += R) {
       const int mm = int(std::min(m - j0, R));
       switch (mm) {
-        case 1: tile<1>(w + r * ldw, ldw, x + j0, n, y); break;
-        case 2: tile<2>(w + r * ldw, ldw, x + j0, n, y); break;
-        case 3: tile<3>(w + r * ldw, ldw, x + j0, n, y); break;
-        default: tile<4>(w + r * ldw, ldw, x + j0, n, y); break;
+        case 1: tile<1, W>(w + r * ldw, ldw, x + j0, n, y); break;
+        case 2: tile<2, W>(w + r * ldw, ldw, x + j0, n, y); break;
+        case 3: tile<3, W>(w + r * ldw, ldw, x + j0, n, y); break;
+        default: tile<4, W>(w + r * ldw, ldw, x + j0, n, y); break;
       }
       for (int64_t a = 0; a < R; ++a)
         for (int j = 0; j < mm; ++j) out[(j0 + j) * ldo + r + a] = y[a][j];
@@ -85,27 +99,90 @@ static void rows_times(const float* w, int64_t ldw, int64_t r0, int64_t r1, cons
   }
 }
 
-// Split `rows` rows (a multiple of R) in tiles over torch's threads, `row_floats` weights per row (all matrices
+// Split `rows` rows (a multiple of R) in tiles over torch's threads, `row_bytes` of weights per row (all matrices
 // together); a thread's share is at least ~128 KB of weights: less is not worth waking a second thread for.
 template <typename F>
-static void over_rows(int64_t rows, int64_t row_floats, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / (R * row_floats));
+static void over_rows(int64_t rows, int64_t row_bytes, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, 131072 / (R * row_bytes));
   at::parallel_for(0, rows / R, grain, [&](int64_t t0, int64_t t1) { body(t0 * R, t1 * R); });
 }
 
-static void check(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.size(-1) % V == 0,
-              name, ": expected a ", dim, "-d float32 CPU tensor whose last size is a multiple of ", V);
+static void check(const at::Tensor& t, int64_t dim, const char* name, bool bf16_ok) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && (type == at::kFloat || (bf16_ok && type == at::kBFloat16)) && t.dim() == dim &&
+                  t.size(-1) % V == 0,
+              name, ": expected a ", dim, "-d float32", bf16_ok ? " or bfloat16" : "",
+              " CPU tensor whose last size is a multiple of ", V);
+}
+
+// The (token, expert) pairs sorted by expert: pair[begin[e]:begin[e+1]] are the pairs that chose expert e.
+struct Pairs {
+  std::vector<int64_t> begin, pair;
+  int64_t chosen = 0;  // distinct experts: how many matrices each row split covers
+};
+
+static Pairs sort_pairs(const int64_t* index, int64_t P, int64_t E) {
+  Pairs s{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(P)};
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(index[p] >= 0 && index[p] < E, "routed_experts: expert index ", index[p], " out of range");
+    ++s.begin[index[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    s.chosen += s.begin[e + 1] > 0;
+    s.begin[e + 1] += s.begin[e];
+  }
+  std::vector<int64_t> next(s.begin.begin(), s.begin.end() - 1);
+  for (int64_t p = 0; p < P; ++p) s.pair[next[index[p]]++] = p;
+  return s;
+}
+
+// out [N, H] = Σ_j gate[n, j] · down_e(silu(gate_e x_n) · up_e x_n) over the sorted pairs; W: the weights' type.
+template <typename W>
+static void experts_for_pairs(const Pairs& s, const float* x, const float* gate, const W* w_gu, const W* w_down,
+                              int64_t N, int64_t k, int64_t E, int64_t H, int64_t I, float* o) {
+  const int64_t P = N * k;
+  const std::vector<int64_t>& begin = s.begin;
+  std::vector<const float*> xs(P), mids(P);
+  std::vector<float> gu(P * 2 * I), mid(P * I), y(P * H);
+  for (int64_t q = 0; q < P; ++q) {
+    xs[q] = x + s.pair[q] / k * H;
+    mids[q] = mid.data() + q * I;
+  }
+  // gate and up rows: each thread its share of every chosen expert
+  over_rows(2 * I, H * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < E; ++e)
+      if (begin[e + 1] > begin[e])
+        rows_times(w_gu + e * 2 * I * H, H, r0, r1, xs.data() + begin[e], begin[e + 1] - begin[e], H,
+                   gu.data() + begin[e] * 2 * I, 2 * I);
+  });
+  for (int64_t q = 0; q < P; ++q) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
+    const float* g = gu.data() + q * 2 * I;
+    const float w = gate[s.pair[q]];
+    for (int64_t i = 0; i < I; ++i) mid[q * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i] * w;
+  }
+  over_rows(H, I * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < E; ++e)
+      if (begin[e + 1] > begin[e])
+        rows_times(w_down + e * H * I, I, r0, r1, mids.data() + begin[e], begin[e + 1] - begin[e], I,
+                   y.data() + begin[e] * H, H);
+    for (int64_t n = 0; n < N; ++n)  // sum each token's k rows over this thread's columns: no write races
+      std::fill(o + n * H + r0, o + n * H + r1, 0.0f);
+    for (int64_t q = 0; q < P; ++q)
+      for (int64_t h = r0; h < r1; ++h) o[s.pair[q] / k * H + h] += y[q * H + h];
+  });
 }
 
 // DeepSeekMoE's routed experts for a few tokens: out[t] = Σ_j gate[t, j] · down_e(silu(gate_e x_t) · up_e x_t)
-// with e = indices[t, j]. x [N, H]; indices, weights [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows);
-// down_proj [E, H, I]. Pairs are grouped by expert so that each chosen expert's weights are read once.
+// with e = indices[t, j]. x [N, H] float32; indices, weights [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up
+// rows) and down_proj [E, H, I], both float32 or both bfloat16 (widened to float32: the math is float32 either
+// way). Pairs are grouped by expert so that each chosen expert's weights are read once.
 at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, const at::Tensor& weights_,
                           const at::Tensor& gate_up_, const at::Tensor& down_) {
-  check(x_, 2, "x");
-  check(gate_up_, 3, "gate_up_proj");
-  check(down_, 3, "down_proj");
+  check(x_, 2, "x", false);
+  check(gate_up_, 3, "gate_up_proj", true);
+  check(down_, 3, "down_proj", true);
+  TORCH_CHECK(gate_up_.scalar_type() == down_.scalar_type(), "routed_experts: gate_up_proj and down_proj must have ",
+              "the same dtype");
   const at::Tensor x = x_.contiguous(), indices = indices_.to(at::kLong).contiguous(),
                    weights = weights_.to(at::kFloat).contiguous(), gate_up = gate_up_.contiguous(),
                    down = down_.contiguous();
@@ -113,53 +190,15 @@ at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, cons
   TORCH_CHECK(x.size(1) == H && gate_up.size(0) == E && gate_up.size(1) == 2 * I && gate_up.size(2) == H &&
               indices.size(0) == N && weights.sizes() == indices.sizes(), "routed_experts: mismatched shapes");
   if (P == 0) return at::zeros({N, H}, x.options());
-  const int64_t* index = indices.const_data_ptr<int64_t>();
-  const float* gate = weights.const_data_ptr<float>();
-  std::vector<int64_t> begin(E + 1, 0), pair(P);  // counting sort of the (token, expert) pairs by expert
-  for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(index[p] >= 0 && index[p] < E, "routed_experts: expert index ", index[p], " out of range");
-    ++begin[index[p] + 1];
-  }
-  int64_t chosen = 0;  // distinct experts: how many matrices each row split covers
-  for (int64_t e = 0; e < E; ++e) {
-    chosen += begin[e + 1] > 0;
-    begin[e + 1] += begin[e];
-  }
-  std::vector<int64_t> next(begin.begin(), begin.end() - 1);
-  for (int64_t p = 0; p < P; ++p) pair[next[index[p]]++] = p;
-
-  std::vector<const float*> xs(P), mids(P);
-  std::vector<float> gu(P * 2 * I), mid(P * I), y(P * H);
-  for (int64_t s = 0; s < P; ++s) {
-    xs[s] = x.const_data_ptr<float>() + pair[s] / k * H;
-    mids[s] = mid.data() + s * I;
-  }
-  const float* w_gu = gate_up.const_data_ptr<float>();
-  const float* w_down = down.const_data_ptr<float>();
-  // gate and up rows: each thread its share of every chosen expert
-  over_rows(2 * I, H * chosen, [&](int64_t r0, int64_t r1) {
-    for (int64_t e = 0; e < E; ++e)
-      if (begin[e + 1] > begin[e])
-        rows_times(w_gu + e * 2 * I * H, H, r0, r1, xs.data() + begin[e], begin[e + 1] - begin[e], H,
-                   gu.data() + begin[e] * 2 * I, 2 * I);
-  });
-  for (int64_t s = 0; s < P; ++s) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
-    const float* g = gu.data() + s * 2 * I;
-    const float w = gate[pair[s]];
-    for (int64_t i = 0; i < I; ++i) mid[s * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i] * w;
-  }
+  const Pairs s = sort_pairs(indices.const_data_ptr<int64_t>(), P, E);
   at::Tensor out = at::empty({N, H}, x.options());
+  const float *xp = x.const_data_ptr<float>(), *gate = weights.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
-  over_rows(H, I * chosen, [&](int64_t r0, int64_t r1) {
-    for (int64_t e = 0; e < E; ++e)
-      if (begin[e + 1] > begin[e])
-        rows_times(w_down + e * H * I, I, r0, r1, mids.data() + begin[e], begin[e + 1] - begin[e], I,
-                   y.data() + begin[e] * H, H);
-    for (int64_t n = 0; n < N; ++n)  // sum each token's k rows over this thread's columns: no write races
-      std::fill(o + n * H + r0, o + n * H + r1, 0.0f);
-    for (int64_t s = 0; s < P; ++s)
-      for (int64_t h = r0; h < r1; ++h) o[pair[s] / k * H + h] += y[s * H + h];
-  });
+  if (gate_up.scalar_type() == at::kBFloat16)
+    experts_for_pairs(s, xp, gate, reinterpret_cast<const uint16_t*>(gate_up.const_data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(down.const_data_ptr<at::BFloat16>()), N, k, E, H, I, o);
+  else
+    experts_for_pairs(s, xp, gate, gate_up.const_data_ptr<float>(), down.const_data_ptr<float>(), N, k, E, H, I, o);
   return out;
 }
 

@@ -8,8 +8,10 @@ per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the fi
 `clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in ~10-20 s, once:
 the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a hash of the
 source, the flags, torch, the compiler and the CPU. It is a C++ op, so a compiled decode step calls it without
-Python. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors it does not cover (not float32 on CPU,
-widths not multiples of 16), `covers` is False and callers keep torch's path: same results, only slower.
+Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half the bytes a
+step reads); the math stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors it does not
+cover (not on CPU, activations not float32, widths not multiples of 16), `covers` is False and callers keep
+torch's path: same results, only slower.
 """
 
 from __future__ import annotations
@@ -126,16 +128,19 @@ def built() -> bool:
     return load()
 
 
-def covers(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors: plain (not sharded DTensors), float32 on CPU, last sizes multiples
-    of VECTOR, and it is built."""
-    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-             and t.shape[-1] % VECTOR == 0 for t in tensors)
-    return ok and built()
+def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: plain (not sharded DTensors) CPU tensors, x float32, the expert
+    weights both float32 or both bfloat16, last sizes multiples of VECTOR; and it is built."""
+    tensors = (x, gate_up_proj, down_proj)
+    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
+             for t in tensors)
+    dtypes = x.dtype == torch.float32 and gate_up_proj.dtype == down_proj.dtype in (torch.float32, torch.bfloat16)
+    return ok and dtypes and built()
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
                    down_proj: torch.Tensor) -> torch.Tensor:
     """Σ_j weights[t, j] · down_e(silu(gate_e x_t) · up_e x_t), e = indices[t, j]: x [N, H]; indices, weights
-    [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows); down_proj [E, H, I] -> [N, H]."""
+    [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows); down_proj [E, H, I] -> [N, H]. float32 math, also
+    over bfloat16 weights (widened exactly as they are read)."""
     return torch.ops.nanoseek_cpu.routed_experts(x, indices, weights, gate_up_proj, down_proj)

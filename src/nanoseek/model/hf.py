@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from nanoseek.config import ModelConfig
 from nanoseek.io import fsync_dir, replace_dir
 from nanoseek.model.model import NanoSeek
-from nanoseek.model.moe import Router
+from nanoseek.model.moe import Experts, Router
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -157,18 +157,22 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
-def cast_model(model: NanoSeek, dtype: torch.dtype) -> NanoSeek:
-    """Cast weights to `dtype`, keeping the router (weights and bias) in fp32 as DeepSeek does."""
+def cast_model(model: NanoSeek, dtype: torch.dtype, expert_dtype: torch.dtype | None = None) -> NanoSeek:
+    """Cast weights to `dtype`, keeping the router (weights and bias) in fp32 as DeepSeek does, and the routed
+    experts in `expert_dtype` if given: storage only (inference), the experts compute in the activations' dtype."""
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, Router):
             m.float()
+        elif isinstance(m, Experts) and expert_dtype is not None:
+            m.to(expert_dtype)
     return model
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> NanoSeek:
-    """Load an HF `deepseek_v3` checkpoint folder (or one nanoseek wrote). Weights in `dtype` (default fp32)."""
+                    device: str | torch.device = "cpu", expert_dtype: str | torch.dtype | None = None) -> NanoSeek:
+    """Load an HF `deepseek_v3` checkpoint folder (or one nanoseek wrote). Weights in `dtype` (default fp32), the
+    routed experts in `expert_dtype` (default: `dtype`), read straight into that storage."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
@@ -188,7 +192,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = N
 
     model.to_empty(device=device)
     model.tie_weights()
-    cast_model(model, resolve_dtype(dtype))
+    cast_model(model, resolve_dtype(dtype), None if expert_dtype is None else resolve_dtype(expert_dtype))
     _load_tensors(model, files, found)
     model.init_buffers()
     return model

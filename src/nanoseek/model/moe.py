@@ -203,14 +203,14 @@ class Experts(nn.Module):
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding: fewer token copies than experts. One mat-vec per (token, chosen expert) on views of the
         stacked weights: only the chosen experts' weights are read, while the grouped GEMM on CPU visits all
-        experts (docs/LOG.md). The gate weight scales the output (linear, so the same as scaling the input)."""
-        xs = x.to(self.gate_up_proj.dtype)
+        experts (docs/LOG.md). The gate weight scales the output (linear, so the same as scaling the input).
+        The math is in x's dtype, as in `expert_mlp` (weights stored in bf16 for serving are widened)."""
         rows = []
         for n, (chosen, gates) in enumerate(zip(indices.tolist(), weights.tolist())):
             acc = None
             for e, g in zip(chosen, gates):
-                gate, up = F.linear(xs[n], self.gate_up_proj[e]).chunk(2)
-                y = F.linear(F.silu(gate) * up, self.down_proj[e])
+                gate, up = F.linear(x[n], self.gate_up_proj[e].to(x.dtype)).chunk(2)
+                y = F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
                 acc = y * g if acc is None else acc.add_(y, alpha=g)
             rows.append(acc)
         return torch.stack(rows).to(x.dtype)
