@@ -42,8 +42,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def expert_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="how the routed experts are stored: bf16 halves their memory and speeds up batched decoding "
-                        "on CPU; the math stays fp32 (a bf16 checkpoint loses nothing, an fp32 one is rounded)")
+                   help="how the routed experts are stored: bf16 halves their memory (and the bytes a decode step "
+                        "reads); the math stays fp32 (a bf16 checkpoint loses nothing, an fp32 one is rounded)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
