@@ -12,6 +12,7 @@ continuous batching), with its range over the rounds.
     python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
     python bench/serve_load.py --eager              # the server without --compile
     python bench/serve_load.py --expert-dtype bf16  # routed experts stored in bf16 (half their bytes a step)
+    python bench/serve_load.py --threads 2          # the model on 2 threads (default: one fewer than the cores)
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def free_port() -> int:
 def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
-           "warning", "--expert-dtype", args.expert_dtype] + ([] if args.eager else ["--compile"])
+           "warning", "--expert-dtype", args.expert_dtype] + ([] if args.eager else ["--compile"]) + (
+           ["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "NANOSEEK_API_KEY": ""})
     deadline = time.monotonic() + 300
@@ -137,6 +139,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--eager", action="store_true", help="serve without --compile")
     p.add_argument("--expert-dtype", choices=["fp32", "bf16"], default="fp32", help="the server's --expert-dtype")
+    p.add_argument("--threads", type=int, help="the server's --threads (default: its own default)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -160,7 +163,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    mode = ("" if args.eager else " --compile") + f" --expert-dtype {args.expert_dtype}"
+    mode = ("" if args.eager else " --compile") + f" --expert-dtype {args.expert_dtype}" + (
+        f" --threads {args.threads}" if args.threads else "")
     table = Table(title=f"nanoseek serve{mode}: {model}, {args.max_tokens} tokens per request, max batch "
                         f"{args.max_batch}")
     for col in ("clients", "requests", "output tokens/s (median)", "latency p50", "latency p99", "TTFT p50",

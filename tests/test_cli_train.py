@@ -76,7 +76,8 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
 def test_generate_from_run(data_dir, tmp_path):
     run = tmp_path / "g"
     assert main(["train", *_args(data_dir, run, steps=4), "--no-progress"]) == 0
-    r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2")
+    r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2", "--expert-dtype",
+                 "bf16")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello") == 2
     r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "8", "--temperature", "0",
