@@ -452,25 +452,20 @@ def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
                 torch._dynamo.mark_dynamic(t, d)
 
 
-# How the routed experts are stored when serving (`--expert-dtype`). Most of a DeepSeekMoE model's parameters are
-# routed experts, and a decode step on CPU costs what reading the chosen ones costs: bf16 halves both. The math
-# stays fp32: bf16 weights are widened exactly, so the model computes what an fp32 model with bf16-rounded experts
-# computes, and a bf16 checkpoint loses nothing.
-EXPERT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def load_for_inference(path: str | Path, device: str = "auto",
                        expert_dtype: str = "fp32") -> tuple[NanoSeek, Tokenizer]:
     """A run folder (its latest checkpoint) or an HF deepseek_v3 folder with tokenizer files -> model, tokenizer.
-    `expert_dtype`: "fp32" or "bf16", how the routed experts are stored (EXPERT_DTYPES)."""
+
+    `expert_dtype` ("fp32", "bf16"): how the routed experts are stored (`--expert-dtype`). Most of a DeepSeekMoE
+    model's parameters are routed experts, and a decode step on CPU costs what reading the chosen ones costs: bf16
+    halves both. The math stays fp32: bf16 weights are widened exactly, so the model computes what an fp32 model
+    with bf16-rounded experts computes, and a bf16 checkpoint loses nothing."""
     from nanoseek.device import pick_device
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir
 
-    if expert_dtype not in EXPERT_DTYPES:
-        raise InferenceError(f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got {expert_dtype!r}")
     folder = resolve_model_dir(Path(path))
-    model = load_pretrained(folder, device=pick_device(device), expert_dtype=EXPERT_DTYPES[expert_dtype])
+    model = load_pretrained(folder, device=pick_device(device), expert_dtype=expert_dtype)
     model.eval()
     model.name_or_path = Path(path).resolve().name
     return model, Tokenizer.load(folder)
