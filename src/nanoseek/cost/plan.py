@@ -172,7 +172,10 @@ def measure_cpu_step(cfg: ModelConfig, dtype: str, seq_len: int, micro_batch: in
     step()  # the first step allocates and picks kernels
     seconds = statistics.median(step() for _ in range(steps))
     flops = train_flops_per_token(cfg, seq_len, mtp=cfg.num_nextn_predict_layers > 0) * micro_batch * seq_len
-    _measured[key] = Calibration(achieved=flops / seconds, probe=cpu_matmul_probe(dtype), seconds=seconds,
+    probe = cpu_matmul_probe(dtype)
+    if flops / seconds > probe:  # a step beat the peak: every window of that probe was slowed (a busy machine)
+        probe = cpu_matmul_probe(dtype, again=True)
+    _measured[key] = Calibration(achieved=flops / seconds, probe=probe, seconds=seconds,
                                  what=f"{what}, {micro_batch} x {seq_len} tokens, {dtype}")
     return _measured[key]
 
