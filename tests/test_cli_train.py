@@ -73,9 +73,15 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
     assert 0 < step < 400
 
 
-def test_generate_from_run(data_dir, tmp_path):
+def test_generate_from_run(data_dir, tmp_path, capsys):
     run = tmp_path / "g"
     assert main(["train", *_args(data_dir, run, steps=4), "--no-progress"]) == 0
+    # the folder above a run (what `nanoseek demo --out` makes): every command names the run inside it
+    for argv in (["generate", str(tmp_path)], ["export", str(tmp_path), "--out", str(tmp_path / "x")],
+                 ["train", "--resume", str(tmp_path)], ["report", str(tmp_path)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert f"it holds run folders: pass one of them (newest first: {run})" in capsys.readouterr().out, argv
     r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2", "--expert-dtype",
                  "bf16")
     assert r.returncode == 0, r.stderr

@@ -30,7 +30,7 @@ from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
-from nanoseek.train.run import interval_total
+from nanoseek.train.run import interval_total, runs_inside
 
 console = Console()
 
@@ -52,7 +52,7 @@ class RunRecords:
         run_dir = Path(run_dir)
         if not (run_dir / "run.toml").is_file() or not (run_dir / "metrics.jsonl").is_file():
             raise ConfigError(f"{run_dir} is not a training run folder (it needs run.toml and metrics.jsonl): pass "
-                              "the train.out_dir of a `nanoseek train` run")
+                              f"the train.out_dir of a `nanoseek train` run{runs_inside(run_dir)}")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         kind = lambda k: [r for r in records if r.get("kind") == k]
         if not kind("train"):

@@ -83,12 +83,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def resolve_model_dir(path: Path) -> Path:
     """A run folder means its latest checkpoint; any other folder is taken as a model folder."""
     from nanoseek.train.checkpoint import latest_checkpoint
+    from nanoseek.train.run import runs_inside
 
     if (path / "run.toml").is_file():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise ConfigError(f"run {path} has no checkpoint yet")
         return ckpt
+    hint = runs_inside(path)
+    if hint and not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a model folder{hint}")
     return path
 
 
@@ -113,11 +117,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from nanoseek.train.checkpoint import export_checkpoint, latest_checkpoint
+    from nanoseek.train.run import runs_inside
 
     run = Path(args.run)
     ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "trainer_state.json").is_file():
-        raise ConfigError(f"no complete checkpoint {'step ' + str(args.step) if args.step else ''} in {run}")
+        which = f"checkpoint step {args.step}" if args.step else "complete checkpoint"
+        raise ConfigError(f"no {which} in {run}{runs_inside(run)}")
     export_checkpoint(ckpt, Path(args.out))
     console.print(f"exported {ckpt} -> {args.out} (HF deepseek_v3 layout)")
     return 0

@@ -154,6 +154,16 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
     return sample
 
 
+def runs_inside(path: Path) -> str:
+    """'': or, for a folder that holds run folders (`nanoseek demo --out`, a parent of train.out_dir), a hint
+    naming them for an error message about `path`."""
+    runs = sorted((r.parent for r in path.glob("*/run.toml")), key=lambda r: r.stat().st_mtime, reverse=True)
+    if not runs:
+        return ""
+    names = ", ".join(str(r) for r in runs[:3]) + (", ..." if len(runs) > 3 else "")
+    return f"; it holds run folders: pass one of them (newest first: {names})"
+
+
 def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overrides: list[str] | None = None,
           world: World | None = None, progress: bool = True, batches: Any = None,
           val: list | None = None) -> RunResult:
@@ -162,7 +172,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "run.toml").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no run.toml)")
+            raise ConfigError(f"{run_dir} is not a run folder (no run.toml){runs_inside(run_dir)}")
         cfg = load_run_config(run_dir / "run.toml", overrides)
     elif cfg is None:
         raise ConfigError("train() needs a config or a run folder to resume")
