@@ -82,6 +82,11 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
         capsys.readouterr()
         assert main(argv) == 2
         assert f"it holds run folders: pass one of them (newest first: {run})" in capsys.readouterr().out, argv
+    # --dry-run of a resumed run prints the extended plan and trains nothing; --plot alone is refused
+    assert main(["train", "--resume", str(run), "train.steps=9", "--dry-run"]) == 0
+    assert "optimizer steps" in capsys.readouterr().out and latest_checkpoint(run).name == "step_000004"
+    assert main(["train", "--resume", str(run), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "add --dry-run" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
     r = nanoseek("generate", str(run), "--prompt", "Hello", "--max-tokens", "5", "--samples", "2", "--expert-dtype",
                  "bf16")
     assert r.returncode == 0, r.stderr
@@ -90,6 +95,19 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
                  "--speculative", "mtp")
     assert r.returncode == 0, r.stderr
     assert "MTP drafts accepted:" in r.stdout and "%" in r.stdout
+
+
+def test_data_without_a_validation_split_trains_without_validation(data_dir, tmp_path):
+    """`data prepare --val-fraction 0` is allowed, so training on it must work (with a warning, no val loss)."""
+    data0 = tmp_path / "data0"
+    r = nanoseek("data", "prepare", "--input", "chatterbot:english", "--tokenizer", str(data_dir.parent / "tok"),
+                 "--out", str(data0), "--val-fraction", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    run = tmp_path / "run"
+    r = nanoseek("train", *_args(data0, run, steps=2), "eval.samples=0", "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "no validation loss in this run" in r.stderr and "--val-fraction" in r.stderr
+    assert not any("val_loss" in rec for rec in MetricsLog(run / "metrics.jsonl").records())
 
 
 def test_train_errors_are_clear(tmp_path, capsys):

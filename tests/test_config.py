@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,9 @@ from nanoseek.config import (
     model_config_from_section,
     parse_value,
 )
-from nanoseek.train.config import load_run_config
+from nanoseek.train.config import load_run_config, to_toml
+
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 DEEPSEEK_V3_JSON = {  # the released config.json, as DeepSeek publishes it (fp8 quantization dropped)
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -115,3 +118,41 @@ def test_console_entry_point_runs():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "parameters" in r.stdout
+
+
+def test_overrides_take_their_fields_type(tmp_path):
+    tiny = ROOT_CONFIGS / "tiny.toml"
+    cfg = load_run_config(tiny, ["train.compile=False", "parallel.activation_checkpointing=TRUE", "data.path=2024",
+                                 "train.out_dir=2024-06-01", "train.tokens=1e9", "train.steps=0", "train.seed=007",
+                                 "optim.milestones=[0.5, 1]", 'eval.prompts=["a b", "c"]', "model.q_lora_rank=none",
+                                 "model.eos_token_id=[1, 2]", "optim.lr=1e-3"])
+    assert cfg.train.compile is False and cfg.parallel.activation_checkpointing is True  # not the truthy 'False'
+    assert (cfg.data.path, cfg.train.out_dir) == ("2024", "2024-06-01")  # folder names stay text
+    assert cfg.train.tokens == 10**9 and isinstance(cfg.train.tokens, int) and cfg.train.seed == 7
+    assert cfg.optim.milestones == [0.5, 1] and cfg.eval.prompts == ["a b", "c"] and cfg.optim.lr == 1e-3
+    assert cfg.model.q_lora_rank is None and cfg.model.eos_token_id == [1, 2]
+    for item, match in [("optim.lr=3e-3x", "optim.lr=3e-3x: expected a number"),
+                        ("train.steps=none", "train.steps=none: expected an integer"),
+                        ("train.steps=2.5", "train.steps=2.5: expected an integer"),
+                        ("train.compile=yes", "train.compile=yes: expected true or false"),
+                        ("optim.milestones=0.5", r"optim.milestones=0.5: expected a list"),
+                        ("optim.milestones=[0.5, x]", r"optim.milestones"),
+                        ("train.log_every=0", "train.log_every=0 must be >= 1"),
+                        ("train.max_nonfinite=0", "train.max_nonfinite=0 must be >= 1"),
+                        ("checkpoint.keep=-1", r"checkpoint.keep=-1 must be >= 0 \(0: all\)"),
+                        ("train.batch_size_start=16", "needs both train.batch_size_start and train.batch_ramp_tokens")]:
+        with pytest.raises(ConfigError, match=match):
+            load_run_config(tiny, [item])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny.read_text() + '\n[parallel]\nactivation_checkpointing = "false"\n')
+    with pytest.raises(ConfigError, match=r"parallel\.activation_checkpointing='false': expected true or false"):
+        load_run_config(bad)
+
+
+def test_run_toml_round_trips_any_text(tmp_path):
+    """The resolved config is written as run.toml and read back on --resume: every string must survive."""
+    texts = ['def f():\n    return', 'tab\t"quoted" \\ back\\slash', 'ctrl \x01 \x7f end', 'ünï 日本語 😀', ""]
+    cfg = load_run_config(ROOT_CONFIGS / "tiny.toml")
+    cfg.eval.prompts = texts
+    (tmp_path / "run.toml").write_text(to_toml(cfg.to_dict()), encoding="utf-8")
+    assert load_run_config(tmp_path / "run.toml") == cfg

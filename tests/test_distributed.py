@@ -23,7 +23,8 @@ from tests.conftest import ROOT
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # batch 8 of micro-batch 2: one process accumulates 4 micro-batches, each of 2 ranks accumulates 2
 RUN = ["model.vocab_size=512", "data.seq_len=64", "train.batch_size=8", "train.micro_batch_size=2",
-       "train.log_every=1", "eval.every=0", "eval.samples=0", "eval.batches=2", "balance.bias_update_speed=0.01"]
+       "train.log_every=1", "eval.every=0", "eval.samples=0", "eval.batches=2", "balance.bias_update_speed=0.01",
+       "balance.seq_aux_alpha=0.1"]  # the sequence-wise balance loss too: its weight must not grow with the ranks
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -76,6 +77,8 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     assert got[bias].abs().sum() > 0 and torch.allclose(ref[bias], got[bias])  # global load on every rank
     assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
     records = MetricsLog(run / "metrics.jsonl").records("train")
+    ref_balance = [r["balance_loss"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]
+    assert [r["balance_loss"] for r in records] == pytest.approx(ref_balance, rel=1e-5)  # every rank's, averaged
     assert all(r["ranks"] == 2 for r in records)
     # the global gradient norm over replicated and sharded gradients is the one process's norm
     ref_norms = [r["grad_norm"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]

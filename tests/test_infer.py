@@ -133,6 +133,41 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         assert [e.token_id for e in Engine(model, IdText()).generate([PROMPTS[1]], p)[0]] == ref
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """logits / 1e-40 overflow to inf and the softmax to NaN; the sampler divides logits relative to the largest."""
+    model = tiny()
+    ref = greedy_reference(model, PROMPTS[1], 8)
+    for t in (1e-40, 1e-30, 1e-8):
+        p = SamplingParams(max_tokens=8, temperature=t, seed=3, ignore_eos=True)
+        assert [e.token_id for e in Engine(model, IdText()).generate([PROMPTS[1]], p)[0]] == ref
+    with pytest.raises(InferenceError, match="temperature must be a finite number"):
+        Engine(model, IdText()).generate([[1]], SamplingParams(temperature=float("inf")))
+
+
+def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch):
+    """Whatever fails inside a step: the requests in it get the error, their slots come back, the engine goes on."""
+    import nanoseek.infer.engine as engine_mod
+
+    model = tiny()
+    real = engine_mod.sample
+
+    def failing(logits, params, generator):
+        if params.top_k == 7:
+            raise RuntimeError("sampling broke (simulated)")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample", failing)
+    engine = Engine(model, IdText(), max_batch=1)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            engine.generate([PROMPTS[0]], SamplingParams(max_tokens=4, top_k=7, ignore_eos=True))
+        assert engine._free == [0] and engine.stats()["running"] == 0
+        assert [e.token_id for e in engine.generate([PROMPTS[1]], GREEDY)[0]] == greedy_reference(model, PROMPTS[1],
+                                                                                                   10)
+    finally:
+        engine.shutdown()
+
+
 def test_logprobs_are_the_models():
     model = tiny()
     events = Engine(model, IdText()).generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0, logprobs=2,
@@ -143,7 +178,7 @@ def test_logprobs_are_the_models():
     for i, e in enumerate(events):
         row = logp[len(PROMPTS[0]) - 1 + i]
         assert abs(e.logprob - row[e.token_id].item()) < 1e-4
-        assert e.top_logprobs[0] == (f"<{e.token_id}>", pytest.approx(e.logprob, abs=1e-6))  # greedy: the top one
+        assert e.top_logprobs[0] == (e.token_id, pytest.approx(e.logprob, abs=1e-6))  # greedy: the top one
         assert len(e.top_logprobs) == 2 and e.top_logprobs[1][1] <= e.top_logprobs[0][1]
 
 
@@ -177,6 +212,19 @@ def test_text_stream_holds_back_stop_prefixes_and_broken_characters(data_dir):
     s = TextStream(tok, [])
     assert "".join(s.add(i)[0] for i in tok.encode("naïve — ok")) + s.flush() == "naïve — ok"
 
+
+
+def test_text_stream_holds_back_exactly_the_longest_stop_prefix():
+    """Against the definition: the longest proper prefix of any stop string that the text ends with."""
+    def naive(text: str, stops: list[str]) -> int:
+        return max([n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        stops = ["".join(rng.choices("abc", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        stream = TextStream(IdText(), stops)
+        stream.text = "".join(rng.choices("abc", k=rng.randint(0, 12)))
+        assert stream._held() == naive(stream.text, stops), (stream.text, stops)
 
 
 def test_text_stream_decodes_a_short_window_and_equals_the_whole_decode(data_dir):

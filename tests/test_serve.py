@@ -223,6 +223,34 @@ def test_logprobs(client, tok):
     assert all(len(alts) <= 2 for alts in lp.top_logprobs) and lp.text_offset[0] == 0
     plain = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4, **GREEDY)
     assert plain.choices[0].logprobs is None
+    # each entry's bytes are its token's own: together they are the answer, even where a token holds part of a
+    # character (its "token" text then reads U+FFFD)
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "¿Qué tal? 日本"}],
+                                       max_tokens=24, logprobs=True, **GREEDY)
+    joined = b"".join(bytes(e.bytes) for e in r.choices[0].logprobs.content)
+    assert joined.decode(errors="replace") == r.choices[0].message.content
+
+
+def test_token_bytes_and_text_offsets_across_split_characters(tok):
+    """Tokens that split a UTF-8 character: bytes join to the text; text_offset counts whole characters, from the
+    tokens themselves (not from what a stop string let through), checked against the tokenizer's own decode."""
+    from nanoseek.infer import TokenEvent
+    from nanoseek.serve.app import Server, TextOffsets
+
+    text = "añ 日本語 ok\n\nमराठी 😀!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the small vocabulary splits some characters
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    offsets = TextOffsets(tok)
+    got = [offsets(i) for i in ids]
+    assert got == [len(tok.decode(ids[:k]).rstrip("\ufffd")) for k in range(len(ids))] and offsets.chars == len(text)
+    server = Server.__new__(Server)  # only its tokenizer is needed to render logprobs
+    server.tokenizer = tok
+    events = [TokenEvent(i, "", -0.5, [(i, -0.5)], None, 1, k + 1) for k, i in enumerate(ids)]
+    content = server.chat_logprobs(events)["content"]
+    assert bytes(b for e in content for b in e["bytes"]).decode() == text
+    assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)
+    assert server.completion_logprobs(events, TextOffsets(tok))["text_offset"] == got
 
 
 def test_raw_server_sent_events(http):
@@ -363,8 +391,12 @@ def test_error_cases(url, http, client):
     assert_error(http.post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
     for field, value in [("messages", "hi"), ("max_tokens", "ten"), ("temperature", "hot"), ("stream", "yes"),
                          ("messages", [{"role": "robot", "content": "hi"}]), ("messages", [{"role": "user"}]),
-                         ("stop", [""]), ("max_tokens", 0), ("temperature", 3), ("seed", -1), ("top_p", 0)]:
-        err = assert_error(http.post("/v1/chat/completions", json={**chat, field: value}), 400)
+                         ("stop", [""]), ("max_tokens", 0), ("temperature", 3), ("seed", -1), ("top_p", 0),
+                         ("stop", ["x"] * 17), ("stop", "x" * 257),
+                         ("messages", [{"role": "user", "content": "a lone surrogate \ud800"}])]:
+        body = json.dumps({**chat, field: value}).encode()  # ASCII escapes: a lone surrogate travels as \ud800
+        err = assert_error(http.post("/v1/chat/completions", content=body,
+                                     headers={"Content-Type": "application/json"}), 400)
         assert err["param"].startswith(field), (field, value, err)
     assert_error(http.post("/v1/chat/completions", json={"messages": chat["messages"]}), 400, "model")
     assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
@@ -378,6 +410,12 @@ def test_error_cases(url, http, client):
     assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": "word " * 600}), 400, "prompt",
                  "context_length_exceeded")
     assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": [5, 99999]}), 400, "prompt")
+    # no max_tokens and a prompt that leaves fewer than OpenAI's default 16: what is left, not an error about 16
+    short = http.post("/v1/completions", json={"model": "tiny-chat", "prompt": [5] * 508, "temperature": 0,
+                                               "ignore_eos": True}).json()
+    assert short["usage"]["completion_tokens"] == 4 and short["choices"][0]["finish_reason"] == "length"
+    assert_error(http.post("/v1/completions", content=json.dumps({"model": "tiny-chat", "prompt": "\ud800"}).encode(),
+                           headers={"Content-Type": "application/json"}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"model": "tiny-chat", "prompt": ["a", "b"]}), 400, "prompt")
     assert_error(http.post("/v1/chat/completions", json={**chat, "n": 2}), 400, "n")
     assert_error(http.post("/v1/chat/completions", json={**chat, "tools": [{"type": "function"}]}), 400, "tools")
@@ -400,6 +438,16 @@ def test_error_cases(url, http, client):
     assert bad.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    # a client that hangs up halfway through sending its body: counted as 499 (gone), not as a server error
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": \"tiny".encode())
+    gone = 'nanoseek_requests_total{endpoint="/v1/completions",status="499"}'
+    deadline = time.monotonic() + 10
+    while gone not in http.get("/metrics").text:
+        assert time.monotonic() < deadline, "the aborted upload was not counted as 499"
+        time.sleep(0.05)
     # still serving, and nothing above was a server error
     assert client.chat.completions.create(model="tiny-chat", messages=chat["messages"], max_tokens=3).choices
     metrics = http.get("/metrics").text

@@ -227,6 +227,51 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     assert latest_checkpoint(run).name == "step_000005"
 
 
+def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path):
+    """step_1000000 sorts before step_999500 as text: pruning and the LATEST fallback must count, not spell."""
+    cfg = _cfg(tmp_path, ReverseTask())
+    model = nanoseek.NanoSeek(cfg.model)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    run = tmp_path / "r"
+    for step in (999_000, 999_500, 1_000_000, 1_000_500):
+        save_checkpoint(run, model, model, opt, TrainState(step=step), keep=2)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_1000000", "step_1000500"]
+    (run / "checkpoints" / "LATEST").unlink()
+    assert latest_checkpoint(run).name == "step_1000500"
+
+
+def test_schedule_edges():
+    """A one-step run takes its step at the peak rate; a ramp must start on a multiple of micro-batch × ranks;
+    the MTP and bias-freeze switches count in optim.unit (tokens: DeepSeek-V3 states them in tokens)."""
+    from types import SimpleNamespace
+
+    from nanoseek.train.config import OptimConfig
+    from nanoseek.train.schedule import lr_schedule
+
+    assert lr_schedule(OptimConfig(lr=1.0, warmup=100), total_steps=1, total_tokens=512)(0) == 1.0
+    assert lr_schedule(OptimConfig(lr=1.0, warmup=100), total_steps=5, total_tokens=512)(2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="multiple of micro-batch"):
+        BatchRamp(end=64, start=12, ramp_tokens=1000, multiple=8)
+    # a batch ramp makes the first half of the steps hold far less than half of the tokens
+    state = TrainState(step=50, tokens=2_000, total_steps=100, total_tokens=10_000)
+    by = {unit: Trainer.fraction(SimpleNamespace(state=state, cfg=SimpleNamespace(optim=SimpleNamespace(unit=unit))))
+          for unit in ("steps", "tokens")}
+    assert by == {"steps": 0.5, "tokens": 0.2}
+
+
+def test_metrics_log_survives_a_record_cut_short(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log({"kind": "train", "step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')  # a crash mid-write
+    with pytest.warns(UserWarning, match="metrics.jsonl:4: not a JSON record"):
+        assert [r["step"] for r in log.records("train")] == [1, 2, 3]
+    with pytest.warns(UserWarning):
+        log.truncate_after(2)  # what resume from step 2 does: the cut record goes too
+    assert log.path.read_text().count("\n") == 2 and [r["step"] for r in log.records()] == [1, 2]
+
+
 def test_keep_last_k_checkpoints(tmp_path):
     task = ReverseTask()
     cfg = _cfg(tmp_path, task, train={"steps": 10}, checkpoint={"every": 2, "keep": 2})

@@ -18,6 +18,7 @@ from nanoseek.model.summary import parameter_counts
 from nanoseek.report import add_commands as add_report
 from nanoseek.serve.commands import add_commands as add_serve
 from nanoseek.train.commands import add_commands as add_train
+from nanoseek.train.loop import NonFiniteLossError
 from nanoseek.train.parallel import DistributedError
 
 console = Console()
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DistributedError) as e:  # ConfigError, CheckpointError, DataError
+    except (ValueError, FileNotFoundError, DistributedError, NonFiniteLossError) as e:  # ConfigError, DataError, ...
         console.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
 

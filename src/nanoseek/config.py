@@ -11,10 +11,12 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
+import typing
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -301,8 +303,14 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # ---- TOML files and key=value overrides --------------------------------------------------------------------
+class Override(str):
+    """The text of a `key=value` override: from_dict reads it as its field's type, so a folder named 2024 stays
+    text and `False` is a boolean only where one is expected."""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build a (nested) dataclass from a dict, rejecting unknown keys with their path."""
+    """Build a (nested) dataclass from a dict, rejecting unknown keys with their path and values that are not of
+    their field's type (ints are accepted for floats, integral floats such as 1e9 for ints)."""
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
@@ -312,11 +320,60 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}{key}.")
-        elif isinstance(value, str) and value.lower() in ("none", "null") and type(None) in get_args(hint):
-            value = None  # TOML has no null: optional fields write it as "none"
-        kwargs[key] = value
+            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = coerce(value, hint, where + key)
     return cls(**kwargs)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.lower() in ("none", "null"))  # TOML has no null
+
+
+def _expected(hint: Any) -> str:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in get_args(hint))
+    origin = get_origin(hint) or hint
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "none",
+             list: "a list such as [0.8, 0.9]", dict: "a table such as {a = 1}"}
+    return names.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` (from TOML, or an Override's text) as a field of type `hint`; a ConfigError naming `key` if it is
+    not one."""
+    shown = value if isinstance(value, Override) else repr(value)
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if type(None) in options and _is_none(value):
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={shown}: expected {_expected(hint)}")
+    if isinstance(value, Override):
+        parsed = parse_value(value)
+        if hint is str:  # a quoted string loses its quotes; anything else is the text as typed
+            return parsed if isinstance(parsed, str) else str(value)
+        if hint is bool and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if hint is int and value.isdigit():
+            return int(value)  # 007, which TOML rejects
+        value = parsed
+    origin = get_origin(hint) or hint
+    if hint is Any or (origin in (str, bool, list, dict) and isinstance(value, origin)):
+        if origin is list:
+            (item,) = get_args(hint) or (Any,)
+            return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+    if hint in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        if hint is float or isinstance(value, int):
+            return value
+        if math.isfinite(value) and value.is_integer():
+            return int(value)  # train.tokens=1e9
+    raise ConfigError(f"{key}={shown}: expected {_expected(hint)}")
 
 
 def parse_value(text: str) -> Any:
@@ -342,7 +399,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
-        node[parts[-1]] = parse_value(raw.strip())
+        node[parts[-1]] = Override(raw.strip())
     return out
 
 
@@ -373,7 +430,9 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "ModelConfig",
+    "Override",
     "apply_overrides",
+    "coerce",
     "from_dict",
     "load_toml",
     "model_config_from_section",

@@ -92,7 +92,7 @@ def _iter_folder(root: Path, text_field: str, report: Report) -> Iterator[Docume
 
 def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as e:
         report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
         return None

@@ -183,6 +183,23 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for: a byte-level token's characters mapped back to bytes (a token may hold part
+        of a UTF-8 character, which its decoded text shows as U+FFFD), or a special token's text."""
+        token = self.hf.id_to_token(token_id)
+        if token is None:
+            raise DataError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
+        chars = _byte_level_chars()
+        if token in self._special or any(c not in chars for c in token):
+            return self.decode([token_id]).encode()
+        return bytes(chars[c] for c in token)
+
+    @property
+    def _special(self) -> frozenset[str]:
+        if not hasattr(self, "_special_tokens"):
+            self._special_tokens = frozenset(t.content for t in self.hf.get_added_tokens_decoder().values())
+        return self._special_tokens
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte = nats / ln 2 / Σ bytes."""
         chars = _byte_level_chars()

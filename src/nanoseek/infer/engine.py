@@ -48,7 +48,7 @@ class TokenEvent:
     token_id: int
     text: str  # text this token releases (may be "" while held back, see infer/text.py)
     logprob: float | None
-    top_logprobs: list[tuple[str, float]] | None
+    top_logprobs: list[tuple[int, float]] | None  # (token id, logprob) of the most likely tokens
     finish_reason: str | None  # None, or on the last event "stop" / "length"
     prompt_tokens: int
     completion_tokens: int
@@ -134,6 +134,7 @@ class Engine:
         self._free = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
+        self._admitting: list[_Request] = []  # given a slot, in prefill: not yet running
         self._cancelled: set[_Request] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -280,12 +281,16 @@ class Engine:
                         return
                 try:
                     self._step()
-                except Exception as e:  # a failed step fails its requests, not the server
-                    for r in [*self._running, *self._waiting]:
+                except Exception as e:  # a failed step fails its requests (each told, its slot freed), not the server
+                    with self._cond:
+                        failed = [*self._running, *(r for r in self._admitting if r not in self._running)]
+                        if not failed:  # it failed before admitting anyone (e.g. no memory for the cache)
+                            failed = list(self._waiting)
+                            self._waiting.clear()
+                        self._admitting = []
+                    for r in failed:
                         r.sink(e)
                         self._finish(r)
-                    with self._cond:
-                        self._waiting.clear()
 
     def _ensure_cache(self) -> LatentCache:
         if self._cache is None:
@@ -323,7 +328,9 @@ class Engine:
                 in_flight += r.reserved
                 admitted.append(r)
         if admitted:
+            self._admitting = admitted
             self._prefill(admitted)
+            self._admitting = []
         if self._running:
             self._decode()
 
@@ -413,8 +420,7 @@ class Engine:
         r.last = token
         logprob = top = None
         if r.params.logprobs is not None:
-            logprob, alts = token_logprobs(logits, token, r.params.logprobs)
-            top = [(self.tokenizer.decode([i]), v) for i, v in alts]
+            logprob, top = token_logprobs(logits, token, r.params.logprobs)
         finish = None
         if token in r.stop_ids:
             text, finish = r.text.flush(), "stop"

@@ -6,9 +6,12 @@ alone or in a batch with others (the batch never shares random numbers between r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+MIN_TEMPERATURE = 1e-6
 
 
 class InferenceError(ValueError):
@@ -30,8 +33,8 @@ class SamplingParams:
     def check(self) -> None:
         if self.max_tokens < 1:
             raise InferenceError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InferenceError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise InferenceError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InferenceError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -61,7 +64,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [vocab] (fp32) -> one token id."""
     if params.greedy:
         return int(logits.argmax())
-    logits = logits.cpu() / params.temperature  # the generator is a CPU one: the same draw on any device
+    logits = logits.cpu()  # the generator is a CPU one: the same draw on any device
+    # Relative to the largest logit, and at least MIN_TEMPERATURE: logits / 1e-40 overflow to inf (and 1e-40 is a
+    # float32 subnormal, which the engine's thread flushes to 0), making the softmax NaN. Below ~1e-4 sampling
+    # is greedy in all but near-ties anyway.
+    logits = (logits - logits.max()) / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -62,11 +62,14 @@ class TextStream:
         return min(hits) if hits else None
 
     def _held(self) -> int:
-        """Characters at the end that must wait: the longest proper prefix of a stop string."""
-        held = 0
+        """Characters at the end that must wait: the longest proper prefix of a stop string. Only the places in
+        the tail where the stop string's first character occurs can start one (leftmost: the longest)."""
+        text, held = self.text, 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), held, -1):
-                if self.text.endswith(s[:n]):
-                    held = n
+            i = text.find(s[0], max(0, len(text) - len(s) + 1))
+            while i >= 0 and len(text) - i > held:
+                if s.startswith(text[i:]):
+                    held = len(text) - i
                     break
+                i = text.find(s[0], i + 1)
         return held

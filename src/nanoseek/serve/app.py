@@ -11,6 +11,7 @@ with a 4xx status, so OpenAI clients raise their usual exceptions and the server
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -40,6 +41,7 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES = 1 << 20  # a full prompt for a 128K-token context is ~0.5 MB of text
 MAX_LOGPROBS = 20
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 # Endpoints named in the request counter; any other path counts as "other", so scanners cannot grow the label set.
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 # OpenAI parameters this server does not implement, with the values that mean "not used" (accepted silently).
@@ -90,6 +92,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}{first['msg']}{more}", param
 
 
+class TextOffsets:
+    """Where each token's text starts in the completion, in characters (`text_offset`). Counted from the tokens'
+    own bytes through an incremental UTF-8 decoder, not from the text released so far (a stop string holds text
+    back); a token that ends inside a character leaves the next offset at that character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token_id: int) -> int:
+        at = self.chars
+        self.chars += len(self.decoder.decode(self.tokenizer.token_bytes(token_id)))
+        return at
+
+
 # ---- middleware (plain ASGI, so they run before the body is parsed and see every response) -----------------
 
 class RequestCounter:
@@ -104,7 +121,8 @@ class RequestCounter:
             return
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
-        status = 500
+        status: int | None = None
+        failed = False
 
         async def send_counted(message: Message) -> None:
             nonlocal status
@@ -114,8 +132,13 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, send_counted)
+        except Exception:
+            failed = True
+            raise
         finally:
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            # no response and no error: the client left first (499, nginx's code), e.g. mid-upload
+            code = status if status is not None else 500 if failed else 499
+            self.metrics.requests.labels(endpoint=endpoint, status=str(code)).inc()
 
 
 class BodyLimit:
@@ -233,9 +256,14 @@ class _GenerationRequest(_Body):
 
     @field_validator("stop")
     @classmethod
-    def _stops_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        # every stop string is checked against the text at each token, on the engine's thread that the whole
+        # batch shares: bounded (OpenAI takes 4)
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
         return v
 
 
@@ -314,15 +342,16 @@ class Server:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
     def sampling_params(self, req: _GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
-                        logprobs: int | None, prompt_param: str) -> SamplingParams:
-        """Engine parameters, after checking that prompt + max_tokens fit in the model's context."""
+                        logprobs: int | None, prompt_param: str, default_max: int | None = None) -> SamplingParams:
+        """Engine parameters, after checking that prompt + max_tokens fit in the model's context. Without
+        max_tokens: `default_max` (OpenAI's 16 for completions) or what the context leaves, whichever is less."""
         context, n_prompt = self.engine.max_context, len(prompt_ids)
         if n_prompt >= context:
             raise APIError(400, f"the prompt is {n_prompt} tokens, but this model's context is {context} tokens "
                                 "(prompt and answer together): shorten it", param=prompt_param,
                            code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = context - n_prompt
+            max_tokens = min(default_max or context, context - n_prompt)
         elif n_prompt + max_tokens > context:
             raise APIError(400, f"max_tokens={max_tokens} does not fit: this model's context is {context} tokens "
                                 f"and the prompt takes {n_prompt}; ask for at most {context - n_prompt} tokens "
@@ -409,22 +438,20 @@ class Server:
         return self.tokenizer.decode([token_id])
 
     def chat_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
-        def entry(text: str, lp: float) -> dict[str, Any]:
-            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        def entry(token_id: int, lp: float) -> dict[str, Any]:  # bytes: the token's own, part of a character or not
+            return {"token": self._token_text(token_id), "logprob": lp,
+                    "bytes": list(self.tokenizer.token_bytes(token_id))}
 
-        return {"content": [{**entry(self._token_text(ev.token_id), ev.logprob),
-                             "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]} for ev in events],
+        return {"content": [{**entry(ev.token_id, ev.logprob),
+                             "top_logprobs": [entry(i, lp) for i, lp in ev.top_logprobs or []]} for ev in events],
                 "refusal": None}
 
-    def completion_logprobs(self, events: list[TokenEvent], offset: int) -> dict[str, Any]:
-        offsets = []
-        for ev in events:
-            offsets.append(offset)
-            offset += len(ev.text)
+    def completion_logprobs(self, events: list[TokenEvent], offsets: TextOffsets) -> dict[str, Any]:
         return {"tokens": [self._token_text(ev.token_id) for ev in events],
                 "token_logprobs": [ev.logprob for ev in events],
-                "top_logprobs": [dict(ev.top_logprobs) if ev.top_logprobs is not None else None for ev in events],
-                "text_offset": offsets}
+                "top_logprobs": [None if ev.top_logprobs is None else
+                                 {self._token_text(i): lp for i, lp in ev.top_logprobs} for ev in events],
+                "text_offset": [offsets(ev.token_id) for ev in events]}
 
     # -- endpoints --------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
@@ -439,7 +466,15 @@ class Server:
                                                       add_generation_prompt=True)
         except (TemplateError, DataError) as e:
             raise APIError(400, f"the model's chat template rejected the messages: {e}", param="messages") from e
-        return self.tokenizer.encode(text)  # the template starts with the BOS token's text
+        return self.encode(text, "messages")  # the template starts with the BOS token's text
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:  # JSON can carry a lone surrogate ("\\ud800"), which is no text any tokenizer can read
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param}: not valid Unicode text ({e.reason} at character {e.start}: a lone UTF-16 "
+                                "surrogate such as \\ud800)", param=param) from e
+        return self.tokenizer.encode(text)
 
     async def chat(self, request: Request, req: ChatRequest) -> Response:
         arrived = time.perf_counter()
@@ -484,7 +519,7 @@ class Server:
 
     def completion_prompt(self, prompt: str | list[str] | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+            return [self.tokenizer.bos_id, *self.encode(prompt, "prompt")]
         if all(isinstance(p, str) for p in prompt) and prompt:
             if len(prompt) > 1:
                 raise APIError(400, f"{len(prompt)} prompts in one request: this server completes one prompt per "
@@ -502,7 +537,7 @@ class Server:
         self.check_model(req.model)
         self.check_supported(req)
         prompt_ids = self.completion_prompt(req.prompt)
-        params = self.sampling_params(req, prompt_ids, req.max_tokens or 16, req.logprobs, "prompt")
+        params = self.sampling_params(req, prompt_ids, req.max_tokens, req.logprobs, "prompt", default_max=16)
         rid, name = f"cmpl-{uuid.uuid4().hex}", self.engine.model_name
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name}
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -511,20 +546,19 @@ class Server:
 
         def render(events: list[TokenEvent]) -> dict[str, Any]:
             return {**head, "choices": [{"index": 0, "text": "".join(ev.text for ev in events),
-                                         "logprobs": self.completion_logprobs(events, 0) if logprobs else None,
+                                         "logprobs": self.completion_logprobs(events, TextOffsets(self.tokenizer))
+                                         if logprobs else None,
                                          "finish_reason": events[-1].finish_reason}],
                     "usage": _usage(events[-1])}
 
-        sent = 0
+        offsets = TextOffsets(self.tokenizer)
 
         def chunk(ev: TokenEvent) -> list[dict[str, Any]]:
-            nonlocal sent
             if not (ev.text or logprobs or ev.finish_reason):
                 return []
             choice = {"index": 0, "text": ev.text,
-                      "logprobs": self.completion_logprobs([ev], sent) if logprobs else None,
+                      "logprobs": self.completion_logprobs([ev], offsets) if logprobs else None,
                       "finish_reason": ev.finish_reason}
-            sent += len(ev.text)
             return [{**head, "choices": [choice], **extra}]
 
         def chunks(first: TokenEvent, rest: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:

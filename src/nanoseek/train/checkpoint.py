@@ -115,7 +115,7 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
                 shutil.rmtree(final)
             os.replace(tmp, final)
             write_atomic(ckpt_root / "LATEST", name + "\n")
-            old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+            old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=_step_of)
             for p in old[:-keep] if keep > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
     finally:
@@ -144,6 +144,12 @@ def _export(module: NanoSeek, model: nn.Module, folder: Path, tokenizer_dir: Pat
                 shutil.copy2(tokenizer_dir / f, folder / f)
 
 
+def _step_of(folder: Path) -> int:
+    """step_000500 -> 500: by number, since step 1,000,000 has more digits than the name's zero padding."""
+    digits = folder.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The folder LATEST names, or (if LATEST is missing or names a broken folder) the newest complete one."""
     root = Path(run_dir) / "checkpoints"
@@ -152,7 +158,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         cand = root / latest.read_text().strip()
         if (cand / STATE_FILE).is_file():
             return cand
-    complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    complete = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), key=_step_of)
     return complete[-1] if complete else None
 
 

@@ -57,24 +57,24 @@ def plot_schedule(cfg, path: Path) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nanoseek.train.config import load_run_config
-    from nanoseek.train.run import describe_plan, summary_table, train
+    from nanoseek.train.run import describe_plan, resumed_config, summary_table, train
 
     config, overrides = split_config_and_overrides(args.items)
-    if args.resume:
-        if config is not None:
-            raise ConfigError("with --resume, give only key=value overrides (the run folder has its config)")
-        result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress)
-    else:
-        if config is None:
-            raise ConfigError("give a config file: nanoseek train CONFIG.toml [key=value ...]")
-        cfg = load_run_config(config, overrides)
-        if args.dry_run:
-            console.print(describe_plan(cfg))
-            if args.plot:
-                plot_schedule(cfg, Path(args.plot))
-                console.print(f"schedule plot: {args.plot}")
-            return 0
-        result = train(cfg, progress=not args.no_progress)
+    if args.plot and not args.dry_run:
+        raise ConfigError("--plot draws the plan that --dry-run prints: add --dry-run")
+    if args.resume and config is not None:
+        raise ConfigError("with --resume, give only key=value overrides (the run folder has its config)")
+    if not args.resume and config is None:
+        raise ConfigError("give a config file: nanoseek train CONFIG.toml [key=value ...]")
+    cfg = resumed_config(Path(args.resume), overrides) if args.resume else load_run_config(config, overrides)
+    if args.dry_run:
+        console.print(describe_plan(cfg))
+        if args.plot:
+            plot_schedule(cfg, Path(args.plot))
+            console.print(f"schedule plot: {args.plot}")
+        return 0
+    result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress) if args.resume else \
+        train(cfg, progress=not args.no_progress)
     console.print(summary_table(result.summary))
     console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
     return 0 if result.stop_reason in ("done", "time", "signal") else 1

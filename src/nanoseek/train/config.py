@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps; a final checkpoint is always written
-    keep: int = 3
+    keep: int = 3  # 0: keep all
 
 
 @dataclass
@@ -139,6 +140,17 @@ class RunConfig:
             raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32', 'bf16' or 'auto'")
         if self.optim.unit not in ("steps", "tokens"):
             raise ConfigError(f"optim.unit={self.optim.unit!r}: use 'steps' or 'tokens'")
+        at_least = {"train.log_every": (t.log_every, 1, ""), "train.max_nonfinite": (t.max_nonfinite, 1, ""),
+                    "data.seq_len": (self.data.seq_len, 1, ""), "checkpoint.keep": (self.checkpoint.keep, 0, "all"),
+                    "checkpoint.every": (self.checkpoint.every, 0, "only at the end"),
+                    "eval.every": (self.eval.every, 0, "only at the end"),
+                    "eval.batches": (self.eval.batches, 0, "no validation loss")}
+        for key, (value, low, zero) in at_least.items():
+            if value < low:
+                raise ConfigError(f"{key}={value} must be >= {low}" + (f" (0: {zero})" if zero else ""))
+        if bool(t.batch_size_start) != bool(t.batch_ramp_tokens):
+            raise ConfigError("a batch-size ramp needs both train.batch_size_start and train.batch_ramp_tokens "
+                              f"(got {t.batch_size_start} and {t.batch_ramp_tokens}; 0 and 0: no ramp)")
         if t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:
             raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
                               f"{t.micro_batch_size}")
@@ -181,8 +193,8 @@ def to_toml(data: dict[str, Any]) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # a JSON string is a TOML basic string, but for DEL, which TOML wants escaped
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):

@@ -175,7 +175,10 @@ class Trainer:
         return o.lr * (self.progress() + 1) / (o.warmup + 1) if self.progress() < o.warmup else o.lr
 
     def fraction(self) -> float:
+        """How much of the run is done, in optim.unit (V3 states its MTP and bias-freeze switches in tokens)."""
         s = self.state
+        if self.cfg.optim.unit == "tokens":
+            return s.tokens / s.total_tokens if s.total_tokens else 0.0
         return s.step / s.total_steps if s.total_steps else 0.0
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -190,8 +193,9 @@ class Trainer:
             loss = loss + mtp_weight / len(out.mtp_ce_sums) * torch.stack(out.mtp_ce_sums).sum()
         loss = loss / n_target
         if alpha > 0 and out.balance_loss is not None:
-            # the model averages over its micro-batch's sequences; weight it to a mean over the global batch
-            loss = loss + alpha * out.balance_loss * (x.shape[0] * self.world.size / global_batch)
+            # the model averages over its micro-batch's sequences; weight it to a mean over the global batch. The
+            # ranks' gradients are summed (loss_scale undoes DDP's average), so no factor for the world size here
+            loss = loss + alpha * out.balance_loss * (x.shape[0] / global_batch)
         return loss, out
 
     def step(self) -> StepResult:
@@ -205,8 +209,7 @@ class Trainer:
         lr = self.lr_now()
         for g in self.opt.param_groups:
             g["lr"] = lr
-        mtp_weight = piecewise(state.step, state.total_steps, [cfg.mtp.weight, cfg.mtp.weight_after],
-                               [cfg.mtp.switch_at])
+        mtp_weight = piecewise(self.fraction(), 1.0, [cfg.mtp.weight, cfg.mtp.weight_after], [cfg.mtp.switch_at])
 
         self.model.train()
         ce, mtp_ce, mtp_n, bal = torch.zeros(()), None, None, None
@@ -221,9 +224,11 @@ class Trainer:
                 mtp_ce = sums if mtp_ce is None else mtp_ce + sums
                 mtp_n = ns if mtp_n is None else mtp_n + ns
             if out.balance_loss is not None:
-                b = out.balance_loss.detach().float().cpu() / accum
+                b = out.balance_loss.detach().float().cpu() / (accum * self.world.size)
                 bal = b if bal is None else bal + b
         ce = self.world.all_reduce_sum(ce)
+        if bal is not None:
+            bal = self.world.all_reduce_sum(bal)  # the mean over every rank's micro-batches, as logged
         main = (ce / n_target_f.cpu()).item()
         mtp = None
         if mtp_ce is not None:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,10 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records from steps after the checkpoint, which the resumed run will redo."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_atomic(self.path, "".join(line + "\n" for line in keep))
+        """On resume: drop records from steps after the checkpoint, which the resumed run will redo (and a
+        record cut short by a crash)."""
+        if self.path.exists():
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records() if r.get("step", 0) <= step))
 
     def __call__(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -64,8 +63,16 @@ class MetricsLog:
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        out = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [r for r in out if kind is None or r.get("kind") == kind]
+        out = []
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # a record cut short by a crash (or an edit): the rest still counts
+                warnings.warn(f"{self.path}:{i}: not a JSON record, skipped: {line[:60]!r}", stacklevel=2)
+                continue
+            if isinstance(record, dict) and (kind is None or record.get("kind") == kind):
+                out.append(record)
+        return out
 
 
 def describe_plan(cfg: RunConfig, world_size: int = 1) -> Table:
@@ -124,6 +131,7 @@ class RunResult:
 
 def _data(cfg: RunConfig, world: World) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Path]:
     from nanoseek.data.loader import Batches, eval_batches
+    from nanoseek.data.tokenizer import DataError
 
     path = Path(cfg.data.path)
     if not cfg.data.path or not (path / "index.json").is_file():
@@ -131,8 +139,14 @@ def _data(cfg: RunConfig, world: World) -> tuple[Any, list[tuple[torch.Tensor, t
                           "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
     train = Batches(path, split="train", seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=world.rank,
                     world_size=world.size)
-    val = list(eval_batches(path, split="val", seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                            max_batches=cfg.eval.batches))
+    val: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if cfg.eval.batches:
+        try:
+            val = eval_batches(path, split="val", seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
+                               max_batches=cfg.eval.batches)
+        except DataError as e:  # e.g. prepared with --val-fraction 0, or one short held-out document
+            warnings.warn(f"no validation loss in this run: {e}. Prepare the data with a larger --val-fraction "
+                          "for one, or set eval.batches=0 to silence this", stacklevel=2)
     return train, val, path
 
 
@@ -154,6 +168,13 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
     return sample
 
 
+def resumed_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The configuration a run folder was started with (its run.toml), with `key=value` overrides."""
+    if not (run_dir / "run.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no run.toml){runs_inside(run_dir)}")
+    return load_run_config(run_dir / "run.toml", overrides)
+
+
 def runs_inside(path: Path) -> str:
     """'': or, for a folder that holds run folders (`nanoseek demo --out`, a parent of train.out_dir), a hint
     naming them for an error message about `path`."""
@@ -170,10 +191,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
     """Run (or resume) a training run; under torchrun, this rank's part of it. `batches`/`val` replace the
     prepared data (tests, synthetic tasks)."""
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "run.toml").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no run.toml){runs_inside(run_dir)}")
-        cfg = load_run_config(run_dir / "run.toml", overrides)
+        cfg = resumed_config(Path(resume), overrides)
     elif cfg is None:
         raise ConfigError("train() needs a config or a run folder to resume")
     run_dir = Path(cfg.train.out_dir) if resume is None else Path(resume)

@@ -80,8 +80,9 @@ class BatchRamp:
         if self.end <= 0 or self.end % self.multiple:
             raise ValueError(f"batch size {self.end} must be a positive multiple of micro-batch × ranks "
                              f"= {self.multiple}")
-        if self.start and not self.multiple <= self.start <= self.end:
-            raise ValueError(f"batch ramp start {self.start} must lie in [{self.multiple}, {self.end}]")
+        if self.start and (not self.multiple <= self.start <= self.end or self.start % self.multiple):
+            raise ValueError(f"batch ramp start {self.start} must be a multiple of micro-batch × ranks = "
+                             f"{self.multiple} in [{self.multiple}, {self.end}]")
 
     def __call__(self, tokens: int) -> int:
         if not self.start or not self.ramp_tokens or tokens >= self.ramp_tokens:
@@ -110,8 +111,10 @@ def plan_length(ramp: BatchRamp, seq_len: int, steps: int = 0, tokens: int = 0) 
 
 
 def lr_schedule(optim, total_steps: int, total_tokens: int) -> LRSchedule:
-    """The configured schedule over a run of the given length (warmup capped at half the run)."""
+    """The configured schedule over a run of the given length (warmup capped at half the run: whole steps, so
+    that a one-step run takes its step at the peak rate)."""
     total = total_steps if optim.unit == "steps" else total_tokens
-    return LRSchedule(peak=optim.lr, total=total, warmup=min(optim.warmup, 0.5 * total), kind=optim.schedule,
+    cap = total // 2 if optim.unit == "steps" else 0.5 * total
+    return LRSchedule(peak=optim.lr, total=total, warmup=min(optim.warmup, cap), kind=optim.schedule,
                       min_lr_ratio=optim.min_lr_ratio, decay_fraction=optim.decay_fraction,
                       milestones=list(optim.milestones), factors=list(optim.factors))
