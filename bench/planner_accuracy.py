@@ -58,8 +58,8 @@ def measured_step(plan, steps: int, warmup: int) -> float:
         train(cfg, batches=RandomTokens(cfg.model.vocab_size, cfg.data.seq_len), val=[], progress=False)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         elapsed = [r["elapsed"] for r in records if r.get("kind") == "train"]
-    per_step = [b - a for a, b in itertools.pairwise(elapsed)]  # record i+1 minus record i: step i+1
-    return statistics.median(per_step[warmup - 1:])
+    per_step = [elapsed[0], *(b - a for a, b in itertools.pairwise(elapsed))]  # per_step[i]: step i+1's seconds
+    return statistics.median(per_step[warmup:])
 
 
 def main() -> None:
@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="training steps measured per plan")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out (allocation, kernel choice)")
     args = p.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup {args.warmup} must be >= 0 and below --steps {args.steps}: some steps must be measured")
 
     hw = cpu_hardware()
     cal = calibrate_cpu(hw.dtype)

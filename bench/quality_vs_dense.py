@@ -60,11 +60,14 @@ def main() -> None:
             if name == "dense, same wall-clock":
                 cfg = load_run_config(args.config, [*timed, f"train.out_dir={tmp}/dense_time"])
             elif name == "dense, same tokens":  # equal tokens x equal FLOPs/token = equal training compute
-                cfg = load_run_config(args.config, [*base, f"train.tokens={rows[0][4]}", f"train.out_dir={tmp}/dt"])
+                cfg = load_run_config(args.config, [*base, f"train.tokens={rows[0][4]}", "train.max_time=0",
+                                                    f"train.out_dir={tmp}/dt"])  # no time limit from the config
             if name.startswith("dense"):
                 cfg.model = dense_model
             console.rule(name)
             s = train(cfg, progress=False).summary
+            if name == "dense, same tokens" and s["tokens"] < rows[0][4]:
+                raise SystemExit(f"the dense run stopped at {s['tokens']:,} tokens, short of the MoE's {rows[0][4]:,}")
             rows.append((name, s["parameters"], s["active_parameters"], forward_flops_per_token(cfg.model,
                          cfg.data.seq_len), s["tokens"], s["tokens_per_s"], s["train_seconds"], s["val_loss"],
                          s["val_bpb"]))

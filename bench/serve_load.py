@@ -69,17 +69,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(model: Path, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
            "warning", "--expert-dtype", args.expert_dtype] + ([] if args.eager else ["--compile"]) + (
            ["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NANOSEEK_API_KEY": ""})
+    with open(log_path, "w") as log:  # a file, not a pipe that nobody reads: a full pipe would block the server
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "NANOSEEK_API_KEY": ""})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nanoseek serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise RuntimeError(f"nanoseek serve exited with {proc.returncode}:\n{log_path.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -147,7 +148,7 @@ def main() -> None:
         model_dir = Path(args.model) if args.model else demo_model(Path(tmp))
         port = free_port()
         console.print(f"starting nanoseek serve {model_dir} on 127.0.0.1:{port} …")
-        proc = start_server(model_dir, port, args)
+        proc = start_server(model_dir, port, args, Path(tmp) / "server.log")
         try:
             base = f"http://127.0.0.1:{port}"
             model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
@@ -176,12 +177,14 @@ def main() -> None:
                       f"{pct(lat, 99):.2f} s", f"{pct(ttft, 50) * 1000:.0f} ms", f"{pct(ttft, 99) * 1000:.0f} ms")
     console.print(table)
     if len(levels) > 1:
-        most, one = levels[-1], levels[0]
+        most, one = max(levels), min(levels)
         ratio = statistics.median(rates[most]) / statistics.median(rates[one])
         per_round = [a / b for a, b in zip(rates[most], rates[one])]
-        verdict = "[green]meets[/green]" if ratio >= GOAL else "[red]misses[/red]"
+        # the goal is stated for 16 clients against 1: judge only that comparison
+        verdict = "" if (one, most) != (1, 16) else \
+            f" ({'[green]meets[/green]' if ratio >= GOAL else '[red]misses[/red]'} the goal of {GOAL:g}x)"
         console.print(f"throughput at {most} clients / at {one}: {ratio:.1f}x of the medians, {min(per_round):.1f}-"
-                      f"{max(per_round):.1f}x in single rounds ({verdict} the goal of {GOAL:g}x)")
+                      f"{max(per_round):.1f}x in single rounds{verdict}")
 
 
 if __name__ == "__main__":

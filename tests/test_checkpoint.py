@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,17 @@ def test_tied_embeddings_stay_tied(tmp_path):
     loaded = nanoseek.from_pretrained(tmp_path / "ck")
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
+    # a tied checkpoint that stores lm_head anyway (transformers loads those): read, checked against the embedding
+    _edit(tmp_path / "ck", lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(nanoseek.from_pretrained(tmp_path / "ck").lm_head.weight, m.lm_head.weight)
+    _edit(tmp_path / "ck", lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
+    with pytest.warns(UserWarning, match=r"lm_head\.weight differs .*config\.json ties them"):
+        nanoseek.from_pretrained(tmp_path / "ck")
+    _edit(tmp_path / "ck", lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:5]}))
+    with pytest.raises(CheckpointError, match=r"wrong shapes: lm_head.weight \(5, 64\)"):
+        nanoseek.from_pretrained(tmp_path / "ck")
 
 
 def _edit(path, fn) -> None:

@@ -78,10 +78,11 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
     assert main(["train", *_args(data_dir, run, steps=4), "--no-progress"]) == 0
     # the folder above a run (what `nanoseek demo --out` makes): every command names the run inside it
     for argv in (["generate", str(tmp_path)], ["export", str(tmp_path), "--out", str(tmp_path / "x")],
-                 ["train", "--resume", str(tmp_path)], ["report", str(tmp_path)]):
+                 ["train", "--resume", str(tmp_path)], ["report", str(tmp_path)], ["info", str(tmp_path)]):
         capsys.readouterr()
         assert main(argv) == 2
         assert f"it holds run folders: pass one of them (newest first: {run})" in capsys.readouterr().out, argv
+    assert main(["info", str(run)]) == 0 and "routed experts" in capsys.readouterr().out  # its latest checkpoint
     # --dry-run of a resumed run prints the extended plan and trains nothing; --plot alone is refused
     assert main(["train", "--resume", str(run), "train.steps=9", "--dry-run"]) == 0
     assert "optimizer steps" in capsys.readouterr().out and latest_checkpoint(run).name == "step_000004"

@@ -18,6 +18,7 @@ from nanoseek.train.parallel import activation_checkpointing
 # qk_head_dim = v_head_dim (8 + 8 = 16) so that SDPA gets no zero padding and executes exactly the model's FLOPs
 CONFIGS = {
     "dense": dict(first_k_dense_replace=2, num_nextn_predict_layers=0),
+    "dense-no-experts": dict(first_k_dense_replace=2, num_nextn_predict_layers=0, n_routed_experts=0),
     "moe": dict(num_nextn_predict_layers=0),
     "moe-qlora-all-moe": dict(q_lora_rank=24, first_k_dense_replace=0, num_nextn_predict_layers=0),
     "moe-mtp-2shared": dict(num_nextn_predict_layers=1, n_shared_experts=2),
@@ -34,8 +35,9 @@ def test_parameter_counts_match_the_model(kw):
     cfg = tiny(**kw)
     model = nanoseek.NanoSeek(cfg)
     named = dict(model.named_parameters())  # a tied weight appears once
-    frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+    frac = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
     p = count_params(cfg)
+    assert model.num_parameters() == p.total - p.mtp  # the model's own count leaves MTP out
     assert p.total == sum(t.numel() for t in named.values())
     assert p.active == round(sum(t.numel() * (frac if ".experts." in n else 1) for n, t in named.items()))
     assert p.embedding == sum(t.numel() for n, t in named.items() if n.split(".")[0] in ("embed_tokens", "lm_head"))

@@ -158,7 +158,7 @@ def test_prepare_index_counts_match_the_encoded_documents(corpus, prepared):
     assert splits["train"]["tokens"] + splits["val"]["tokens"] == total
     assert splits["train"]["bytes"] + splits["val"]["bytes"] == sum(len(t.encode()) for t in unique)
     assert index["dtype"] == "uint16" and index["vocab_size"] == 400 and index["format"] == 1
-    assert index["tokenizer_sha256"] == hashlib.sha256((corpus["tok_dir"] / "tokenizer.json").read_bytes()).hexdigest()
+    assert index["tokenizer_sha256"] == hashlib.sha256((prepared / "tokenizer.json").read_bytes()).hexdigest()
     assert (prepared / "tokenizer.json").read_bytes() == (corpus["tok_dir"] / "tokenizer.json").read_bytes()
     assert Tokenizer.load(prepared).vocab_size == 400  # the data folder is self-contained
     assert index["sources"] == corpus["sources"]

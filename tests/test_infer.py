@@ -214,6 +214,12 @@ def test_text_stream_holds_back_stop_prefixes_and_broken_characters(data_dir):
 
 
 
+def test_model_text_for_a_terminal_loses_control_characters_only():
+    from nanoseek.infer.text import terminal_safe
+
+    assert terminal_safe("a\x1b[31mb\tc\nd\x9b2Je\x7f\r日本 é") == "a[31mb\tc\nd2Je日本 é"
+
+
 def test_text_stream_holds_back_exactly_the_longest_stop_prefix():
     """Against the definition: the longest proper prefix of any stop string that the text ends with."""
     def naive(text: str, stops: list[str]) -> int:

@@ -37,6 +37,22 @@ def test_no_grad_and_partial_grad():
     (gw,) = torch.autograd.grad(linear_cross_entropy(h, w, labels), (w,))
     (ref,) = torch.autograd.grad(F.cross_entropy(h @ w.T, labels, reduction="sum"), (w,))
     assert torch.allclose(gw, ref, atol=1e-6)
+    # under no_grad only the logits' matmul runs (evaluation): no d h, no [vocab, hidden] d W
+
+
+def _matmuls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+def test_no_gradient_work_under_no_grad():
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (10,))
+    with torch.no_grad():
+        evaluating = _matmuls(lambda: linear_cross_entropy(h, w, labels))
+    training = _matmuls(lambda: linear_cross_entropy(h, w, labels))
+    assert evaluating == 1 and training == 3  # logits; then also d h = d logits·W and d W += d logitsᵀ·h
 
 
 def test_bf16_autocast_close():

@@ -123,6 +123,15 @@ def test_bad_hardware():
         gpu_hardware("B200", 1)
     with pytest.raises(PlanError, match="--count"):
         gpu_hardware("L4", 0)
+    for watts in (-100.0, 0.0, float("nan")):
+        with pytest.raises(PlanError, match="--watts must be a positive"):
+            gpu_hardware("L4", 1, watts=watts)
+    assert gpu_hardware("L4", 1, watts=50.0).watts == 50.0
+    assert gpu_hardware("L4", 1).watts_source.endswith("(datasheet)")
+    with pytest.raises(PlanError, match="--vocab-size must be >= 256"):
+        make_plan(Budget.make(1, hours=1), gpu_hardware("L4", 1), 2048, 0)
+    r = nanoseek("plan", "--accelerator", "L4", "--hours", "1", "--seq-len", "0")  # 0 is not "the default"
+    assert r.returncode == 2 and "--seq-len must be >= 16, got 0" in r.stdout
 
 
 def test_cli_writes_a_config_that_train_accepts(tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from nanoseek.cli import main
 from nanoseek.report import _co2, _energy, _usd
 from nanoseek.train.config import load_run_config
-from nanoseek.train.run import train
+from nanoseek.train.run import data_folder, train
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +41,33 @@ def test_report_card_from_a_short_run(data_dir, tmp_path, capsys):
                    f"nanoseek train {run}/run.toml train.out_dir=NEW_RUN_DIR", "expert_load.png", "energy.png"):
         assert figure in card, figure
     assert f"energy {_energy(s['energy_kwh'])} ({s['energy_source']})" in out
+    # MFU of the run: the FLOPs done over what the peak allows in the training time (intervals weighted by time)
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    done = [(r["tokens"] - before) * r["flops_per_token"] / r["peak_flops"]
+            for r, before in zip(records, [0] + [r["tokens"] for r in records])]
+    assert s["mfu_mean"] == pytest.approx(sum(done) / s["train_seconds"], rel=1e-6)
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_seconds"])
+
+    # a run without summary.json (killed, or still going): its figures from the records, for the whole run so far
+    (run / "summary.json").unlink()
+    assert main(["report", str(run)]) == 0
+    card = report.read_text()
+    assert f"({records[-1]['tokens'] / records[-1]['elapsed']:,.0f} tokens/s, MFU {100 * s['mfu_mean']:.2f}%" in card
+    assert "scope: this machine" in card
+
+
+def test_data_folder_is_found_from_the_run_when_not_from_the_working_directory(tmp_path, monkeypatch):
+    """`nanoseek demo` writes data.path relative to where it ran; a report or resume from elsewhere finds it."""
+    (tmp_path / "proj" / "runs" / "demo" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "runs" / "demo" / "data" / "index.json").write_text("{}")
+    run_dir = tmp_path / "proj" / "runs" / "demo" / "run-1"
+    cfg = load_run_config(ROOT / "configs" / "tiny.toml", ["data.path=runs/demo/data"])
+    monkeypatch.chdir(tmp_path / "proj")
+    assert data_folder(cfg, run_dir) == Path("runs/demo/data")  # as given, when it is there
+    monkeypatch.chdir(tmp_path)
+    assert data_folder(cfg, run_dir) == tmp_path / "proj" / "runs" / "demo" / "data"
+    cfg.data.path = "elsewhere/data"
+    assert data_folder(cfg, run_dir) == Path("elsewhere/data")  # not found anywhere: as given, for the error
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -187,6 +187,21 @@ def test_a_tokenizer_without_template_refuses_chat_instead_of_guessing(tok, tok_
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_named_chat_templates_use_the_default_one(tok, tok_dir, tmp_path):
+    """tokenizer_config.json may hold transformers' list of named templates; chat uses the one named default."""
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"},
+                               {"name": "default", "template": tok.chat_template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+    hi = [{"role": "user", "content": "hi"}]
+    assert Tokenizer.load(tmp_path).apply_chat_template(hi) == tok.apply_chat_template(hi)
+    config["chat_template"] = config["chat_template"][:1]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"named chat templates \['tool_use'\] but none named 'default'"):
+        Tokenizer.load(tmp_path)
+
+
 def test_token_byte_lengths_count_utf8_bytes(tok):
     lengths = tok.token_byte_lengths()
     assert lengths.shape == (tok.vocab_size,) and lengths.dtype == np.int64

@@ -91,6 +91,32 @@ def test_chat_page_streams_an_answer(engine, browser, tmp_path):
         page.close()
 
 
+def test_a_failed_turn_is_undone_on_screen_and_in_the_history(engine, browser):
+    """An error before any token (here: max tokens beyond the context) leaves no half turn: the message goes back
+    to the box, the error shows, and the next request does not carry the failed message."""
+    with live_server(create_app(engine, engine.tokenizer)) as url:
+        page = browser.new_page()
+        chat_bodies = []
+        page.on("request", lambda r: chat_bodies.append(json.loads(r.post_data))
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(url)
+        page.wait_for_function("!document.getElementById('send').disabled")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "100000")
+        page.fill("#prompt", "first try")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.error")
+        assert "context" in page.locator(".msg.error").inner_text()
+        assert page.locator(".msg.user").count() == 0 and page.locator(".msg.assistant").count() == 0
+        assert page.input_value("#prompt") == "first try"
+        page.fill("#max-tokens", "6")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+        assert [m["content"] for m in chat_bodies[-1]["messages"]] == ["first try"]
+        assert page.locator(".msg.user").count() == 1
+        page.close()
+
+
 def test_key_field_hidden_without_a_key(engine, browser):
     with live_server(create_app(engine, engine.tokenizer)) as url:
         page = browser.new_page()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +19,7 @@ from nanoseek.model.summary import parameter_counts
 from nanoseek.report import add_commands as add_report
 from nanoseek.serve.commands import add_commands as add_serve
 from nanoseek.train.commands import add_commands as add_train
+from nanoseek.train.commands import resolve_model_dir
 from nanoseek.train.loop import NonFiniteLossError
 from nanoseek.train.parallel import DistributedError
 
@@ -60,7 +62,7 @@ def describe(model: NanoSeek) -> str:
 def _load(spec: str) -> NanoSeek:
     if spec in PRESETS:
         return NanoSeek(preset(spec))
-    return load_pretrained(spec)
+    return load_pretrained(resolve_model_dir(Path(spec)))  # a run folder means its latest checkpoint
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report(sub)
 
     i = sub.add_parser("info", help="parameter table of a preset or a checkpoint folder")
-    i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder")
+    i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a model folder or a run folder")
     i.set_defaults(func=cmd_info)
     return p
 

@@ -26,6 +26,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from nanoseek.data.corpora import iter_documents
     from nanoseek.data.shards import prepare
     from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.infer.text import terminal_safe
     from nanoseek.report import print_report, write_report
     from nanoseek.train.config import load_run_config
     from nanoseek.train.run import MetricsLog, summary_table, train
@@ -60,7 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if evals and evals[-1].get("samples"):
         for s in evals[-1]["samples"]:
             console.print(f"[bold]{s['prompt']!r}[/bold] ->")
-            console.print(s["prompt"] + s["completion"], markup=False, highlight=False)
+            console.print(terminal_safe(s["prompt"] + s["completion"]), markup=False, highlight=False)
             console.rule(style="dim")
     if len(evals) > 1 and "val_loss" in evals[0]:
         console.print(f"validation loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f} "

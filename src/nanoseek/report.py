@@ -30,7 +30,7 @@ from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
-from nanoseek.train.run import interval_total, runs_inside
+from nanoseek.train.run import data_folder, interval_total, mean_mfu, runs_inside
 
 console = Console()
 
@@ -222,11 +222,12 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
 
 
 # ---- the card ----------------------------------------------------------------------------------------------------
-def _data_section(cfg: RunConfig) -> list[str]:
-    index_path = Path(cfg.data.path) / "index.json"
+def _data_section(cfg: RunConfig, run_dir: Path) -> list[str]:
+    index_path = data_folder(cfg, run_dir) / "index.json"
     lines = [f"- prepared data: `{cfg.data.path}`, windows of {cfg.data.seq_len} tokens"]
     if not index_path.is_file():
-        return [*lines, "- (the data folder is not on this machine: no document or token counts)"]
+        return [*lines, f"- (no `{cfg.data.path}` from the working directory or a folder above the run: no document "
+                        "or token counts)"]
     index = json.loads(index_path.read_text())
     lines.append(f"- sources: {', '.join(f'`{s}`' for s in index.get('sources', []))}")
     for split, s in index.get("splits", {}).items():
@@ -258,13 +259,14 @@ def _reproduce(run: RunRecords) -> list[str]:
 def _figures(run: RunRecords) -> dict[str, Any]:
     """summary.json's figures; for a run still going (or killed), the same figures from its records so far."""
     last, metered = run.train[-1], run.train + run.final
-    mfu = [r["mfu"] for r in run.train if r.get("mfu") is not None]
     prices = Tariff.of(run.cfg.cost)
+    seconds = last.get("elapsed", 0.0)
     so_far = {"cost_basis": prices.basis, "carbon_intensity_g_per_kwh": prices.grid.g_per_kwh,
               "carbon_intensity_source": prices.grid.source, "stop_reason": "none yet: still running, or killed",
-              "steps": last["step"], "tokens": last["tokens"],
-              "train_seconds": last.get("elapsed", 0.0), "tokens_per_s": last["tokens_per_s"],
-              "final_train_loss": last["loss"], "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
+              "steps": last["step"], "tokens": last["tokens"], "train_seconds": seconds,
+              "tokens_per_s": last["tokens"] / seconds if seconds else last["tokens_per_s"],  # the run's, not the
+              "final_train_loss": last["loss"], "mfu_mean": mean_mfu(run.train),               # last interval's
+              "energy_scope": "this machine" if last.get("ranks", 1) == 1 else "rank 0's machine only",
               **{k: interval_total(metered, k) for k in ("energy_kwh", "cost_usd", "co2_kg")},
               **{k: last.get(k) for k in ("peak_flops", "peak_source", "energy_source", "energy_method")}}
     if last.get("flops_per_token"):
@@ -328,7 +330,7 @@ def _card(run: RunRecords, plots: list[Path]) -> tuple[str, list[str]]:
            "| component | parameters | active / token |", "|---|---:|---:|"]
     md += [f"| {r.component} | {_count(r.total)} | {_count(r.active)} |" for r in rows]
     md += ["", f"- weights: `{run.dir}/checkpoints/` (HF `deepseek_v3` layout; `nanoseek.from_pretrained`, "
-           "transformers' `DeepseekV3ForCausalLM`)", "", "### Data", "", *_data_section(cfg), "",
+           "transformers' `DeepseekV3ForCausalLM`)", "", "### Data", "", *_data_section(cfg, run.dir), "",
            "### Training", "",
            f"- {s['steps']:,} optimizer steps, {tokens:,} tokens, global batch "
            + (f"{t.batch_size_start} -> {t.batch_size}" if t.batch_size_start else str(t.batch_size))

@@ -79,8 +79,8 @@ def plan_table(plan: Plan) -> Table:
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.cpu == bool(args.accelerator):
         raise PlanError("choose the hardware: --accelerator NAME [--count N], or --cpu for this machine")
-    seq_len = args.seq_len or (256 if args.cpu else 2048)
-    vocab = args.vocab_size or (8192 if args.cpu else 32768)
+    seq_len = args.seq_len if args.seq_len is not None else 256 if args.cpu else 2048  # 0 reaches the checks
+    vocab = args.vocab_size if args.vocab_size is not None else 8192 if args.cpu else 32768
     if args.cpu:
         budget = Budget.make(1, usd=args.budget_usd, price_per_hour=args.price_per_hour, hours=args.hours)
         console.print("measuring this CPU (matmul probe, a few training steps of the demo and the planned model) ...")

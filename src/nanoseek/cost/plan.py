@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -110,6 +111,15 @@ GPU_USABLE = 0.9
 GPU_MFU = 0.35
 
 
+def _power(watts: float | None, default: float, source: str) -> dict[str, Any]:
+    """Hardware's watts and their source: --watts when given (a positive number), else the default."""
+    if watts is None:
+        return {"watts": default, "watts_source": source}
+    if not 0 < watts < math.inf:
+        raise PlanError(f"--watts must be a positive power per device, got {watts:g}")
+    return {"watts": watts, "watts_source": "given (--watts)"}
+
+
 def gpu_hardware(name: str, count: int, mfu: float = GPU_MFU, dtype: str = "auto",
                  watts: float | None = None) -> Hardware:
     """`count` accelerators from the table; bf16 where they have bf16 tensor cores."""
@@ -123,8 +133,7 @@ def gpu_hardware(name: str, count: int, mfu: float = GPU_MFU, dtype: str = "auto
     return Hardware(name=acc.name, count=count, device="cuda", dtype=dtype, peak=peak, peak_source=label, mfu=mfu,
                     mfu_source="assumed (--mfu)", memory=acc.memory_gb * 1e9 * GPU_USABLE,
                     memory_source=f"{acc.memory_gb:g} GB datasheet, {GPU_USABLE:.0%} usable",
-                    watts=watts if watts else acc.tdp_w,
-                    watts_source="given (--watts)" if watts else f"{acc.name} board power (datasheet)")
+                    **_power(watts, acc.tdp_w, f"{acc.name} board power (datasheet)"))
 
 
 @dataclass(frozen=True)
@@ -200,9 +209,7 @@ def cpu_hardware(dtype: str = "auto", watts: float | None = None, seq_len: int =
                     peak=cal.probe, peak_source=f"CPU matmul probe {dtype}", mfu=cal.efficiency,
                     mfu_source=f"measured: {cal.what} at {cal.achieved / 1e9:.0f} GFLOP/s",
                     memory=0.8 * ram, memory_source=f"{ram / 2**30:.0f} GiB RAM, 80% usable",
-                    watts=watts if watts else GENERIC_CPU_WATTS,
-                    watts_source="given (--watts)" if watts else
-                    f"codecarbon's generic CPU TDP ({cores} cores; estimated)")
+                    **_power(watts, GENERIC_CPU_WATTS, f"codecarbon's generic CPU TDP ({cores} cores; estimated)"))
 
 
 @dataclass(frozen=True)
@@ -438,6 +445,8 @@ def make_plan(budget: Budget, hw: Hardware, seq_len: int, vocab_size: int, count
     grid_intensity(country)  # an unknown country fails now, not after the plan
     if seq_len < 16:
         raise PlanError(f"--seq-len must be >= 16, got {seq_len}")
+    if vocab_size < 256:
+        raise PlanError(f"--vocab-size must be >= 256 (a byte-level tokenizer's 256 bytes), got {vocab_size}")
     cands = family(vocab_size, seq_len)
     available = hw.flops_per_second * budget.hours * 3600
     bought = f"{budget.hours:.3g} h of {hw.count} x {hw.name} = {_fmt_flops(available)}"

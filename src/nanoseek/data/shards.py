@@ -175,7 +175,7 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id,
-        "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
+        "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json"),  # the copy this folder carries
         "splits": {s: w.close() for s, w in writers.items()},
         "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
         "duplicates_removed": duplicates,

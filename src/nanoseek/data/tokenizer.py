@@ -147,6 +147,12 @@ class Tokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from e
         template = config.get("chat_template")  # None: a base model with no chat format; never guess one
+        if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if "default" not in named:
+                raise DataError(f"{path / 'tokenizer_config.json'} has named chat templates {sorted(map(str, named))} "
+                                "but none named 'default', the one chat uses")
+            template = named["default"]
         if (path / "chat_template.jinja").is_file():  # where transformers 5 saves it when it re-saves a tokenizer
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(hf, model_max_length=config.get("model_max_length", 4096), chat_template=template)

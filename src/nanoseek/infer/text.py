@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+# Control characters a model may emit (escape sequences, carriage returns; C1's CSI is one byte in some terminals)
+# would drive the terminal: dropped from what is printed there. Tabs and newlines stay.
+_TERMINAL_UNSAFE = dict.fromkeys([*range(0, 9), *range(11, 32), *range(127, 160)])
+
+
+def terminal_safe(text: str) -> str:
+    """Model text for a terminal: without the control characters that would act on it."""
+    return text.translate(_TERMINAL_UNSAFE)
+
 
 class Decoder(Protocol):
     def decode(self, ids: list[int]) -> str: ...

@@ -75,8 +75,10 @@ def _expected_shapes(model: NanoSeek) -> dict[str, tuple[int, ...]]:
 
 
 def _optional_keys(config: ModelConfig) -> set[str]:
+    """Tensors a checkpoint may hold or not: MTP's copies of the shared embedding and head, and with tied
+    embeddings a stored lm_head (transformers reads such files too); each is checked against the shared one."""
     n = config.num_hidden_layers
-    keys = set()
+    keys = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for k in range(config.num_nextn_predict_layers):
         keys |= {f"model.layers.{n + k}.embed_tokens.weight", f"model.layers.{n + k}.shared_head.head.weight"}
     return keys
@@ -121,8 +123,12 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], optional: set[str],
            where: Path) -> None:
     missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(set(found) - set(expected) - optional)
     wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if "lm_head.weight" in optional and "lm_head.weight" in found and "model.embed_tokens.weight" in expected \
+            and found["lm_head.weight"] != expected["model.embed_tokens.weight"]:
+        wrong.append("lm_head.weight")
+        expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
     if not (missing or unexpected or wrong):
         return
 
@@ -223,10 +229,11 @@ def _load_tensors(model: NanoSeek, files: dict[str, Path], found: dict[str, tupl
                 up.copy_(read(f"{base}.{e}.up_proj.weight"))
             else:
                 target[e].copy_(read(f"{base}.{e}.down_proj.weight"))
-    for key in _optional_keys(cfg) & set(found):  # MTP copies of the shared embedding/head
+    for key in _optional_keys(cfg) & set(found):  # copies of the shared embedding/head (MTP's, a tied lm_head)
         shared = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
         if not torch.equal(read(key).to(shared.dtype), shared):
-            warnings.warn(f"{key} differs from the main model's copy; nanoseek shares the main one (V3 layout)",
+            why = "config.json ties them" if key == "lm_head.weight" else "V3 layout"
+            warnings.warn(f"{key} differs from the main model's copy; nanoseek shares the main one ({why})",
                           stacklevel=3)
 
 

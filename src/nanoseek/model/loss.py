@@ -22,8 +22,10 @@ def _chunk_rows(vocab: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
-                compute_dtype: torch.dtype) -> torch.Tensor:
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                compute_dtype: torch.dtype, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad says True under torch.no_grad too: without the caller's grad mode, evaluation would
+        # pay for d h and a [vocab, hidden] d W it never uses
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
@@ -57,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,4 +67,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, labels, dtype)
+        return _LinearCrossEntropy.apply(h, weight, labels, dtype, torch.is_grad_enabled())

@@ -42,7 +42,8 @@ def parameter_counts(model: nn.Module) -> list[ParamCount]:
     """One row per component, in a fixed order. Tied weights count once. MTP is its own row: it serves
     training and speculative decoding, not the main model's next-token prediction."""
     config = model.config
-    routed_fraction = config.num_experts_per_tok / config.n_routed_experts
+    # a dense-only config (first_k_dense_replace = layers, no MTP) may set no routed experts at all
+    routed_fraction = config.num_experts_per_tok / config.n_routed_experts if config.n_routed_experts else 0.0
     rows = {c: ParamCount(c, 0, 0) for c in ORDER}
     for name, p in model.named_parameters():  # named_parameters yields a tied tensor once
         row = rows[_component(name)]

@@ -15,14 +15,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from nanoseek.data.tokenizer import DataError
+from nanoseek.infer.text import terminal_safe
 
 if TYPE_CHECKING:  # imported when a command runs, so `nanoseek --help` stays quick
     from nanoseek.infer import Engine, SamplingParams
 
 console = Console()
 API_KEY_ENV = "NANOSEEK_API_KEY"
-# Control characters a model may emit (escape sequences, carriage returns) would drive the terminal: drop them.
-_TERMINAL_UNSAFE = dict.fromkeys([*range(0, 9), *range(11, 32), 127])
 
 
 def _is_loopback(host: str) -> bool:
@@ -100,7 +99,7 @@ async def _answer(engine: Engine, prompt_ids: list[int], params: SamplingParams)
     parts = []
     async for ev in engine.stream(prompt_ids, params):
         parts.append(ev.text)
-        sys.stdout.write(ev.text.translate(_TERMINAL_UNSAFE))
+        sys.stdout.write(terminal_safe(ev.text))
         sys.stdout.flush()
     return "".join(parts)
 

@@ -98,6 +98,7 @@ def resolve_model_dir(path: Path) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from nanoseek.infer import Engine, SamplingParams, load_for_inference
+    from nanoseek.infer.text import terminal_safe
 
     model, tok = load_for_inference(args.model, args.device, args.expert_dtype)
     engine = Engine(model, tok, max_batch=args.samples, speculative=args.speculative)
@@ -105,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i) for i in range(args.samples)]
     for i, events in enumerate(engine.generate([prompt] * args.samples, params)):
-        console.print(args.prompt + "".join(e.text for e in events), markup=False, highlight=False)
+        console.print(terminal_safe(args.prompt + "".join(e.text for e in events)), markup=False, highlight=False)
         if i + 1 < args.samples:
             console.rule()
     if args.speculative:

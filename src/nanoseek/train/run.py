@@ -129,11 +129,21 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def _data(cfg: RunConfig, world: World) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Path]:
+def data_folder(cfg: RunConfig, run_dir: Path) -> Path:
+    """data.path as given (from the working directory), or else from a folder above the run, where `nanoseek demo`
+    keeps it: a report or a resume started from another directory still finds the data."""
+    path = Path(cfg.data.path)
+    if cfg.data.path and not path.is_absolute() and not (path / "index.json").is_file():
+        found = [base / path for base in Path(run_dir).resolve().parents if (base / path / "index.json").is_file()]
+        return found[0] if found else path
+    return path
+
+
+def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Path]:
     from nanoseek.data.loader import Batches, eval_batches
     from nanoseek.data.tokenizer import DataError
 
-    path = Path(cfg.data.path)
+    path = data_folder(cfg, run_dir)
     if not cfg.data.path or not (path / "index.json").is_file():
         raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
                           "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
@@ -220,7 +230,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
     tokenizer, tokenizer_dir, token_bytes = None, None, None
     if batches is None:
-        batches, val, data_dir = _data(cfg, world)
+        batches, val, data_dir = _data(cfg, world, run_dir)
         from nanoseek.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(data_dir)
@@ -284,7 +294,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     peak, peak_source = _peak(cfg, device) if world.is_main else (0.0, "")
     meter = EnergyMeter(Tariff.of(cfg.cost), device, measure=cfg.cost.energy, whole_machine=world.size > 1) \
         if world.is_main else None
-    window: dict[str, float] = {"t": time.perf_counter(), "tokens": state.tokens}
+    # tokens/s and MFU over the steps' own time (state.elapsed): evaluations and checkpoints are not training
+    window: dict[str, float] = {"elapsed": state.elapsed, "tokens": state.tokens}
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                    disable=not (progress and world.is_main), transient=False)
@@ -295,9 +306,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
         bar.update(task, completed=s.step, total=s.total_steps or None)
         if s.step % cfg.train.log_every and not r.skipped and not trainer.done():  # the last step is always logged
             return
-        now = time.perf_counter()
-        tps = (s.tokens - window["tokens"]) / max(now - window["t"], 1e-9)
-        window.update(t=now, tokens=s.tokens)
+        tps = (s.tokens - window["tokens"]) / max(s.elapsed - window["elapsed"], 1e-9)
+        window.update(elapsed=s.elapsed, tokens=s.tokens)
         record = {"kind": "train", "step": s.step, "tokens": s.tokens, "loss": r.loss, "mtp_loss": r.mtp_loss,
                   "balance_loss": r.balance_loss, "lr": r.lr, "batch_size": r.batch_size, "grad_norm": r.grad_norm,
                   "tokens_per_s": tps, "expert_load_max_over_mean": r.expert_load, "skipped": r.skipped,
@@ -331,17 +341,28 @@ def interval_total(records: list[dict[str, Any]], key: str) -> float | None:
     return sum(values) if values else None
 
 
+def mean_mfu(records: list[dict[str, Any]]) -> float | None:
+    """MFU over the training time of the `train` records: each interval's MFU weighted by its duration (tokens in
+    it / its tokens/s), so that it equals the FLOPs done over the FLOPs the peak allows in that time."""
+    weighted, seconds, before = 0.0, 0.0, 0
+    for r in records:
+        if r.get("mfu") is not None and r.get("tokens_per_s"):
+            dt = (r["tokens"] - before) / r["tokens_per_s"]
+            weighted, seconds = weighted + r["mfu"] * dt, seconds + dt
+        before = r["tokens"]
+    return weighted / seconds if seconds else None
+
+
 def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_token: float,
                   machines: int) -> dict[str, Any]:
     """The run's totals: sums over every interval of metrics.jsonl, this session's and earlier ones'."""
     train_records = log.records("train")
     metered = train_records + log.records("final")
     sources = {r["energy_source"] for r in metered if "energy_source" in r}
-    mfu = [r["mfu"] for r in train_records if r.get("mfu") is not None]
     prices = Tariff.of(cfg.cost)
     return {
         "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
-        "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
+        "mfu_mean": mean_mfu(train_records),
         "peak_flops": next((r["peak_flops"] for r in reversed(train_records) if "peak_flops" in r), None),
         "peak_source": next((r["peak_source"] for r in reversed(train_records) if "peak_source" in r), None),
         "energy_kwh": interval_total(metered, "energy_kwh"),
