@@ -128,5 +128,8 @@ def test_run_logs_costs_per_interval_and_sums_them(data_dir, tmp_path):
         assert summary[key] == pytest.approx(sum(r[key] for r in records + final))
     assert summary["energy_source"] == records[0]["energy_source"] and summary["energy_scope"] == "this machine"
     assert summary["total_flops"] == summary["tokens"] * fpt == 5 * 4 * 32 * fpt
-    assert summary["mfu_mean"] == pytest.approx(sum(r["mfu"] for r in records) / 3)
+    # the run's MFU: FLOPs done over what the peak allows in the training time (intervals weighted by time)
+    done = [(r["tokens"] - before) * fpt / r["peak_flops"] for r, before in zip(records, [0, 256, 512])]
+    assert summary["mfu_mean"] == pytest.approx(sum(done) / summary["train_seconds"], rel=1e-6)
+    assert records[-1]["elapsed"] == pytest.approx(summary["train_seconds"])
     assert summary["cost_basis"] == "0.25 USD per kWh" and summary["carbon_intensity_g_per_kwh"] == fra

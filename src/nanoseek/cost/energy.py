@@ -70,9 +70,9 @@ def grid_intensity(country: str, override_g_per_kwh: float = 0.0) -> GridIntensi
     row = _country_table().get(code)
     if row is None:
         examples = ", ".join(c for c in ("FRA", "DEU", "USA", "IND", "CHN", "BRA", "KEN") if c in _country_table())
-        raise ConfigError(f"cost.country={country!r} is not in codecarbon's grid table ({len(_country_table())} "
-                          f"ISO 3166-1 alpha-3 codes, e.g. {examples}): set cost.country to one of them or to "
-                          "'world', or give cost.carbon_intensity=GRAMS_PER_KWH")
+        raise ConfigError(f"cost.country={country!r} (nanoseek plan: --country) is not in codecarbon's grid table "
+                          f"({len(_country_table())} ISO 3166-1 alpha-3 codes, e.g. {examples}): set it to one of them "
+                          "or to 'world', or give cost.carbon_intensity=GRAMS_PER_KWH")
     return GridIntensity(float(row["carbon_intensity"]),
                          f"{row['country_name']} ({code}) {row['year']} grid mix, codecarbon's table (Ember / OWID)")
 
