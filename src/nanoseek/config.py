@@ -356,7 +356,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if isinstance(value, Override):
         parsed = parse_value(value)
         if hint is str:  # a quoted string loses its quotes; anything else is the text as typed
-            return parsed if isinstance(parsed, str) else str(value)
+            return str(parsed) if isinstance(parsed, str) else str(value)
         if hint is bool and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if hint is int and value.isdigit():

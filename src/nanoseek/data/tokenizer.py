@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -200,19 +200,16 @@ class Tokenizer:
             return self.decode([token_id]).encode()
         return bytes(chars[c] for c in token)
 
-    @property
+    @cached_property
     def _special(self) -> frozenset[str]:
-        if not hasattr(self, "_special_tokens"):
-            self._special_tokens = frozenset(t.content for t in self.hf.get_added_tokens_decoder().values())
-        return self._special_tokens
+        return frozenset(t.content for t in self.hf.get_added_tokens_decoder().values())
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for (0 for special tokens): bits per byte = nats / ln 2 / Σ bytes."""
         chars = _byte_level_chars()
-        special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-            if token not in special:
+            if token not in self._special:
                 if any(c not in chars for c in token):
                     raise DataError(f"token {token!r} (id {i}) is not byte-level: not a nanoseek tokenizer")
                 out[i] = len(token)  # one character per byte

@@ -71,7 +71,10 @@ def hf_state_dict(model: NanoSeek) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _expected_shapes(model: NanoSeek) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(t.shape) for k, t in hf_state_dict(model)}
+    shapes = {k: tuple(t.shape) for k, t in hf_state_dict(model)}
+    if model.config.tie_word_embeddings:  # not written, but a checkpoint may hold it (optional, same shape)
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    return shapes
 
 
 def _optional_keys(config: ModelConfig) -> set[str]:
@@ -123,12 +126,8 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], optional: set[str],
            where: Path) -> None:
     missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(set(found) - set(expected) - optional)
+    unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-    if "lm_head.weight" in optional and "lm_head.weight" in found and "model.embed_tokens.weight" in expected \
-            and found["lm_head.weight"] != expected["model.embed_tokens.weight"]:
-        wrong.append("lm_head.weight")
-        expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
     if not (missing or unexpected or wrong):
         return
 
