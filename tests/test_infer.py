@@ -69,6 +69,22 @@ def test_cached_forward_matches_full_forward(name):
     assert (got - ref).abs().max() < 1e-4
 
 
+def test_long_prefill_attends_in_slices_with_the_same_numbers(monkeypatch):
+    """A prefill whose scores would exceed SCORE_ELEMENTS attends a few query rows at a time: bit-identical."""
+    from nanoseek.infer import forward
+
+    model = tiny()
+    ids = torch.randint(0, 256, (2, 40))
+    batch = Batch.make([0, 1], [0, 0], [40, 31], 40, ids.device)  # ragged: the second row pads 9 positions
+    outs = []
+    for limit in (forward.SCORE_ELEMENTS, 2 * 4 * 40 * 3):  # one pass; passes of 3 query rows
+        monkeypatch.setattr(forward, "SCORE_ELEMENTS", limit)
+        cache = LatentCache(model.config, slots=2, max_len=64, device=torch.device("cpu"), dtype=torch.float32)
+        with torch.no_grad():
+            outs.append(forward_cached(model, cache, ids, batch))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_compiled_engine_equals_eager():
     """The compiled decode step (gathered experts, dynamic batch and key counts) gives the eager tokens, with
     requests joining and leaving, and never compiles again after its warm-up; two engines on different models in

@@ -240,6 +240,35 @@ def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path):
     assert latest_checkpoint(run).name == "step_1000500"
 
 
+def test_saving_a_step_again_never_leaves_it_missing(tmp_path, monkeypatch):
+    """The same step saved twice (a signal right after a periodic save): the first copy is set aside, not deleted,
+    until the second is in place; a crash in between leaves it loadable even with keep=1."""
+    cfg = _cfg(tmp_path, ReverseTask())
+    model = nanoseek.NanoSeek(cfg.model)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    run = tmp_path / "r"
+    save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)
+    real = ckpt_mod.os.replace
+
+    def dies_after_setting_aside(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".old"):
+            raise OSError("killed (simulated)")
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", dies_after_setting_aside)
+    with pytest.raises(OSError):
+        save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)
+    monkeypatch.undo()
+    assert latest_checkpoint(run).name == ".step_000005.old"
+    fresh = nanoseek.NanoSeek(cfg.model)
+    state = load_checkpoint(latest_checkpoint(run), fresh, fresh, make_optimizer(fresh, cfg, torch.device("cpu")))
+    assert state.step == 5
+    save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)  # a later save in place: the copy goes
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_000005"]
+    save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)  # and a plain re-save leaves nothing aside
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_000005"]
+
+
 def test_schedule_edges():
     """A one-step run takes its step at the peak rate; a ramp must start on a multiple of micro-batch × ranks;
     the MTP and bias-freeze switches count in optim.unit (tokens: DeepSeek-V3 states them in tokens)."""

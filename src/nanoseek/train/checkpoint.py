@@ -88,12 +88,16 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
     HF-layout model too (default: in single-process runs)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     name = f"step_{state.step:06d}"
-    final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
+    final, tmp, aside = ckpt_root / name, ckpt_root / f".{name}.tmp", ckpt_root / f".{name}.old"
     rank = _rank()
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_root.glob(".step_*.tmp*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
+        newest = max((_step_of(p) for p in ckpt_root.glob("step_*") if (p / STATE_FILE).is_file()), default=-1)
+        for stale in ckpt_root.glob(".step_*.old"):  # a replaced copy, once a complete one is as new
+            if _step_of(stale) <= newest:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     try:
@@ -111,10 +115,11 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
                 fsync_dir(sub)
         _barrier()
         if rank == 0:
-            if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved twice (a signal right after a periodic save, a resumed
+                os.replace(final, aside)  # finished run): kept aside until the new one is in place
             os.replace(tmp, final)
             write_atomic(ckpt_root / "LATEST", name + "\n")
+            shutil.rmtree(aside, ignore_errors=True)
             old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=_step_of)
             for p in old[:-keep] if keep > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
@@ -145,8 +150,9 @@ def _export(module: NanoSeek, model: nn.Module, folder: Path, tokenizer_dir: Pat
 
 
 def _step_of(folder: Path) -> int:
-    """step_000500 -> 500: by number, since step 1,000,000 has more digits than the name's zero padding."""
-    digits = folder.name.removeprefix("step_")
+    """step_000500 (or its copy set aside, .step_000500.old) -> 500: by number, since step 1,000,000 has more
+    digits than the name's zero padding."""
+    digits = folder.name.removeprefix(".").removeprefix("step_").removesuffix(".old")
     return int(digits) if digits.isdigit() else -1
 
 
@@ -158,7 +164,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         cand = root / latest.read_text().strip()
         if (cand / STATE_FILE).is_file():
             return cand
-    complete = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), key=_step_of)
+    # a copy set aside by a re-save that died before its successor was in place counts too (after its successor)
+    folders = [*root.glob(".step_*.old"), *root.glob("step_*")]
+    complete = sorted((p for p in folders if (p / STATE_FILE).is_file()), key=_step_of)
     return complete[-1] if complete else None
 
 
