@@ -122,9 +122,12 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
     # A long prefill attends in slices of query rows: the fp32 scores are [B, rows, h, K], and in one pass a
     # 2,048-token prompt with 16 heads held ~0.5 GB of them. Each row's softmax is its own: the same numbers.
-    step = T if torch.compiler.is_compiling() else max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
-    out_latent = torch.cat([_attend(q[:, t:t + step], keys, batch.visible[:, t:t + step], attn.softmax_scale, r)
-                            for t in range(0, T, step)], dim=1)
+    if torch.compiler.is_compiling():  # decode steps: one or two query rows
+        out_latent = _attend(q, keys, batch.visible, attn.softmax_scale, r)
+    else:
+        step = max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
+        out_latent = torch.cat([_attend(q[:, t:t + step], keys, batch.visible[:, t:t + step], attn.softmax_scale, r)
+                                for t in range(0, T, step)], dim=1)
     out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)  # W_UV, applied once per query instead of per key
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 
