@@ -4,6 +4,8 @@ real training step (the CPU allocator's events, read by torch.profiler)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -214,6 +216,29 @@ def test_accelerator_table_and_device_names():
     assert match_device_name("NVIDIA GeForce GTX 1080") is None
     assert table_peak(ACCELERATORS["T4"], "bf16") == (ACCELERATORS["T4"].fp32, "T4 datasheet fp32 (no bf16 "
                                                                                  "tensor cores)")
+
+
+def test_cpu_peak_is_the_best_probe_seen_on_this_machine(tmp_path, monkeypatch):
+    """Load only slows a probe down: the best one on this machine (this CPU, threads, dtype, torch) is kept in
+    nanoseek's cache and is the peak for later processes; a better probe replaces it; a broken file is ignored."""
+    from nanoseek.cost import hardware
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+    probes = iter([2e11, 1e11, 3e11, 5e10])
+    monkeypatch.setattr(hardware, "matmul_probe", lambda *a, **k: next(probes))
+
+    def new_process() -> float:
+        monkeypatch.setattr(hardware, "_cpu_peaks", {})
+        return cpu_matmul_probe("fp32")
+
+    assert new_process() == 2e11  # the first probe on this machine
+    assert new_process() == 2e11  # a slower one (a busy minute) does not lower it
+    assert new_process() == 3e11  # a faster one raises it
+    stored = json.loads((tmp_path / hardware.PEAKS_FILE).read_text())
+    assert list(stored.values()) == [3e11] and "fp32" in next(iter(stored))
+    (tmp_path / hardware.PEAKS_FILE).write_text("{not json")
+    assert new_process() == 5e10  # unreadable: as if empty (and rewritten)
+    assert list(json.loads((tmp_path / hardware.PEAKS_FILE).read_text()).values()) == [5e10]
 
 
 def test_cpu_peak_is_a_cached_probe():

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
+
+
+def cpu_identity() -> str:
+    """This CPU's model and feature flags (/proc/cpuinfo): what a kernel built for it, or a peak measured on it,
+    depends on (a shared home can be mounted on machines with different CPUs)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(next(x for x in lines if x.startswith(key)) for key in ("model name", "flags"))
+    except (OSError, StopIteration):
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def pick_dtype(name: str, device: torch.device) -> str:

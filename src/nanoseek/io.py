@@ -9,6 +9,13 @@ import tempfile
 from pathlib import Path
 
 
+def cache_dir(*parts: str) -> Path:
+    """nanoseek's cache on this machine: $NANOSEEK_CACHE, else $XDG_CACHE_HOME/nanoseek or ~/.cache/nanoseek."""
+    root = os.environ.get("NANOSEEK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "nanoseek"
+    return Path(root).joinpath(*parts)
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write via a temp file in the same folder + os.replace: readers see the old file or the new, never half."""
     path = Path(path)

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from nanoseek.device import cpu_identity
+from nanoseek.io import cache_dir as nanoseek_cache
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
 VECTOR = 16  # floats per vector in kernels.cpp: widths must be multiples of it
@@ -38,21 +41,11 @@ FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 
 
 def cache_dir() -> Path:
-    if "NANOSEEK_CACHE" in os.environ:
-        return Path(os.environ["NANOSEEK_CACHE"]) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek" / "kernels"
+    return nanoseek_cache("kernels")
 
 
 def compiler() -> str | None:
     return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
-
-
-def _cpu() -> str:
-    """What -march=native depends on: a library built for one CPU must not be loaded on another (shared homes)."""
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return f"{platform.machine()} {platform.processor()}"
 
 
 def _command(cxx: str, flags: list[str], out: Path) -> list[str]:
@@ -91,7 +84,7 @@ def load() -> bool:
         return False
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        parts = (SOURCE.read_text(), str(FLAG_SETS), torch.__version__, cxx, version, _cpu())
+        parts = (SOURCE.read_text(), str(FLAG_SETS), torch.__version__, cxx, version, cpu_identity())
         path = cache_dir() / f"kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
