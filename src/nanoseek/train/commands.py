@@ -73,8 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             plot_schedule(cfg, Path(args.plot))
             console.print(f"schedule plot: {args.plot}")
         return 0
-    result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress) if args.resume else \
-        train(cfg, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
     console.print(summary_table(result.summary))
     console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
     return 0 if result.stop_reason in ("done", "time", "signal") else 1

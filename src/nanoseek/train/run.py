@@ -198,9 +198,9 @@ def runs_inside(path: Path) -> str:
 def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overrides: list[str] | None = None,
           world: World | None = None, progress: bool = True, batches: Any = None,
           val: list | None = None) -> RunResult:
-    """Run (or resume) a training run; under torchrun, this rank's part of it. `batches`/`val` replace the
-    prepared data (tests, synthetic tasks)."""
-    if resume is not None:
+    """Run (or resume) a training run; under torchrun, this rank's part of it. To resume, `cfg` may be the run's
+    config already read (`resumed_config`). `batches`/`val` replace the prepared data (tests, synthetic tasks)."""
+    if resume is not None and cfg is None:
         cfg = resumed_config(Path(resume), overrides)
     elif cfg is None:
         raise ConfigError("train() needs a config or a run folder to resume")
