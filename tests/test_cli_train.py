@@ -96,6 +96,37 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
                  "--speculative", "mtp")
     assert r.returncode == 0, r.stderr
     assert "MTP drafts accepted:" in r.stdout and "%" in r.stdout
+    long = "Hello " * 30  # longer than a line: piped output is the text itself, not wrapped at 80 columns
+    r = nanoseek("generate", str(run), "--prompt", long, "--max-tokens", "4", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith(long), r.stdout
+
+
+def test_exported_model_metadata_is_what_transformers_reads(data_dir, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["train", *_args(data_dir, run, steps=2), "checkpoint.every=2", "--no-progress"]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    context = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    for folder in (out, latest_checkpoint(run), run / "tokenizer"):  # transformers truncates prompts to this
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == context, folder
+
+    # generation_config.json's end ids (HF checkpoints often list several) end generation, as in transformers
+    from nanoseek.infer import Engine, SamplingParams, load_for_inference
+
+    def greedy(folder: Path) -> list:
+        model, tok = load_for_inference(folder, device="cpu")
+        params = SamplingParams(max_tokens=8, temperature=0)
+        return Engine(model, tok).generate([[tok.bos_id, *tok.encode("Hello")]], params)[0]
+
+    free = greedy(out)
+    assert len(free) == 8 and free[-1].finish_reason == "length"
+    end = free[3].token_id
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, end]}))
+    stopped = greedy(out)
+    assert [e.token_id for e in stopped] == [e.token_id for e in free][: [e.token_id for e in free].index(end) + 1]
+    assert stopped[-1].finish_reason == "stop"
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    r = nanoseek("generate", str(out), "--prompt", "Hello")
+    assert r.returncode == 2 and "eos_token_id must be a token id or a list of them" in r.stdout + r.stderr
 
 
 def test_data_without_a_validation_split_trains_without_validation(data_dir, tmp_path):

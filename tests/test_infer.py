@@ -204,6 +204,12 @@ def test_stop_token_and_stop_string():
     events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0,
                                                                            stop_token_ids=[ref[3]]))[0]
     assert [e.token_id for e in events] == ref[: ref.index(ref[3]) + 1] and events[-1].finish_reason == "stop"
+    model.config.eos_token_id = [1, ref[2]]  # every end id of the config stops, not only the tokenizer's EOS
+    events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert [e.token_id for e in events] == ref[: ref.index(ref[2]) + 1] and events[-1].finish_reason == "stop"
+    events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0,
+                                                                           ignore_eos=True))[0]
+    assert [e.token_id for e in events] == ref
     stop = f"<{ref[4]}><{ref[5]}>"
     events = Engine(model, IdText()).generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, stop=[stop],
                                                                            ignore_eos=True))[0]

@@ -106,6 +106,12 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def eos_ids(self) -> list[int]:
+        """`eos_token_id` as a list (config.json may hold one id or several)."""
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+    @property
     def num_moe_layers(self) -> int:
         return max(self.num_hidden_layers - self.first_k_dense_replace, 0)
 

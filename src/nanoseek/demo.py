@@ -61,7 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if evals and evals[-1].get("samples"):
         for s in evals[-1]["samples"]:
             console.print(f"[bold]{s['prompt']!r}[/bold] ->")
-            console.print(terminal_safe(s["prompt"] + s["completion"]), markup=False, highlight=False)
+            console.print(terminal_safe(s["prompt"] + s["completion"]), markup=False, highlight=False, soft_wrap=True)
             console.rule(style="dim")
     if len(evals) > 1 and "val_loss" in evals[0]:
         console.print(f"validation loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f} "

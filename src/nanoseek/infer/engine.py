@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import threading
 import types
@@ -128,6 +129,9 @@ class Engine:
         self.max_queue = max_queue
         self.queue_policy = queue_policy
         self.speculative = speculative
+        # the tokenizer's EOS (the chat template ends turns with it) and every end id of the model's config, as
+        # transformers' generate stops at each of them
+        self.eos_ids = {tokenizer.eos_id, *config.eos_ids}
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self._cache: LatentCache | None = None  # allocated by the engine's thread, inside inference mode
@@ -252,7 +256,7 @@ class Engine:
 
     def _submit(self, prompt: list[int], params: SamplingParams, sink: Callable, bounded: bool = True) -> _Request:
         self._check(prompt, params)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         req = _Request(list(prompt), params, sink, TextStream(self.tokenizer, params.stop), frozenset(stop_ids),
                        generator_for(params), speculate=self.speculative == "mtp" and params.greedy)
         with self._cond:
@@ -473,5 +477,23 @@ def load_for_inference(path: str | Path, device: str = "auto",
     folder = resolve_model_dir(Path(path))
     model = load_pretrained(folder, device=pick_device(device), expert_dtype=expert_dtype)
     model.eval()
+    eos = generation_eos(folder)
+    if eos is not None:  # generation_config.json's end ids replace config.json's for generation (transformers)
+        model.config.eos_token_id = eos
     model.name_or_path = Path(path).resolve().name
     return model, Tokenizer.load(folder)
+
+
+def generation_eos(folder: Path) -> int | list[int] | None:
+    """`eos_token_id` of the folder's generation_config.json (HF checkpoints often list several end ids there)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise InferenceError(f"{path} is not a valid JSON object ({e}): fix or delete it") from e
+    ok = isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(i, int) for i in eos))
+    if eos is not None and not ok:
+        raise InferenceError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return eos

@@ -144,9 +144,22 @@ def _export(module: NanoSeek, model: nn.Module, folder: Path, tokenizer_dir: Pat
         module = bare
     write_checkpoint(module, folder)
     if tokenizer_dir is not None:
-        for f in TOKENIZER_FILES:
-            if (tokenizer_dir / f).is_file():
-                shutil.copy2(tokenizer_dir / f, folder / f)
+        copy_tokenizer([tokenizer_dir], folder, module.config.max_position_embeddings)
+
+
+def copy_tokenizer(sources: list[Path], folder: Path, context: int) -> None:
+    """The tokenizer files next to the weights (each from the first of `sources` that has it), with
+    `model_max_length` set to the model's context: transformers truncates and warns by that number."""
+    for f in TOKENIZER_FILES:
+        src = next((d / f for d in sources if (d / f).is_file()), None)
+        if src is not None:
+            shutil.copy2(src, folder / f)
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.get("model_max_length") != context:
+            config["model_max_length"] = context
+            write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _step_of(folder: Path) -> int:
@@ -212,7 +225,4 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
     dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=True)
     model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
     save_pretrained(model, out)
-    for f in TOKENIZER_FILES:
-        src = ckpt / f if (ckpt / f).is_file() else ckpt.parents[1] / "tokenizer" / f
-        if src.is_file():
-            shutil.copy2(src, out / f)
+    copy_tokenizer([ckpt, ckpt.parents[1] / "tokenizer"], out, config.max_position_embeddings)

@@ -105,7 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i) for i in range(args.samples)]
     for i, events in enumerate(engine.generate([prompt] * args.samples, params)):
-        console.print(terminal_safe(args.prompt + "".join(e.text for e in events)), markup=False, highlight=False)
+        console.print(terminal_safe(args.prompt + "".join(e.text for e in events)), markup=False, highlight=False,
+                      soft_wrap=True)
         if i + 1 < args.samples:
             console.rule()
     if args.speculative:

@@ -261,6 +261,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "run.toml", to_toml(cfg.to_dict()))
         if tokenizer is not None:
+            tokenizer.model_max_length = cfg.model.max_position_embeddings  # what transformers truncates to
             tokenizer.save(tokenizer_dir)
             fsync_dir(tokenizer_dir)
         log.path.unlink(missing_ok=True)
