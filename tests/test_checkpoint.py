@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 import warnings
 
 import pytest
@@ -12,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek import CheckpointError, ConfigError
+from nanoseek.io import write_atomic
 from nanoseek.model import hf
 from nanoseek.model.hf import INDEX_FILE, SINGLE_FILE
 
@@ -187,3 +191,33 @@ def test_crash_mid_save_keeps_previous_checkpoint(model, tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "save_file", real)
     model.save_pretrained(tmp_path / "ck")
     assert torch.equal(nanoseek.from_pretrained(tmp_path / "ck").lm_head.weight, model.lm_head.weight)
+
+
+def test_saving_over_a_folder_keeps_tokenizer_files_and_refuses_other_contents(model, tmp_path, monkeypatch):
+    model.save_pretrained(tmp_path / "ck", max_shard_size="100KB")  # sharded: its files must all go
+    (tmp_path / "ck" / "tokenizer.json").write_text("{}")
+    model.save_pretrained(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors",
+                                                                    "tokenizer.json"]
+    # a folder holding anything else (a run, notes, a repository) is not swapped away
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    (tmp_path / "ck" / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match=r"holds more than a model \(checkpoints/, notes.txt\)"):
+        model.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="is a file"):
+        model.save_pretrained(tmp_path / "ck" / "notes.txt")
+    monkeypatch.chdir(tmp_path / "ck")  # '.': saved by its full name
+    shutil.rmtree("checkpoints")
+    os.remove("notes.txt")
+    model.save_pretrained(".")
+    assert _same(model, nanoseek.from_pretrained(tmp_path / "ck"))
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # mkstemp's 0600 would hide it from others

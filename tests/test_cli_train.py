@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from nanoseek.cli import main
+from nanoseek.data.tokenizer import SPECIAL_TOKENS
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.run import MetricsLog
 from tests.conftest import ROOT, nanoseek
@@ -71,6 +72,12 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
     assert "stopped: signal" in out
     step = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["state"]["step"]
     assert 0 < step < 400
+    # a setting changed on resume is kept in run.toml: the next plain resume (a requeued job) goes on with it
+    r = nanoseek("train", "--resume", str(run), f"train.steps={step + 2}", "--no-progress")
+    assert r.returncode == 0 and f"run.toml now records train.steps={step + 2}" in r.stdout, r.stdout + r.stderr
+    r = nanoseek("train", "--resume", str(run), "--no-progress")
+    assert r.returncode == 0 and f"nothing left to train: the run had reached its end at step {step + 2}" in r.stdout
+    assert "run.toml now records" not in r.stdout
 
 
 def test_generate_from_run(data_dir, tmp_path, capsys):
@@ -83,6 +90,9 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
         assert main(argv) == 2
         assert f"it holds run folders: pass one of them (newest first: {run})" in capsys.readouterr().out, argv
     assert main(["info", str(run)]) == 0 and "routed experts" in capsys.readouterr().out  # its latest checkpoint
+    # samples start from the text of validation windows, without the special tokens between documents
+    prompts = [s["prompt"] for e in MetricsLog(run / "metrics.jsonl").records("eval") for s in e["samples"]]
+    assert prompts and all(p and not any(t in p for t in [*SPECIAL_TOKENS, "\ufffd"]) for p in prompts), prompts
     # --dry-run of a resumed run prints the extended plan and trains nothing; --plot alone is refused
     assert main(["train", "--resume", str(run), "train.steps=9", "--dry-run"]) == 0
     assert "optimizer steps" in capsys.readouterr().out and latest_checkpoint(run).name == "step_000004"

@@ -156,3 +156,19 @@ def test_run_toml_round_trips_any_text(tmp_path):
     cfg.eval.prompts = texts
     (tmp_path / "run.toml").write_text(to_toml(cfg.to_dict()), encoding="utf-8")
     assert load_run_config(tmp_path / "run.toml") == cfg
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(capsys):
+    import torch
+
+    from nanoseek.device import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu") and pick_device(None).type in ("cuda", "mps", "cpu")
+    with pytest.raises(ConfigError, match=r"'gpu' is not a device name \(auto, cpu, cuda, cuda:N, mps\)"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"torch sees no CUDA GPU: use auto .* or cpu"):
+            pick_device("cuda")
+        # small.toml asks for a GPU: on a CPU machine the run stops with that message, not a traceback
+        assert main(["train", str(Path(__file__).parents[1] / "configs" / "small.toml")]) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().out

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.config import ConfigError
+
 
 def cpu_identity() -> str:
     """This CPU's model and feature flags (/proc/cpuinfo): what a kernel built for it, or a peak measured on it,
@@ -29,12 +31,20 @@ def pick_dtype(name: str, device: torch.device) -> str:
 
 
 def pick_device(name: str | None = None) -> torch.device:
+    """`auto` (or None): the best device present. A named one must exist: asking for a GPU and getting the CPU
+    would make a run quietly hundreds of times slower."""
     if name and name != "auto":
-        dev = torch.device(name)
+        fix = "use auto (the best present) or cpu: --device cpu, or train.device=cpu in a config"
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps): {fix}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+            raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU: {fix}")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"device {name!r} asked for, but MPS is not available")
+            raise ConfigError(f"device {name!r} asked for, but MPS is not available: {fix}")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -28,6 +28,9 @@ from nanoseek.model.moe import Experts, Router
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# what a model folder holds besides weights and config.json: kept when the weights are saved again
+KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "generation_config.json")
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -251,18 +254,41 @@ def parse_size(size: int | str) -> int:
 
 def save_pretrained(model: NanoSeek, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: str | torch.dtype | None = None) -> None:
-    """Write config.json + safetensors at `path` atomically (the old folder stays intact until the rename)."""
-    path = Path(path)
+    """Write config.json + safetensors at `path` atomically (the old folder stays intact until the rename).
+    A folder that already holds a model is replaced, keeping its tokenizer and generation files; one that holds
+    anything else (a run, a repository, your files) is refused rather than swapped away."""
+    path = Path(path).resolve()  # '.' has no name to rename
+    old = _model_folder_files(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write_checkpoint(model, tmp, max_shard_size, dtype)
+        for f in old:
+            if f.name in KEPT_FILES:
+                shutil.copy2(f, tmp / f.name)
         fsync_dir(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_folder_files(path: Path) -> list[Path]:
+    """The files of an existing model folder at `path` ([] if there is none); an error if it holds anything else."""
+    if not path.exists():
+        return []
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file: save the model into a folder")
+    entries = list(path.iterdir())
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
+                     if not (p.is_file() and (p.name in KEPT_FILES or p.name in (INDEX_FILE, "config.json")
+                                              or p.suffix == ".safetensors")))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CheckpointError(f"{path} exists and holds more than a model ({shown}); saving replaces the whole "
+                              "folder, so write the model to a new or empty folder instead")
+    return entries
 
 
 def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = "5GB",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -73,10 +75,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             plot_schedule(cfg, Path(args.plot))
             console.print(f"schedule plot: {args.plot}")
         return 0
+    start = _resume_step(Path(args.resume)) if args.resume else None
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    console.print(summary_table(result.summary))
-    console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary for the job, not one per rank
+        console.print(summary_table(result.summary))
+        console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
+        if result.summary.get("steps") == start and result.stop_reason == "done":
+            console.print(f"nothing left to train: the run had reached its end at step {start}. To go further, "
+                          "resume with a larger train.steps (or train.tokens)", highlight=False)
     return 0 if result.stop_reason in ("done", "time", "signal") else 1
+
+
+def _resume_step(run: Path) -> int | None:
+    from nanoseek.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    ckpt = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    return None if ckpt is None else json.loads((ckpt / STATE_FILE).read_text())["state"]["step"]
 
 
 def resolve_model_dir(path: Path) -> Path:

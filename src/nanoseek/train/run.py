@@ -163,7 +163,8 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
 def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) -> Any:
     prompts = list(cfg.eval.prompts)
     if not prompts and val:  # the start of validation windows
-        prompts = [tokenizer.decode(val[0][0][i, :8].tolist()) for i in range(min(cfg.eval.samples, len(val[0][0])))]
+        prompts = [_plain_text(tokenizer, val[0][0][i, :8].tolist())
+                   for i in range(min(cfg.eval.samples, len(val[0][0])))]
 
     def sample(model: NanoSeek, step: int) -> list[dict[str, str]]:
         chosen = prompts[: cfg.eval.samples]
@@ -178,11 +179,35 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
     return sample
 
 
+def _plain_text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of a window's first stretch between special tokens (a window may start with a document's BOS,
+    which the sampler adds anyway, or hold the end of one document and the start of the next)."""
+    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.user_id, tokenizer.assistant_id}
+    while ids and ids[0] in special:
+        ids = ids[1:]
+    stretch = next((ids[:i] for i, t in enumerate(ids) if t in special), ids)
+    while stretch and tokenizer.decode(stretch).endswith("\ufffd"):  # cut inside a character: end before it
+        stretch = stretch[:-1]
+    return tokenizer.decode(stretch)
+
+
 def resumed_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """The configuration a run folder was started with (its run.toml), with `key=value` overrides."""
     if not (run_dir / "run.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no run.toml){runs_inside(run_dir)}")
     return load_run_config(run_dir / "run.toml", overrides)
+
+
+def _record_overrides(cfg: RunConfig, run_dir: Path) -> None:
+    """Settings changed on resume go into run.toml, so that the next resume (a requeued job) continues with them."""
+    old = load_run_config(run_dir / "run.toml").to_dict()
+    new = cfg.to_dict()
+    new["train"]["out_dir"] = old["train"]["out_dir"]  # where it was started from; the run is where run.toml is
+    changed = [f"{section}.{key}={value!r}" for section, fields in new.items() for key, value in fields.items()
+               if old.get(section, {}).get(key) != value]
+    if changed:
+        write_atomic(run_dir / "run.toml", to_toml(new))
+        console.print(f"run.toml now records {', '.join(changed)}", highlight=False)
 
 
 def runs_inside(path: Path) -> str:
@@ -257,6 +282,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
         if world.is_main:
             log.truncate_after(state.step)
             console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
+            _record_overrides(cfg, run_dir)
     elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "run.toml", to_toml(cfg.to_dict()))
