@@ -36,8 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rp = tsub.add_parser("report", help="tokens per language on parallel text (the premium over English)")
     rp.add_argument("--tokenizer", required=True, help="a tokenizer folder")
     rp.add_argument("--parallel", required=True, help="a folder of <language>.txt files with the same content, "
-                                                       "eng.txt among them (e.g. shared/data/udhr)")
-    rp.add_argument("--out", default="token_tax.png", help="the bar chart (PNG)")
+                    "eng.txt among them (e.g. translations of the Universal Declaration of Human Rights)")
+    rp.add_argument("--out", default="token_tax.png", help="the bar chart (PNG; default: ./token_tax.png)")
     rp.set_defaults(func=cmd_tokenizer_report)
 
     d = sub.add_parser("data", help="prepare training data")
