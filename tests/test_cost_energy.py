@@ -93,7 +93,8 @@ def test_meter_falls_back_to_constant_power_and_can_be_off(monkeypatch):
     clock[0] += 36.0
     r = meter.interval()
     assert r["energy_source"] == "estimated" and "constant" in r["energy_method"] and "no sensors" in r["energy_method"]
-    assert r["energy_kwh"] == pytest.approx(energy.GENERIC_CPU_WATTS * 36 / 3.6e6)
+    watts, source = energy.machine_power()  # the same power model as `nanoseek plan --cpu`
+    assert r["energy_kwh"] == pytest.approx(watts * 36 / 3.6e6) and source in r["energy_method"]
     assert r["cost_usd"] == pytest.approx(0.5 * r["energy_kwh"]) and r["co2_kg"] == pytest.approx(0.2 * r["energy_kwh"])
 
     off = EnergyMeter(Tariff(0.5, 3.6, GridIntensity(200.0, "test")), "cpu", measure=False)

@@ -36,7 +36,7 @@ from nanoseek.cost.hardware import match_device_name
 if TYPE_CHECKING:
     from nanoseek.train.config import CostConfig
 
-GENERIC_CPU_WATTS = 85.0  # codecarbon's POWER_CONSTANT: the TDP it assumes for a CPU it cannot identify
+GENERIC_CPU_WATTS = 85.0  # codecarbon's POWER_CONSTANT: the TDP it assumes when it can tell nothing of the CPU
 _COUNTER_CPU_MODES = {"intel_rapl": "RAPL counters", "windows_emi": "the Windows Energy Meter Interface (RAPL)",
                       "intel_power_gadget": "Intel Power Gadget"}
 
@@ -107,6 +107,25 @@ class Tariff:
 
 
 # ---- the meter ---------------------------------------------------------------------------------------------
+@functools.cache
+def machine_power() -> tuple[float, str]:
+    """Watts of this machine's CPU and RAM at full load, as codecarbon estimates them when it reads no counters:
+    its TDP table (4 W per thread for a CPU it does not know) plus RAM by size. `nanoseek plan --cpu` plans with
+    this, so a plan and a metered run on the same machine use one power model."""
+    try:
+        from codecarbon.core.cpu import TDP
+        from codecarbon.external.ram import RAM
+
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)  # "we don't know this CPU" is said in the source
+        tdp = TDP()
+        cpu = float(tdp.tdp or GENERIC_CPU_WATTS)
+        ram = float(RAM(tracking_mode="machine").total_power().W)
+    except Exception as e:  # codecarbon cannot tell anything about this machine
+        return GENERIC_CPU_WATTS, f"codecarbon's generic CPU power ({type(e).__name__}: {e})"
+    version = importlib.metadata.version("codecarbon")
+    return cpu + ram, f"codecarbon {version}'s estimate for {tdp.model}: CPU TDP {cpu:g} W + RAM {ram:g} W"
+
+
 def _physical_gpu(device: torch.device) -> str:
     """The NVML index (or UUID) of a torch CUDA device: torch numbers only the CUDA_VISIBLE_DEVICES."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -200,9 +219,9 @@ class EnergyMeter:
     def _fall_back(self, why: str) -> None:
         self._tracker = None
         board = board_power(self.device, self._gpus)
-        self._watts, what = board or (GENERIC_CPU_WATTS, f"codecarbon's generic CPU power {GENERIC_CPU_WATTS:g} W"
-                                      + ("; the GPU, of unknown power, not counted" if self.device.type == "cuda"
-                                         else ""))
+        watts, source = machine_power()
+        self._watts, what = board or (watts, f"{source}, {watts:g} W" + (
+            "; the GPU, of unknown power, not counted" if self.device.type == "cuda" else ""))
         self.source, self.method = "estimated", f"constant {what} x wall time ({why})"
 
     def _read_kwh(self, seconds: float) -> float | None:

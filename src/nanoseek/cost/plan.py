@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.cost.energy import GENERIC_CPU_WATTS, grid_intensity
+from nanoseek.cost.energy import grid_intensity, machine_power
 from nanoseek.cost.flops import train_flops_per_token
 from nanoseek.cost.hardware import accelerator, cpu_matmul_probe, table_peak
 from nanoseek.cost.model import Estimate, count_params, estimate, nonembedding_flops_per_token
@@ -204,12 +204,11 @@ def cpu_hardware(dtype: str = "auto", watts: float | None = None, seq_len: int =
     dtype = pick_dtype(dtype, torch.device("cpu"))
     cal = calibrate_cpu(dtype, seq_len)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cores = os.cpu_count() or 1
     return Hardware(name=f"CPU ({torch.get_num_threads()} threads)", count=1, device="cpu", dtype=dtype,
                     peak=cal.probe, peak_source=f"CPU matmul probe {dtype}", mfu=cal.efficiency,
                     mfu_source=f"measured: {cal.what} at {cal.achieved / 1e9:.0f} GFLOP/s",
                     memory=0.8 * ram, memory_source=f"{ram / 2**30:.0f} GiB RAM, 80% usable",
-                    **_power(watts, GENERIC_CPU_WATTS, f"codecarbon's generic CPU TDP ({cores} cores; estimated)"))
+                    **_power(watts, *machine_power()))
 
 
 @dataclass(frozen=True)
