@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,8 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
     _barrier()
     try:
         flat, _, osd = _flat(model, opt)
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=_distributed()),
-                 no_dist=not _distributed())
+        _single_process_quiet(dcp.save, flat, storage_writer=HuggingFaceStorageWriter(
+            str(tmp / STATE_DIR), save_distributed=_distributed()), no_dist=not _distributed())
         save_file({"cpu": torch.get_rng_state()}, tmp / f"rng-{rank}.safetensors")
         if export if export is not None else not _distributed():
             _export(module, model, tmp, tokenizer_dir)
@@ -162,6 +163,13 @@ def copy_tokenizer(sources: list[Path], folder: Path, context: int) -> None:
             write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def _single_process_quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """dcp.save/load, without the warning torch gives for a single process even when no_dist=True says so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        return fn(*args, **kwargs)
+
+
 def _step_of(folder: Path) -> int:
     """step_000500 (or its copy set aside, .step_000500.old) -> 500: by number, since step 1,000,000 has more
     digits than the name's zero padding."""
@@ -189,7 +197,8 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
     if meta["param_names"] != [n for n, _ in module.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
     flat, msd, osd = _flat(model, opt)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
+    _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
+                          no_dist=not _distributed())
     for k in msd:
         msd[k] = flat[f"model.{k}"]
     for k, s in osd["state"].items():
@@ -222,7 +231,8 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not match its config (parameter names differ)")
     msd = get_model_state_dict(model)
     flat = {f"model.{k}": v for k, v in msd.items()}
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=True)
+    _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
+                          no_dist=True)
     model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
     save_pretrained(model, out)
     copy_tokenizer([ckpt, ckpt.parents[1] / "tokenizer"], out, config.max_position_embeddings)

@@ -15,6 +15,7 @@ not averaged by them: their gradients are summed over their replicas and divided
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol  # what torch.distributed.nn.functional points to
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from nanoseek.config import ConfigError
@@ -185,8 +186,7 @@ class ExpertParallel(nn.Module):
         send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
         # the gate weight travels as one more column of its row: one exchange fewer each way (each is a wait)
         rows = torch.cat((xs, ws[:, None]), dim=1)
-        received = all_to_all_single(rows.new_empty(sum(recv_sizes), rows.shape[1]), rows, recv_sizes, send_sizes,
-                                     group=self.group)
+        received = funcol.all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group)
         xr, wr = received[:, :-1], received[:, -1]
         # received rows are grouped by source rank, then expert: regroup by expert for the grouped GEMM
         expert_of_row = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
@@ -194,7 +194,7 @@ class ExpertParallel(nn.Module):
         y = expert_mlp(xr.index_select(0, perm), wr.index_select(0, perm), recv.sum(0),
                        self.gate_up_proj.to_local(), self.down_proj.to_local())
         y = y.index_select(0, perm.argsort())  # back to the order the rows arrived in
-        yb = all_to_all_single(y.new_empty(xs.shape[0], y.shape[1]), y, send_sizes, recv_sizes, group=self.group)
+        yb = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, self.group)
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
 
 
@@ -246,10 +246,13 @@ def parallelize(model: NanoSeek, world: World, bf16: bool, cfg: ParallelConfig) 
     if cfg.dp == "ddp":
         names = [n for n, p in model.named_parameters() if p in experts]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-        # broadcast_buffers off: the routing bias is kept identical by the global bias update, and the
-        # expert-load counters are per rank until that update sums them
-        wrapped: nn.Module = nn.parallel.DistributedDataParallel(
-            model, broadcast_buffers=False, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        # no buffer sync in forward: the routing bias is kept identical by the global bias update, and the
+        # expert-load counters are per rank until that update sums them (torch 2.13 renamed the switch)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+            "broadcast_buffers"
+        wrapped: nn.Module = ddp(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                                 **{no_sync: False})
     else:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
