@@ -140,7 +140,11 @@ def test_overrides_take_their_fields_type(tmp_path):
                         ("train.log_every=0", "train.log_every=0 must be >= 1"),
                         ("train.max_nonfinite=0", "train.max_nonfinite=0 must be >= 1"),
                         ("checkpoint.keep=-1", r"checkpoint.keep=-1 must be >= 0 \(0: all\)"),
-                        ("train.batch_size_start=16", "needs both train.batch_size_start and train.batch_ramp_tokens")]:
+                        ("train.batch_size_start=16", "needs both train.batch_size_start and train.batch_ramp_tokens"),
+                        # caught with the config (--dry-run too), not only once torchrun has started the ranks
+                        ("parallel.dp=zero", "parallel.dp='zero': use one of ddp, fsdp"),
+                        ("parallel.ep=3", "parallel.ep=3 must be >= 1 and divide the 8 routed experts"),
+                        ("parallel.timeout=0", r"parallel.timeout=0 must be > 0 \(seconds\)")]:
         with pytest.raises(ConfigError, match=match):
             load_run_config(tiny, [item])
     bad = tmp_path / "bad.toml"

@@ -94,6 +94,9 @@ class CheckpointConfig:
     keep: int = 3  # 0: keep all
 
 
+DP_MODES = ("ddp", "fsdp")
+
+
 @dataclass
 class ParallelConfig:
     """Used when started by torchrun (WORLD_SIZE > 1); see train/parallel.py."""
@@ -154,6 +157,14 @@ class RunConfig:
         if t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:
             raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
                               f"{t.micro_batch_size}")
+        p = self.parallel
+        if p.dp not in DP_MODES:
+            raise ConfigError(f"parallel.dp={p.dp!r}: use one of {', '.join(DP_MODES)}")
+        if p.ep < 1 or (self.model.n_routed_experts and self.model.n_routed_experts % p.ep):
+            raise ConfigError(f"parallel.ep={p.ep} must be >= 1 and divide the {self.model.n_routed_experts} routed "
+                              "experts (each rank of an ep group holds as many)")
+        if not p.timeout > 0:
+            raise ConfigError(f"parallel.timeout={p.timeout} must be > 0 (seconds)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
