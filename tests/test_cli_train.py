@@ -90,6 +90,16 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
         assert main(argv) == 2
         assert f"it holds run folders: pass one of them (newest first: {run})" in capsys.readouterr().out, argv
     assert main(["info", str(run)]) == 0 and "routed experts" in capsys.readouterr().out  # its latest checkpoint
+    # natural slips get an answer that names the fix
+    ckpt = latest_checkpoint(run)
+    for argv, said in [(["info", "tny"], "'tny' is neither a preset (tiny, demo, small) nor a folder"),
+                       (["generate", str(run / "checkpoints")], f"give the run {run} (its latest checkpoint)"),
+                       (["generate", str(tmp_path / "nope")], "is not a folder: give a run folder")]:
+        assert main(argv) == 2 and said in capsys.readouterr().out, argv
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "from-step")]) == 0  # a checkpoint folder exports too
+    (tmp_path / "from-step" / "tokenizer.json").unlink()
+    assert main(["generate", str(tmp_path / "from-step")]) == 2
+    assert "has a model but no tokenizer.json: copy in the tokenizer files it was trained" in capsys.readouterr().out
     # samples start from the text of validation windows, without the special tokens between documents
     prompts = [s["prompt"] for e in MetricsLog(run / "metrics.jsonl").records("eval") for s in e["samples"]]
     assert prompts and all(p and not any(t in p for t in [*SPECIAL_TOKENS, "\ufffd"]) for p in prompts), prompts

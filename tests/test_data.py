@@ -224,6 +224,9 @@ def test_prepare_without_dedup_keeps_duplicates_and_small_corpora_get_one_val_do
     assert s.index["splits"]["val"] == {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
     with pytest.raises(DataError, match="no documents"):
         prepare([str(corpus["docs"] / "empty.txt")], corpus["tok_dir"], tmp_path / "c", progress=False)
+    (tmp_path / "titles.jsonl").write_text('{"title": "no text here"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"skipped: .*titles.jsonl:1: no string field 'text'"):  # why, not a count
+        prepare([str(tmp_path / "titles.jsonl")], corpus["tok_dir"], tmp_path / "c", progress=False)
     with pytest.raises(DataError, match="unknown data source 'typo'"):  # a bad source leaves the folder as it was
         prepare(["typo"], corpus["tok_dir"], tmp_path / "b", progress=False)
     assert read_index(tmp_path / "b")["splits"]["train"]["documents"] == 1

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nanoseek.config import PRESETS, preset
+from nanoseek.config import PRESETS, ConfigError, preset
 from nanoseek.cost.commands import add_commands as add_plan
 from nanoseek.data.commands import add_commands as add_data
 from nanoseek.demo import add_command as add_demo
@@ -62,6 +62,8 @@ def describe(model: NanoSeek) -> str:
 def _load(spec: str) -> NanoSeek:
     if spec in PRESETS:
         return NanoSeek(preset(spec))
+    if not Path(spec).exists():
+        raise ConfigError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
     return load_pretrained(resolve_model_dir(Path(spec)))  # a run folder means its latest checkpoint
 
 

@@ -143,7 +143,9 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         bar.update(reading, total=n_docs)
         duplicates = report.documents - n_docs
         if n_docs == 0:
-            raise DataError(f"no documents in {sources} ({len(report.skipped)} files skipped)")
+            why = "; ".join(f"{where}: {reason}" for where, reason in report.skipped[:3])
+            raise DataError(f"no documents in {sources} (inputs are .txt, .md and .jsonl files, folders of them, or "
+                            f"a built-in corpus){'; skipped: ' + why if why else ''}")
         n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(n_docs * val_fraction)), n_docs - 1)
         val_docs = set(np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False).tolist())
         out_dir.mkdir(parents=True, exist_ok=True)

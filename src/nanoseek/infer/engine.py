@@ -475,6 +475,9 @@ def load_for_inference(path: str | Path, device: str = "auto",
     from nanoseek.train.commands import resolve_model_dir
 
     folder = resolve_model_dir(Path(path))
+    if (folder / "config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise InferenceError(f"{folder} has a model but no tokenizer.json: copy in the tokenizer files it was trained "
+                             "with (tokenizer.json, tokenizer_config.json: in the data folder, or a run's tokenizer/)")
     model = load_pretrained(folder, device=pick_device(device), expert_dtype=expert_dtype)
     model.eval()
     eos = generation_eos(folder)

@@ -98,6 +98,9 @@ def resolve_model_dir(path: Path) -> Path:
     from nanoseek.train.checkpoint import latest_checkpoint
     from nanoseek.train.run import runs_inside
 
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder: give a run folder (train.out_dir) or a model folder "
+                          "(config.json + safetensors)")
     if (path / "run.toml").is_file():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
@@ -106,6 +109,9 @@ def resolve_model_dir(path: Path) -> Path:
     hint = runs_inside(path)
     if hint and not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a model folder{hint}")
+    if not (path / "config.json").is_file() and (path.parent / "run.toml").is_file():
+        raise ConfigError(f"{path} is not a model folder: give the run {path.parent} (its latest checkpoint) or one "
+                          f"of its checkpoints, {path}/step_N")
     return path
 
 
@@ -131,11 +137,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nanoseek.train.checkpoint import export_checkpoint, latest_checkpoint
+    from nanoseek.train.checkpoint import STATE_FILE, export_checkpoint, latest_checkpoint
     from nanoseek.train.run import runs_inside
 
     run = Path(args.run)
-    ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
+    if (run / STATE_FILE).is_file() and not args.step:  # a checkpoint folder itself
+        ckpt: Path | None = run
+    else:
+        ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "trainer_state.json").is_file():
         which = f"checkpoint step {args.step}" if args.step else "complete checkpoint"
         raise ConfigError(f"no {which} in {run}{runs_inside(run)}")

@@ -78,11 +78,11 @@ class BatchRamp:
 
     def __post_init__(self) -> None:
         if self.end <= 0 or self.end % self.multiple:
-            raise ValueError(f"batch size {self.end} must be a positive multiple of micro-batch × ranks "
-                             f"= {self.multiple}")
+            raise ValueError(f"train.batch_size={self.end} must be a positive multiple of train.micro_batch_size × "
+                             f"data-parallel ranks = {self.multiple}")
         if self.start and (not self.multiple <= self.start <= self.end or self.start % self.multiple):
-            raise ValueError(f"batch ramp start {self.start} must be a multiple of micro-batch × ranks = "
-                             f"{self.multiple} in [{self.multiple}, {self.end}]")
+            raise ValueError(f"train.batch_size_start={self.start} must be a multiple of train.micro_batch_size × "
+                             f"data-parallel ranks = {self.multiple} in [{self.multiple}, {self.end}]")
 
     def __call__(self, tokens: int) -> int:
         if not self.start or not self.ramp_tokens or tokens >= self.ramp_tokens:
