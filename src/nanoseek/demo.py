@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
         console.print(f"1/4 tokenizer: reusing {tok_dir}")
     if not (data_dir / "index.json").is_file():
         console.rule("2/4 data: token shards and a validation split")
-        prepare(["python-stdlib"], tok_dir, data_dir, val_fraction=0.01, seed=0)
+        prepare(["python-stdlib"], tok_dir, data_dir, val_fraction=0.01, seed=0, progress=not args.no_progress)
     else:
         console.print(f"2/4 data: reusing {data_dir}")
     setup = time.perf_counter() - t0
@@ -53,7 +53,7 @@ def run_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.path={data_dir}", f"train.out_dir={run_dir}", f"train.max_time={args.minutes * 60:g}",
                  f"model.vocab_size={args.vocab_size}", f"train.device={args.device}", *args.overrides]
     cfg = load_run_config(config, overrides)
-    console.rule(f"3/4 training the demo model for {args.minutes:g} minutes")
+    console.rule(f"3/4 training the demo model for {args.minutes:g} minute{'' if args.minutes == 1 else 's'}")
     result = train(cfg, progress=not args.no_progress)
 
     console.rule("4/4 samples and summary")
