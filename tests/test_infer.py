@@ -232,7 +232,29 @@ def test_text_stream_holds_back_stop_prefixes_and_broken_characters(data_dir):
             break
     assert stopped and "".join(pieces) == "Hé, the café is open. "
     s = TextStream(tok, [])
-    assert "".join(s.add(i)[0] for i in tok.encode("naïve — ok")) + s.flush() == "naïve — ok"
+    assert "".join(s.add(i)[0] for i in tok.encode("naïve — ok")) + s.flush()[0] == "naïve — ok"
+
+
+class ByteTokens:
+    """A byte-level vocabulary made up for a test: token i stands for `pieces[i]`."""
+
+    def __init__(self, *pieces: bytes):
+        self.pieces = pieces
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_the_last_token_can_complete_a_stop_string_while_it_starts_a_character():
+    # token 1 is a space and the first byte of an Arabic letter (such tokens are common in Arabic and Indic text)
+    tok = ByteTokens(b"x", b" \xd8", b"\xa8y")
+    s = TextStream(tok, [" "])
+    assert s.add(0) == ("x", False) and s.add(1) == ("", False)  # " \xd8" is not a whole character yet
+    assert s.flush() == ("", True)  # the answer ends here (max_tokens): the stop string counts all the same
+    s = TextStream(tok, ["z"])
+    assert [s.add(i) for i in (0, 1)] == [("x", False), ("", False)] and s.flush() == (" \ufffd", False)
+    s = TextStream(tok, [" "])  # given the next byte, the stop string is found as the character completes
+    assert [s.add(i) for i in (0, 1, 2)] == [("x", False), ("", False), ("", True)]
 
 
 
@@ -273,11 +295,11 @@ def test_text_stream_decodes_a_short_window_and_equals_the_whole_decode(data_dir
     s = TextStream(Counting(), [])
     pieces = [s.add(i)[0] for i in ids]
     assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) + s.flush() == tok.decode(ids) == text
+    assert "".join(pieces) + s.flush()[0] == tok.decode(ids) == text
     assert len(ids) > 300 and max(seen) <= 8, max(seen)
     s = TextStream(tok, [])  # ends inside a character: flush releases what there is, as a whole decode would
     cut = ids[:next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))]
-    assert "".join(s.add(i)[0] for i in cut) + s.flush() == tok.decode(cut)
+    assert "".join(s.add(i)[0] for i in cut) + s.flush()[0] == tok.decode(cut)
 
 
 

@@ -543,6 +543,11 @@ def test_chat_command(model_dir, tmp_path):
                  input="Hello there\n/reset\nAnd again\n/exit\n", timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stdout.count("model> ") == 2 and "(conversation cleared)" in r.stdout
+    # a line in another encoding (Latin-1 "café") is skipped with the reason; the conversation goes on
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "chat", str(model_dir), "--max-tokens", "4", "--device",
+                        "cpu"], input=b"caf\xe9\nHello\n/exit\n", capture_output=True, timeout=120, cwd=ROOT)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and "that line is skipped" in out and out.count("model> ") == 1, out + r.stderr.decode()
     base = Tokenizer.load(model_dir)
     plain = tmp_path / "base-model"
     NanoSeek(preset("tiny", vocab_size=base.vocab_size)).save_pretrained(str(plain))

@@ -72,6 +72,10 @@ def test_round_trip_is_exact(tok):
         assert tok.encode(text, bos=True) == [0, *ids]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts[:3], bos=True) == [tok.encode(t, bos=True) for t in texts[:3]]
+    bad = b"caf\xe9".decode("utf-8", errors="surrogateescape")  # how Python carries bytes that were not UTF-8
+    for encode in (lambda: tok.encode(bad), lambda: tok.encode_batch(["ok", bad])):
+        with pytest.raises(DataError, match=r"not valid Unicode \(surrogates not allowed at character 3\)"):
+            encode()
 
 
 def test_special_tokens_have_deepseek_names_and_ids_0_to_4(tok, tok_dir):

@@ -117,6 +117,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
     return tok
 
 
+def _check_text(text: str) -> None:
+    """A DataError for a string that is no Unicode text: a lone surrogate, which is how Python carries bytes that
+    were not UTF-8 (a Latin-1 terminal, a file in another encoding)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise DataError(f"the text is not valid Unicode ({e.reason} at character {e.start}): was it read from bytes "
+                        "that are not UTF-8? Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
+
+
 class Tokenizer:
     """`tokenizers.Tokenizer` plus the special-token ids, the chat template and byte lengths for bits-per-byte."""
 
@@ -177,13 +187,22 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' answer to a string holding a lone surrogate
+            _check_text(text)
+            raise
         return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (the tokenizers thread pool); no offsets are computed."""
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast: tokenizers >= 0.21
-        encs = encode(texts, add_special_tokens=False)
+        try:
+            encs = encode(texts, add_special_tokens=False)
+        except TypeError:
+            for t in texts:
+                _check_text(t)
+            raise
         return [[self.bos_id, *e.ids] for e in encs] if bos else [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -427,13 +427,14 @@ class Engine:
             logprob, top = token_logprobs(logits, token, r.params.logprobs)
         finish = None
         if token in r.stop_ids:
-            text, finish = r.text.flush(), "stop"
+            text, finish = r.text.flush()[0], "stop"
         else:
             text, hit = r.text.add(token)
             if hit:
                 finish = "stop"
             elif r.generated >= r.params.max_tokens:
-                text, finish = text + r.text.flush(), "length"
+                rest, hit = r.text.flush()
+                text, finish = text + rest, "stop" if hit else "length"
         r.sink(TokenEvent(token, text, logprob, top, finish, len(r.prompt), r.generated))
         if finish is not None:
             with self._cond:

@@ -1,8 +1,9 @@
 """Token ids to streamed text: incremental decoding and stop strings.
 
 A byte-level token can end inside a UTF-8 character, and the end of the text can be the start of a stop
-string. Both are held back until the next tokens decide, so a client never sees a broken character or a
-piece of a stop string, and the streamed pieces concatenate to exactly the final text.
+string. Both are held back until the next tokens decide, so a client never sees a broken character (unless the
+answer ends inside one: it then ends in U+FFFD) or a piece of a stop string, and the streamed pieces concatenate
+to exactly the final text.
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ class TextStream:
         safe = len(self.text) - self._held()
         return self._release(max(safe, self.sent)), False
 
-    def flush(self) -> str:
-        """At the end (length or stop token): whatever was held back, complete or not."""
+    def flush(self) -> tuple[str, bool]:
+        """At the end (length or stop token): whatever was held back, complete or not (an answer cut inside a
+        character ends in U+FFFD) -> (that text, whether a stop string was reached: the last token can complete
+        one while it starts a character, which `add` had held back)."""
         window = self.tokenizer.decode(self.ids[self.prefix:])
         self.text += window[len(self.prefix_text):]
         self.read, self.prefix_text = len(self.ids), window  # a second flush adds nothing
-        return self._release(len(self.text))
+        hit = self._first_stop()
+        if hit is not None:
+            self.text = self.text[:max(hit, self.sent)]
+        return self._release(len(self.text)), hit is not None
 
     def _release(self, upto: int) -> str:
         out, self.sent = self.text[self.sent:upto], upto

@@ -129,6 +129,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 except (EOFError, KeyboardInterrupt):
                     print()
                     return 0
+                except UnicodeDecodeError as e:  # a terminal or pipe in another encoding than Python expects
+                    console.print(f"(that line is not UTF-8 text ({e.reason}); it is skipped)", style="yellow")
+                    continue
                 if line in ("/exit", "/quit"):
                     return 0
                 if line == "/reset":
@@ -138,7 +141,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 if not line:
                     continue
                 turn = [*history, {"role": "user", "content": line}]
-                ids = tokenizer.encode(tokenizer.apply_chat_template(system + turn, add_generation_prompt=True))
+                try:
+                    ids = tokenizer.encode(tokenizer.apply_chat_template(system + turn, add_generation_prompt=True))
+                except DataError as e:  # one bad line ends nothing but itself
+                    console.print(f"({escape(str(e))}; that line is skipped)", style="yellow", highlight=False)
+                    continue
                 room = engine.max_context - len(ids)
                 if room < 1:
                     console.print(f"(the conversation is {len(ids)} tokens, the model's context {engine.max_context}:"
