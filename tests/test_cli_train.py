@@ -168,3 +168,20 @@ def test_train_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().out
     assert main(["train"]) == 2
+
+
+def test_sample_prompts_are_whole_characters_of_one_document():
+    from nanoseek.train.run import _plain_text
+
+    class Pieces:  # a byte-level vocabulary made up for the test: ids 0-4 special, as nanoseek's tokenizers
+        bos_id, eos_id, pad_id, user_id, assistant_id = range(5)
+
+        def __init__(self):
+            self.pieces = {5: b"\xa4", 6: "पके".encode(), 7: " सु".encode(), 8: b"\xe0\xa4"}
+
+        def decode(self, ids: list[int]) -> str:
+            return b"".join(self.pieces.get(i, b"<s>") for i in ids).decode("utf-8", errors="replace")
+
+    # a window that starts inside a character, holds one cut at its end and then the next document
+    assert _plain_text(Pieces(), [5, 6, 7, 8, 1, 0, 6]) == "पके सु"
+    assert _plain_text(Pieces(), [0, 6, 7]) == "पके सु" and _plain_text(Pieces(), [5, 8]) == ""

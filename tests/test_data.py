@@ -80,12 +80,26 @@ def prepared(corpus, tmp_path_factory) -> Path:
 
 
 def _split_docs(tokens: np.ndarray) -> list[np.ndarray]:
-    """Cut a stream at BOS (0): each piece is one document's tokens."""
+    """Cut a stream at BOS (0): each piece is one document's tokens, which end with EOS (1)."""
     starts = np.flatnonzero(tokens == 0)
-    return [tokens[a + 1: b] for a, b in zip(starts, [*starts[1:], len(tokens)])]
+    docs = [tokens[a + 1: b] for a, b in zip(starts, [*starts[1:], len(tokens)])]
+    assert all(d[-1] == 1 and 1 not in d[:-1] for d in docs)
+    return [d[:-1] for d in docs]
 
 
 # ---- sources ----------------------------------------------------------------------------------------------
+
+def test_utf16_files_are_skipped_with_the_reason(tmp_path):
+    # UTF-16 English (and Devanagari: U+09xx is bytes xx 09) without a byte-order mark is valid UTF-8 byte for byte
+    (tmp_path / "le.txt").write_bytes("All human beings are born free".encode("utf-16-le"))
+    (tmp_path / "bom.txt").write_text("All human beings are born free", encoding="utf-16")
+    (tmp_path / "ok.txt").write_text("All human beings are born free", encoding="utf-8")
+    report = Report()
+    assert [d.text for d in iter_documents([str(tmp_path)], report=report)] == ["All human beings are born free"]
+    reasons = {Path(p).name: r for p, r in report.skipped}
+    assert reasons == {"bom.txt": "UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8",
+                       "le.txt": "holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text"}
+
 
 def test_sources_report_every_skipped_file(corpus):
     report = Report()
@@ -154,7 +168,7 @@ def test_prepare_index_counts_match_the_encoded_documents(corpus, prepared):
     splits = index["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(unique)
     assert splits["val"]["documents"] == round(0.1 * len(unique)) == 5
-    total = sum(len(ids) + 1 for ids in tok.encode_batch(unique))  # + BOS each
+    total = sum(len(ids) + 2 for ids in tok.encode_batch(unique))  # + BOS and EOS each
     assert splits["train"]["tokens"] + splits["val"]["tokens"] == total
     assert splits["train"]["bytes"] + splits["val"]["bytes"] == sum(len(t.encode()) for t in unique)
     assert index["dtype"] == "uint16" and index["vocab_size"] == 400 and index["format"] == 1

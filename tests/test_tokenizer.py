@@ -259,3 +259,18 @@ def test_token_tax_report_on_a_small_folder(tok_dir, tmp_path):
     rows = token_tax_report(tok_dir, tmp_path, None)
     assert [r.language for r in rows] == ["eng", "fra"]
     assert rows[0].premium == 1.0 and rows[1].premium > 1.0
+    # files are read as training reads them: a byte-order mark is no text, CRLF stays two characters
+    (tmp_path / "eng.txt").write_bytes(b"\xef\xbb\xbfAll human beings\r\nare born free and equal.")
+    assert token_tax_report(tok_dir, tmp_path, None)[0].chars == len("All human beings\r\nare born free and equal.")
+    (tmp_path / "fra.txt").write_text("Tous les êtres humains", encoding="utf-16")
+    with pytest.raises(DataError, match=r"fra.txt: UTF-16 \(it starts with a UTF-16 byte-order mark\)"):
+        token_tax_report(tok_dir, tmp_path, None)
+
+
+def test_words_keep_their_marks_and_zero_width_joiners(tok):
+    # the pre-tokenizer's pieces: merges never cross them, so a word split here costs tokens in every text
+    pieces = lambda text: len(tok.hf.pre_tokenizer.pre_tokenize_str(text))
+    assert pieces("नमस्ते दुनिया") == 2  # Devanagari vowel signs and virama are marks, inside the word
+    assert pieces("می\u200cخواهم بروم") == 2  # Persian writes a zero-width non-joiner inside words
+    assert pieces("क्\u200dष") == 1 and pieces("മല\u200dയാളം") == 1  # a joiner inside a conjunct
+    assert pieces("hello, world") == 3 and pieces("a\u200c!") == 2  # punctuation stays apart

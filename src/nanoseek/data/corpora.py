@@ -91,14 +91,29 @@ def _iter_folder(root: Path, text_field: str, report: Report) -> Iterator[Docume
 
 
 def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        report.skip(where, "UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8")
+        return None
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as e:
         report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
         return None
+    if "\x00" in text:  # UTF-16 without a byte-order mark is valid UTF-8 byte for byte, with a NUL every other byte
+        report.skip(where, "holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text")
+        return None
     if not text.strip():
         report.skip(where, "empty" if not text else "only whitespace")
         return None
+    return text
+
+
+def read_text(path: Path) -> str:
+    """A text file as training reads it (UTF-8, byte-order mark dropped, line endings kept), or a DataError."""
+    report = Report()
+    text = _decode(path.read_bytes(), path, report)
+    if text is None:
+        raise DataError(f"{path}: {report.skipped[0][1]}")
     return text
 
 

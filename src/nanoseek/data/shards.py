@@ -6,8 +6,9 @@ A prepared data folder is self-contained:
     train_00000.bin, val_00000.bin    token ids, little-endian uint16 (vocab <= 65536) or uint32, no header
     tokenizer.json, tokenizer_config.json   the tokenizer the ids belong to
 
-Each document becomes [BOS] + its tokens and the documents are concatenated, as DeepSeek packs pre-training
-text. The validation split is a seeded choice of whole documents, so no text is in both splits.
+Each document becomes [BOS] + its tokens + [EOS] and the documents are concatenated (packed) into one stream: the
+model learns where a text starts and where it ends, so its generations stop at EOS instead of running on into
+another document. The validation split is a seeded choice of whole documents, so no text is in both splits.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         docs = _unique(iter_documents(sources, text_field, Report()), dedup, set())
         count = 0
         for batch in _batches((d, i in val_docs) for i, d in enumerate(docs)):
-            ids = tok.encode_batch([d.text for d, _ in batch], bos=True)
+            ids = [[*x, tok.eos_id] for x in tok.encode_batch([d.text for d, _ in batch], bos=True)]
             for split in SPLITS:
                 pick = [j for j, (_, is_val) in enumerate(batch) if is_val == (split == "val")]
                 if pick:
@@ -177,6 +178,7 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
         "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json"),  # the copy this folder carries
         "splits": {s: w.close() for s, w in writers.items()},
         "skipped": [{"path": p, "reason": r} for p, r in report.skipped],

@@ -34,7 +34,10 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]  # ids 0..4, so bos_token_id=0, eos_token_id=1 as in ModelConfig
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte must be a token, or some text could not be encoded
-WORD_SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
+# GPT-2's word split over letters and marks, and the zero-width non-joiner and joiner (ZW: U+200C, U+200D) that
+# Persian, Urdu, Malayalam and Devanagari conjuncts write inside words: one word, not three pieces
+WORD_SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?[\p{L}\p{M}ZW]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}ZW]+|\s+(?!\S)|\s+".replace(
+    "ZW", "\u200c\u200d")
 
 # DeepSeek-V3 layout: system text right after BOS, then <｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜> turns.
 # Written for the environment transformers renders chat templates in (trim_blocks, lstrip_blocks), which
@@ -265,6 +268,7 @@ LANGUAGES = {
     "fra": "French", "hau_NG": "Hausa", "hin": "Hindi", "ind": "Indonesian", "por": "Portuguese", "rus": "Russian",
     "som": "Somali", "spa": "Spanish", "swh": "Swahili", "tam": "Tamil", "tel": "Telugu", "urd": "Urdu",
     "vie": "Vietnamese", "yor": "Yoruba", "zul": "Zulu", "deu": "German", "jpn": "Japanese", "kor": "Korean",
+    "heb": "Hebrew", "mar": "Marathi", "tha": "Thai", "pes": "Persian", "mal": "Malayalam", "npi": "Nepali",
 }
 
 
@@ -288,12 +292,9 @@ def token_tax_report(tokenizer_dir: str | Path, parallel_dir: str | Path, out_pn
     if not any(f.stem == "eng" for f in files):
         raise DataError(f"{parallel_dir} has no eng.txt: the token premium is measured against English, so the "
                         "folder needs the English version of the text as eng.txt")
-    texts = {}
-    for f in files:
-        try:
-            texts[f.stem] = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{f} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    from nanoseek.data.corpora import read_text
+
+    texts = {f.stem: read_text(f) for f in files}  # read as training reads them: the same characters
     counts = dict(zip(texts, map(len, tok.encode_batch(list(texts.values())))))
     if not counts["eng"]:
         raise DataError(f"{parallel_dir / 'eng.txt'} is empty")

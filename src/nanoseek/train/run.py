@@ -186,7 +186,10 @@ def _plain_text(tokenizer: Any, ids: list[int]) -> str:
     while ids and ids[0] in special:
         ids = ids[1:]
     stretch = next((ids[:i] for i, t in enumerate(ids) if t in special), ids)
-    while stretch and tokenizer.decode(stretch).endswith("\ufffd"):  # cut inside a character: end before it
+    # a window starts, and the stretch ends, wherever the tokens fall: drop the pieces of a character at either end
+    while stretch and tokenizer.decode(stretch).startswith("\ufffd"):
+        stretch = stretch[1:]
+    while stretch and tokenizer.decode(stretch).endswith("\ufffd"):
         stretch = stretch[:-1]
     return tokenizer.decode(stretch)
 
