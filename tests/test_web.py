@@ -73,10 +73,12 @@ def test_chat_page_streams_an_answer(engine, browser, tmp_path):
         assert page.locator(".msg.user").first.inner_text() == "Hello! What can you do?"
         assert page.locator(".msg.error").count() == 0
 
-        page.fill("#prompt", "Tell me more.")
+        page.fill("#prompt", "مرحبا، أخبرني المزيد")  # Arabic: the message reads right to left
         page.click("#send")
         page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='true']\").length == 2",
                                timeout=60_000)
+        direction = "el => getComputedStyle(el).direction"
+        assert [m.evaluate(direction) for m in page.locator(".msg.user").all()] == ["ltr", "rtl"]
         follow_up = chat_bodies[-1]
         assert follow_up["stream"] is True and follow_up["max_tokens"] == 24
         assert [m["role"] for m in follow_up["messages"]] == ["user", "assistant", "user"]
