@@ -279,7 +279,7 @@ def test_schedule_edges():
 
     assert lr_schedule(OptimConfig(lr=1.0, warmup=100), total_steps=1, total_tokens=512)(0) == 1.0
     assert lr_schedule(OptimConfig(lr=1.0, warmup=100), total_steps=5, total_tokens=512)(2) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="multiple of micro-batch"):
+    with pytest.raises(ValueError, match=r"train.batch_size_start=12 must be a multiple of train.micro_batch_size"):
         BatchRamp(end=64, start=12, ramp_tokens=1000, multiple=8)
     # a batch ramp makes the first half of the steps hold far less than half of the tokens
     state = TrainState(step=50, tokens=2_000, total_steps=100, total_tokens=10_000)
