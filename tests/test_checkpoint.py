@@ -221,3 +221,18 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # mkstemp's 0600 would hide it from others
+
+
+def test_damaged_files_are_named(model, tmp_path):
+    model.save_pretrained(tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    whole = weights.read_bytes()
+    for cut in (5000, len(whole) - 1000):  # inside the header; inside the tensor data
+        weights.write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match=r"model.safetensors.*(not a readable safetensors file|damaged)"):
+            nanoseek.from_pretrained(tmp_path / "ck")
+    model.save_pretrained(tmp_path / "sh", max_shard_size="100KB")
+    for index in ("{}", '{"weight_map": 5}', "[]", "{not json"):
+        (tmp_path / "sh" / INDEX_FILE).write_text(index)
+        with pytest.raises(CheckpointError, match=r"index.json is not a safetensors index"):
+            nanoseek.from_pretrained(tmp_path / "sh")

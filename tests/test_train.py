@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.model.hf import CheckpointError
 from nanoseek.model.moe import Router
 from nanoseek.train import checkpoint as ckpt_mod
-from nanoseek.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import TrainState, export_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoseek.train.config import load_run_config, run_config_from_dict
 from nanoseek.train.loop import NonFiniteLossError, Trainer, World, batch_ramp, make_optimizer, update_routing_bias
 from nanoseek.train.run import MetricsLog, train
@@ -225,6 +226,13 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     # a LATEST that names a folder which never completed falls back to the newest complete one
     (run / "checkpoints" / "LATEST").write_text("step_000010\n")
     assert latest_checkpoint(run).name == "step_000005"
+    # a damaged one (a disk that lost data after the save) is named, with what to do, for resume and export alike
+    shard = next((latest_checkpoint(run) / "state").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step_000005 cannot be read .*Move it out of"):
+        load_checkpoint(latest_checkpoint(run), fresh, fresh, make_optimizer(fresh, cfg, torch.device("cpu")))
+    with pytest.raises(CheckpointError, match="its files are damaged or incomplete"):
+        export_checkpoint(latest_checkpoint(run), tmp_path / "exported")
 
 
 def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path):

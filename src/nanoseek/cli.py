@@ -92,12 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `train CONFIG --dry-run key=value`: argparse ends a list of positionals at the first flag; take the rest too
+    positional = {"train": "items", "demo": "overrides"}.get(args.command)
+    if extra and positional and not any(e.startswith("-") for e in extra):
+        setattr(args, positional, [*getattr(args, positional), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DistributedError, NonFiniteLossError) as e:  # ConfigError, DataError, ...
+    except (ValueError, DistributedError, NonFiniteLossError) as e:  # ConfigError, DataError, ...
         console.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
+    except OSError as e:  # a path that is missing, not writable, a file where a folder should be...
+        console.print("[red]error:[/red]", escape(str(e)), "(check the path and its permissions)", highlight=False,
+                      soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and stops cleanly itself)
+        console.print("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
@@ -91,19 +92,32 @@ def _optional_keys(config: ModelConfig) -> set[str]:
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
+def _open(f: Path) -> Any:
+    """safe_open, with a CheckpointError naming the file when it is not a whole safetensors file."""
+    try:
+        return safe_open(f, "pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} is not a readable safetensors file ({e}): was it cut short while being copied or "
+                              "saved? Copy it again, or use another checkpoint") from e
+
+
 def _checkpoint_files(path: Path) -> dict[str, Path]:
     """Map every tensor name in the checkpoint at `path` to its file."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {k: path / v for k, v in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {k: path / v for k, v in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object whose weight_map maps tensor "
+                                  f"names to files): {type(e).__name__}: {e}") from e
         for f in set(files.values()):
             if not f.is_file():
                 raise CheckpointError(f"{index} names {f.name}, which is missing from {path}")
         return files
     single = path / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, "pt") as f:
+        with _open(single) as f:
             return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
     hint = (f" It holds {pickles}: nanoseek never unpickles weights; convert them to safetensors first"
@@ -117,7 +131,7 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     for k, f in files.items():
         by_file.setdefault(f, []).append(k)
     for f, keys in by_file.items():
-        with safe_open(f, "pt") as sf:
+        with _open(f) as sf:
             present = set(sf.keys())
             for k in keys:
                 if k not in present:
@@ -211,10 +225,13 @@ def _load_tensors(model: NanoSeek, files: dict[str, Path], found: dict[str, tupl
     cfg = model.config
     n = cfg.num_hidden_layers
     targets = model.state_dict(keep_vars=True)
-    handles = {f: safe_open(f, "pt") for f in set(files.values())}
+    handles = {f: _open(f) for f in set(files.values())}
 
     def read(key: str) -> torch.Tensor:
-        return handles[files[key]].get_tensor(key)
+        try:
+            return handles[files[key]].get_tensor(key)
+        except SafetensorError as e:  # the header was whole, the data is not
+            raise CheckpointError(f"{files[key]}: cannot read {key} ({e}): the file is damaged or cut short") from e
 
     for name, target in targets.items():
         if name.startswith("lm_head.") and cfg.tie_word_embeddings:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
-from nanoseek.model.hf import write_checkpoint
+from nanoseek.model.hf import CheckpointError, write_checkpoint
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
@@ -170,6 +171,17 @@ def _single_process_quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+def _read_state(flat: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
+    """Fill `flat` from the checkpoint's sharded state, or say which checkpoint is damaged and what to do."""
+    try:
+        _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
+                              no_dist=no_dist)
+    except (CheckpointException, RuntimeError, SafetensorError, OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read ({why}): its files are damaged or incomplete. "
+                              f"Move it out of {ckpt.parent} to use the newest one before it") from e
+
+
 def _step_of(folder: Path) -> int:
     """step_000500 (or its copy set aside, .step_000500.old) -> 500: by number, since step 1,000,000 has more
     digits than the name's zero padding."""
@@ -197,8 +209,7 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
     if meta["param_names"] != [n for n, _ in module.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
     flat, msd, osd = _flat(model, opt)
-    _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
-                          no_dist=not _distributed())
+    _read_state(flat, ckpt, no_dist=not _distributed())
     for k in msd:
         msd[k] = flat[f"model.{k}"]
     for k, s in osd["state"].items():
@@ -231,8 +242,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not match its config (parameter names differ)")
     msd = get_model_state_dict(model)
     flat = {f"model.{k}": v for k, v in msd.items()}
-    _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
-                          no_dist=True)
+    _read_state(flat, ckpt, no_dist=True)
     model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
     save_pretrained(model, out)
     copy_tokenizer([ckpt, ckpt.parents[1] / "tokenizer"], out, config.max_position_embeddings)
