@@ -136,6 +136,11 @@ def test_wrong_shape_is_named(model, tmp_path):
     ("num_key_value_heads", 2, "num_key_value_heads=2 differs"),
     ("quantization_config", {"quant_method": "fp8"}, "quant_method='fp8'"),
     ("n_group", 3, "n_routed_experts=8 must be divisible by n_group=3"),
+    # a hand-edited config.json: the file, the field and the type it needs
+    ("hidden_size", "abc", r"config.json: hidden_size='abc': expected an integer"),
+    ("rope_theta", None, r"config.json: rope_theta=None: expected a number"),
+    ("rope_scaling", "yarn", r"config.json: rope_scaling='yarn': expected a table"),
+    ("quantization_config", "fp8", "quant_method='fp8'"),
 ])
 def test_unsupported_config_values_are_clear_errors(model, tmp_path, field, value, match):
     model.save_pretrained(tmp_path)

@@ -193,7 +193,8 @@ class ModelConfig:
         if model_type not in ("deepseek_v3", "nanoseek"):
             raise ConfigError(f"config.json has model_type={model_type!r}; nanoseek reads 'deepseek_v3' checkpoints")
         if d.get("quantization_config"):
-            method = d["quantization_config"].get("quant_method", "?")
+            q = d["quantization_config"]
+            method = q.get("quant_method", "?") if isinstance(q, dict) else q
             raise ConfigError(
                 f"config.json has quantization_config (quant_method={method!r}): quantized weights are not "
                 "supported; dequantize to bf16/fp32 first"
@@ -212,9 +213,10 @@ class ModelConfig:
         unknown = sorted(set(d) - known - _HF_METADATA_KEYS)
         if unknown:
             warnings.warn(f"config.json keys ignored by nanoseek: {unknown}", stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in known}
+        hints = get_type_hints(cls)
+        kwargs = {k: coerce(v, hints[k], k) for k, v in d.items() if k in known}  # the field's type, or an error
         for key in ("rope_theta", "routed_scaling_factor", "rms_norm_eps", "initializer_range"):
-            if key in kwargs and kwargs[key] is not None:
+            if key in kwargs:
                 kwargs[key] = float(kwargs[key])
         if kwargs.get("num_key_value_heads") is None:
             kwargs.pop("num_key_value_heads", None)
@@ -238,10 +240,15 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not the object of a model config")
+        try:
+            return cls.from_hf_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
 
 def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any] | None:
