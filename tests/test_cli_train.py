@@ -77,6 +77,8 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
     assert r.returncode == 0 and f"run.toml now records train.steps={step + 2}" in r.stdout, r.stdout + r.stderr
     r = nanoseek("train", "--resume", str(run), "--no-progress")
     assert r.returncode == 0 and f"nothing left to train: the run had reached its end at step {step + 2}" in r.stdout
+    r = nanoseek("train", "--resume", str(run), "model.hidden_size=128")
+    assert r.returncode == 2 and "model.hidden_size=128: the model cannot change when a run resumes" in r.stdout
     assert "run.toml now records" not in r.stdout
 
 

@@ -144,7 +144,13 @@ def test_overrides_take_their_fields_type(tmp_path):
                         # caught with the config (--dry-run too), not only once torchrun has started the ranks
                         ("parallel.dp=zero", "parallel.dp='zero': use one of ddp, fsdp"),
                         ("parallel.ep=3", "parallel.ep=3 must be >= 1 and divide the 8 routed experts"),
-                        ("parallel.timeout=0", r"parallel.timeout=0 must be > 0 \(seconds\)")]:
+                        ("parallel.timeout=0", r"parallel.timeout=0 must be > 0 \(seconds\)"),
+                        ("train.max_time=-1", r"train.max_time=-1 must be >= 0 \(0: no limit\)"),
+                        ("train.steps=-1", r"train.steps=-1 must be >= 0"),
+                        ("mtp.weight=-1", r"mtp.weight=-1 must be >= 0"),
+                        ("optim.lr=nan", r"optim.lr=nan and optim.eps=1e-08 must be positive numbers"),
+                        ("optim.betas=[0.9]", r"optim.betas=\[0.9\] must be two numbers in \[0, 1\)"),
+                        ("optim.betas=[0.9,1.0]", r"must be two numbers in \[0, 1\)")]:
         with pytest.raises(ConfigError, match=match):
             load_run_config(tiny, [item])
     bad = tmp_path / "bad.toml"

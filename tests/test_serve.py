@@ -536,6 +536,12 @@ def test_serve_command(model_dir):
     assert f"{threads} model thread{'s' * (threads > 1)}" in out, out
     r = nanoseek("serve", str(model_dir), "--threads", "0", timeout=120)
     assert r.returncode == 2 and "--threads must be at least 1" in r.stdout + r.stderr
+    for flags, said in [(["--port", "70000"], "--port must be in 1-65535, got 70000"),
+                        (["--max-queue", "-1"], "--max-queue (-1) at least 0")]:  # -1 would answer 429 to all
+        r = nanoseek("serve", str(model_dir), *flags, timeout=120)
+        assert r.returncode == 2 and said in r.stdout + r.stderr, flags
+    r = nanoseek("chat", str(model_dir), "--top-p", "2", timeout=120)  # before the model loads and a line is typed
+    assert r.returncode == 2 and "top_p must be in (0, 1], got 2.0" in r.stdout + r.stderr
 
 
 def test_chat_command(model_dir, tmp_path):

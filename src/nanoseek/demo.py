@@ -31,6 +31,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from nanoseek.train.config import load_run_config
     from nanoseek.train.run import MetricsLog, summary_table, train
 
+    if not args.minutes > 0:
+        raise ConfigError(f"--minutes {args.minutes:g}: give the training time in minutes, more than 0")
     out = Path(args.out)
     config = Path(args.config) if args.config else REPO_CONFIGS / "demo.toml"
     if not config.is_file():

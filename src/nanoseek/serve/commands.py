@@ -54,6 +54,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if not 0 < args.port <= 65535:
+        raise ValueError(f"--port must be in 1-65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError(f"--max-batch ({args.max_batch}) must be at least 1 and --max-queue ({args.max_queue}) at "
+                         "least 0")
     # Before anything compiles (inductor's kernels are built for a thread count). The default leaves the HTTP
     # server's event loop a core: on 2 cores, one model thread served one client 1.3x faster and 16 clients as
     # fast as two threads did, which stalled whenever the loop or a client took a core (docs/LOG.md).
@@ -110,6 +115,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):  # line editing and arrow-key recall in input(), where the OS has it
         import readline  # noqa: F401
 
+    SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p).check()  # before loading
     model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype)
     if tokenizer.chat_template is None:
         raise DataError(f"{args.model} has no chat template (no chat_template in tokenizer_config.json and no "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,30 @@ class RunConfig:
     cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> None:
-        t = self.train
+        t, o = self.train, self.optim
+        at_least = {"train.tokens": (t.tokens, 0, "use steps"), "train.steps": (t.steps, 0, "use tokens"),
+                    "train.max_time": (t.max_time, 0, "no limit"), "train.log_every": (t.log_every, 1, ""),
+                    "train.max_nonfinite": (t.max_nonfinite, 1, ""), "data.seq_len": (self.data.seq_len, 1, ""),
+                    "checkpoint.keep": (self.checkpoint.keep, 0, "all"),
+                    "checkpoint.every": (self.checkpoint.every, 0, "only at the end"),
+                    "eval.every": (self.eval.every, 0, "only at the end"),
+                    "eval.batches": (self.eval.batches, 0, "no validation loss"),
+                    "eval.samples": (self.eval.samples, 0, "none"),
+                    "eval.sample_tokens": (self.eval.sample_tokens, 1, ""),
+                    "eval.temperature": (self.eval.temperature, 0, "greedy"), "eval.top_k": (self.eval.top_k, 0, "all"),
+                    "optim.warmup": (o.warmup, 0, "none"), "optim.weight_decay": (o.weight_decay, 0, "none"),
+                    "optim.grad_clip": (o.grad_clip, 0, "no clipping"), "optim.min_lr_ratio": (o.min_lr_ratio, 0, ""),
+                    "mtp.weight": (self.mtp.weight, 0, "no MTP loss"),
+                    "mtp.weight_after": (self.mtp.weight_after, 0, "no MTP loss"),
+                    "balance.bias_update_speed": (self.balance.bias_update_speed, 0, "no bias update"),
+                    "balance.seq_aux_alpha": (self.balance.seq_aux_alpha, 0, "off")}
+        for key, (value, low, zero) in at_least.items():
+            if not value >= low:  # NaN too
+                raise ConfigError(f"{key}={value} must be >= {low}" + (f" (0: {zero})" if zero else ""))
+        if not (0 < o.lr < math.inf and 0 < o.eps < math.inf):
+            raise ConfigError(f"optim.lr={o.lr} and optim.eps={o.eps} must be positive numbers")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9,0.95]")
         if (t.tokens > 0 and t.steps > 0) or not (t.tokens > 0 or t.steps > 0 or t.max_time > 0):
             raise ConfigError("set the run's length: train.tokens or train.steps (one of them), or only "
                               "train.max_time (seconds; the steps are then fixed after timing the first ones)")
@@ -143,14 +167,6 @@ class RunConfig:
             raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32', 'bf16' or 'auto'")
         if self.optim.unit not in ("steps", "tokens"):
             raise ConfigError(f"optim.unit={self.optim.unit!r}: use 'steps' or 'tokens'")
-        at_least = {"train.log_every": (t.log_every, 1, ""), "train.max_nonfinite": (t.max_nonfinite, 1, ""),
-                    "data.seq_len": (self.data.seq_len, 1, ""), "checkpoint.keep": (self.checkpoint.keep, 0, "all"),
-                    "checkpoint.every": (self.checkpoint.every, 0, "only at the end"),
-                    "eval.every": (self.eval.every, 0, "only at the end"),
-                    "eval.batches": (self.eval.batches, 0, "no validation loss")}
-        for key, (value, low, zero) in at_least.items():
-            if value < low:
-                raise ConfigError(f"{key}={value} must be >= {low}" + (f" (0: {zero})" if zero else ""))
         if bool(t.batch_size_start) != bool(t.batch_ramp_tokens):
             raise ConfigError("a batch-size ramp needs both train.batch_size_start and train.batch_ramp_tokens "
                               f"(got {t.batch_size_start} and {t.batch_ramp_tokens}; 0 and 0: no ramp)")

@@ -198,6 +198,10 @@ def resumed_config(run_dir: Path, overrides: list[str] | None = None) -> RunConf
     """The configuration a run folder was started with (its run.toml), with `key=value` overrides."""
     if not (run_dir / "run.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no run.toml){runs_inside(run_dir)}")
+    fixed = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith("model.")]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: the model cannot change when a run resumes (its checkpoints hold "
+                          "this model's weights); start a new run for another model")
     return load_run_config(run_dir / "run.toml", overrides)
 
 
