@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import SPECIAL_TOKENS
@@ -149,6 +152,23 @@ def test_exported_model_metadata_is_what_transformers_reads(data_dir, tmp_path):
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     r = nanoseek("generate", str(out), "--prompt", "Hello")
     assert r.returncode == 2 and "eos_token_id must be a token id or a list of them" in r.stdout + r.stderr
+    # a tokenizer from elsewhere (more tokens than the model has rows) is refused, not fed as out-of-range ids
+    from nanoseek import NanoSeek, preset
+
+    small = tmp_path / "small"
+    NanoSeek(preset("tiny", vocab_size=300)).save_pretrained(small)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (small / f).write_bytes((out / f).read_bytes())
+    with pytest.raises(ValueError, match="the tokenizer has 512 tokens but the model's vocab_size is 300"):
+        load_for_inference(small, device="cpu")
+
+
+def test_data_whose_tokenizer_was_swapped_is_refused(data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "tokenizer.json").write_text((data / "tokenizer.json").read_text() + "\n")  # any other tokenizer
+    assert main(["train", *_args(data, tmp_path / "run", steps=1), "--no-progress"]) == 2
+    assert "is not the tokenizer the shards of" in capsys.readouterr().out
 
 
 def test_data_without_a_validation_split_trains_without_validation(data_dir, tmp_path):

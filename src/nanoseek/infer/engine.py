@@ -479,13 +479,18 @@ def load_for_inference(path: str | Path, device: str = "auto",
     if (folder / "config.json").is_file() and not (folder / "tokenizer.json").is_file():
         raise InferenceError(f"{folder} has a model but no tokenizer.json: copy in the tokenizer files it was trained "
                              "with (tokenizer.json, tokenizer_config.json: in the data folder, or a run's tokenizer/)")
+    tokenizer = Tokenizer.load(folder)
     model = load_pretrained(folder, device=pick_device(device), expert_dtype=expert_dtype)
     model.eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise InferenceError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{model.config.vocab_size}: it is not the tokenizer this model was trained with; copy in "
+                             "that one")
     eos = generation_eos(folder)
     if eos is not None:  # generation_config.json's end ids replace config.json's for generation (transformers)
         model.config.eos_token_id = eos
     model.name_or_path = Path(path).resolve().name
-    return model, Tokenizer.load(folder)
+    return model, tokenizer
 
 
 def generation_eos(folder: Path) -> int | list[int] | None:

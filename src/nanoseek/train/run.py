@@ -147,6 +147,14 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     if not cfg.data.path or not (path / "index.json").is_file():
         raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
                           "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
+    from nanoseek.data.shards import read_index
+    from nanoseek.io import sha256_file
+
+    made_with = read_index(path).get("tokenizer_sha256")
+    if made_with and (path / "tokenizer.json").is_file() and sha256_file(path / "tokenizer.json") != made_with:
+        raise DataError(f"{path / 'tokenizer.json'} is not the tokenizer the shards of {path} were made with (its "
+                        "checksum differs from index.json's): put that one back, or prepare the data again with "
+                        "this one")
     train = Batches(path, split="train", seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=world.rank,
                     world_size=world.size)
     val: list[tuple[torch.Tensor, torch.Tensor]] = []
