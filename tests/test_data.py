@@ -420,3 +420,9 @@ def test_cli_train_report_prepare(corpus, tmp_path, capsys):
         _cli(["data", "prepare", "--tokenizer", str(tok), "--out", str(tmp_path / "x")])  # --input is required
     with pytest.raises(DataError, match="python-stdlib"):
         _cli(["tokenizer", "train", "--input", "nope", "--out", str(tmp_path / "t2")])
+    with pytest.raises(DataError, match="--max-chars must be at least 1, got -1"):  # would train on one document
+        _cli(["tokenizer", "train", "--input", str(corpus["docs"]), "--out", str(tmp_path / "t2"), "--max-chars", "-1"])
+    capsys.readouterr()
+    with pytest.raises(DataError, match="the inputs held no documents"):
+        _cli(["tokenizer", "train", "--input", str(corpus["docs"] / "latin1.txt"), "--out", str(tmp_path / "t2")])
+    assert "not valid UTF-8" in capsys.readouterr().out  # why: the skipped file and its reason

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from nanoseek.data.corpora import BUILTINS, Report, iter_documents
 from nanoseek.data.shards import DEFAULT_SHARD_TOKENS, prepare
-from nanoseek.data.tokenizer import token_tax_report, train_tokenizer
+from nanoseek.data.tokenizer import DataError, token_tax_report, train_tokenizer
 
 console = Console()
 _SOURCES_HELP = (f"a text file, a folder (.txt/.md/.jsonl inside), a .jsonl file, or a built-in corpus: "
@@ -67,6 +67,10 @@ def _skipped_table(skipped: list[tuple[str, str]], limit: int = 20) -> Table:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    limits = {"--max-docs": args.max_docs, "--max-chars": args.max_chars, "--max-length": args.max_length}
+    for flag, value in limits.items():
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be at least 1, got {value}")
     report = Report()
     stats = {"docs": 0, "chars": 0}
 
@@ -86,7 +90,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
             yield doc.text
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts(), args.vocab_size, args.out, model_max_length=args.max_length)
+    try:
+        tok = train_tokenizer(texts(), args.vocab_size, args.out, model_max_length=args.max_length)
+    except DataError:
+        if report.skipped:  # why the inputs gave nothing
+            console.print(_skipped_table(report.skipped))
+        raise
     console.print(f"tokenizer: {tok.vocab_size:,} tokens from {stats['docs']:,} documents, {stats['chars']:,} "
                   f"characters, in {time.perf_counter() - t0:.1f}s -> {Path(args.out) / 'tokenizer.json'}")
     if tok.vocab_size < args.vocab_size:
