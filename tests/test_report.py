@@ -54,6 +54,15 @@ def test_report_card_from_a_short_run(data_dir, tmp_path, capsys):
     card = report.read_text()
     assert f"({records[-1]['tokens'] / records[-1]['elapsed']:,.0f} tokens/s, MFU {100 * s['mfu_mean']:.2f}%" in card
     assert "scope: this machine" in card
+    # killed mid-write (a cut last line), or a summary.json damaged by hand: reported from what can be read
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 6, "lo')
+    (run / "summary.json").write_text("[1, 2]")
+    with pytest.warns(UserWarning) as caught:
+        assert main(["report", str(run)]) == 0
+    said = " ".join(str(w.message) for w in caught)
+    assert "not a JSON record, skipped" in said and "summary.json is not a JSON object" in said
+    assert "scope: this machine" in report.read_text()
 
 
 def test_data_folder_is_found_from_the_run_when_not_from_the_working_directory(tmp_path, monkeypatch):

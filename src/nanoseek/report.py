@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,13 @@ from rich.console import Console
 
 from nanoseek.config import ConfigError, load_toml
 from nanoseek.cost.energy import Tariff
+from nanoseek.data.shards import read_index
+from nanoseek.data.tokenizer import DataError
 from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
-from nanoseek.train.run import data_folder, interval_total, mean_mfu, runs_inside
+from nanoseek.train.run import MetricsLog, data_folder, interval_total, mean_mfu, runs_inside
 
 console = Console()
 
@@ -53,15 +56,27 @@ class RunRecords:
         if not (run_dir / "run.toml").is_file() or not (run_dir / "metrics.jsonl").is_file():
             raise ConfigError(f"{run_dir} is not a training run folder (it needs run.toml and metrics.jsonl): pass "
                               f"the train.out_dir of a `nanoseek train` run{runs_inside(run_dir)}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        records = MetricsLog(run_dir / "metrics.jsonl").records()  # a line cut by a crash is skipped, with a warning
         kind = lambda k: [r for r in records if r.get("kind") == k]
         if not kind("train"):
             raise ConfigError(f"{run_dir}/metrics.jsonl has no training records yet: report once a log interval "
                               "(train.log_every steps) has passed")
         summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary = _json_object(summary_path) if summary_path.is_file() else {}
         return cls(run_dir, run_config_from_dict(load_toml(run_dir / "run.toml")), kind("train"),
                    [r for r in kind("eval") if "val_loss" in r], kind("final"), kind("plan"), summary)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object the run wrote, or {} with a warning if it was damaged (the report is made from the rest)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        data = e
+    if not isinstance(data, dict):
+        warnings.warn(f"{path} is not a JSON object ({data}): the report leaves it out", stacklevel=2)
+        return {}
+    return data
 
 
 @dataclass
@@ -228,7 +243,10 @@ def _data_section(cfg: RunConfig, run_dir: Path) -> list[str]:
     if not index_path.is_file():
         return [*lines, f"- (no `{cfg.data.path}` from the working directory or a folder above the run: no document "
                         "or token counts)"]
-    index = json.loads(index_path.read_text())
+    try:
+        index = read_index(index_path.parent)
+    except DataError as e:
+        return [*lines, f"- (the data's index cannot be read: {e})"]
     lines.append(f"- sources: {', '.join(f'`{s}`' for s in index.get('sources', []))}")
     for split, s in index.get("splits", {}).items():
         lines.append(f"- {split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes of text")
