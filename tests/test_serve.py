@@ -402,6 +402,10 @@ def test_error_cases(url, http, client):
     assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
     assert_error(http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
                  400)
+    # `curl -d` without -H sends a form: say what the body must be, not that a field is wrong
+    err = assert_error(http.post("/v1/completions", content=json.dumps({"model": "tiny-chat", "prompt": "hi"}),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"}), 400)
+    assert "must be JSON sent with 'Content-Type: application/json'" in err["message"], err
     err = assert_error(http.post("/v1/chat/completions", json={**chat, "max_tokens": 100_000}), 400, "max_tokens",
                        "context_length_exceeded")
     assert "512" in err["message"]
