@@ -207,3 +207,19 @@ def test_sample_prompts_are_whole_characters_of_one_document():
     # a window that starts inside a character, holds one cut at its end and then the next document
     assert _plain_text(Pieces(), [5, 6, 7, 8, 1, 0, 6]) == "पके सु"
     assert _plain_text(Pieces(), [0, 6, 7]) == "पके सु" and _plain_text(Pieces(), [5, 8]) == ""
+
+
+def test_small_slips_get_answers(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_args(data_dir, run, steps=2), "checkpoint.every=2", "--no-progress"]) == 0
+    (tmp_path / "folder").mkdir()
+    assert main(["train", str(tmp_path / "folder")]) == 2
+    assert "is a folder: give a config file" in capsys.readouterr().out
+    plot = ["--dry-run", "--plot", str(tmp_path / "plan")]  # no suffix: matplotlib writes plan.png
+    assert main(["train", *_args(data_dir, tmp_path / "x", steps=2), *plot]) == 0
+    assert f"schedule plot: {tmp_path / 'plan.png'}" in capsys.readouterr().out and (tmp_path / "plan.png").is_file()
+    state = latest_checkpoint(run) / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # a disk that lost the end of the file
+    for argv in (["train", "--resume", str(run)], ["export", str(run), "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2, argv
+        assert "trainer_state.json is damaged" in capsys.readouterr().out, argv

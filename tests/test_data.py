@@ -99,6 +99,10 @@ def test_utf16_files_are_skipped_with_the_reason(tmp_path):
     reasons = {Path(p).name: r for p, r in report.skipped}
     assert reasons == {"bom.txt": "UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8",
                        "le.txt": "holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text"}
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # one unreadable file skips, the folder goes on
+    report = Report()
+    assert len(list(iter_documents([str(tmp_path)], report=report))) == 1
+    assert ("gone.txt", "cannot be read (No such file or directory)") in {(Path(p).name, r) for p, r in report.skipped}
 
 
 def test_sources_report_every_skipped_file(corpus):

@@ -246,6 +246,12 @@ def test_token_tax_report_on_udhr(tok_dir, tmp_path):
     assert png.stat().st_size > 20_000
 
 
+def test_a_tokenizer_file_stands_for_its_folder_and_a_missing_parallel_folder_is_named(tok_dir, tmp_path):
+    assert Tokenizer.load(tok_dir / "tokenizer.json").vocab_size == Tokenizer.load(tok_dir).vocab_size
+    with pytest.raises(DataError, match="nope is not a folder"):
+        token_tax_report(tok_dir, tmp_path / "nope", None)
+
+
 def test_token_tax_report_needs_english(tok_dir, tmp_path):
     (tmp_path / "fra.txt").write_text("Bonjour le monde", encoding="utf-8")
     with pytest.raises(DataError, match=r"no eng\.txt"):

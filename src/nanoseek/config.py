@@ -430,6 +430,9 @@ def model_config_from_section(section: dict[str, Any]) -> ModelConfig:
 
 def load_toml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a config file (CONFIG.toml; configs/ holds examples), or "
+                          f"--resume {path} if it is a run")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:

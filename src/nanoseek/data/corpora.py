@@ -87,7 +87,10 @@ def _walk(root: Path, suffixes: set[str], skip_dirs: frozenset[str] = frozenset(
 
 def _iter_folder(root: Path, text_field: str, report: Report) -> Iterator[Document]:
     for path in _walk(root, FOLDER_SUFFIXES):
-        yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+        try:
+            yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+        except OSError as e:  # a dangling link, a file without read permission: one file, not the whole folder
+            report.skip(path, f"cannot be read ({e.strerror})")
 
 
 def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:

@@ -147,6 +147,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
+        if path.name == "tokenizer.json" and path.is_file():  # the file given for its folder
+            path = path.parent
         if not (path / "tokenizer.json").is_file():
             raise DataError(f"{path} holds no tokenizer.json: train one with `nanoseek tokenizer train --out {path}`")
         try:
@@ -288,6 +290,8 @@ def token_tax_report(tokenizer_dir: str | Path, parallel_dir: str | Path, out_pn
     the reference), sorted by premium over English; draws a bar chart to `out_png` unless it is None."""
     tok = Tokenizer.load(tokenizer_dir)
     parallel_dir = Path(parallel_dir)
+    if not parallel_dir.is_dir():
+        raise DataError(f"{parallel_dir} is not a folder: give one holding the same text per language, as <code>.txt")
     files = sorted(parallel_dir.glob("*.txt"))
     if not any(f.stem == "eng" for f in files):
         raise DataError(f"{parallel_dir} has no eng.txt: the token premium is measured against English, so the "

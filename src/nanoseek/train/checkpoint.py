@@ -171,6 +171,19 @@ def _single_process_quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (step, data position, parameter names)."""
+    try:
+        meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is damaged ({e}): move {ckpt.name} out of {ckpt.parent} to use "
+                              "the newest checkpoint before it") from e
+    if not isinstance(meta, dict) or not {"param_names", "state"} <= set(meta):
+        raise CheckpointError(f"{ckpt / STATE_FILE} is not a nanoseek trainer state: move {ckpt.name} out of "
+                              f"{ckpt.parent} to use the newest checkpoint before it")
+    return meta
+
+
 def _read_state(flat: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
     """Fill `flat` from the checkpoint's sharded state, or say which checkpoint is damaged and what to do."""
     try:
@@ -205,7 +218,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState:
     """Restore weights, optimizer state and RNG into `model` (wrapped or not, any number of ranks)."""
-    meta = json.loads((ckpt / STATE_FILE).read_text())
+    meta = read_state(ckpt)
     if meta["param_names"] != [n for n, _ in module.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
     flat, msd, osd = _flat(model, opt)
@@ -227,7 +240,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
     from nanoseek.config import ModelConfig
     from nanoseek.model.hf import save_pretrained
 
-    meta = json.loads((ckpt / STATE_FILE).read_text())
+    meta = read_state(ckpt)
     run_toml = ckpt.parents[1] / "run.toml"
     if (ckpt / "config.json").is_file():
         config = ModelConfig.from_json_file(ckpt / "config.json")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -72,8 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         console.print(describe_plan(cfg))
         if args.plot:
-            plot_schedule(cfg, Path(args.plot))
-            console.print(f"schedule plot: {args.plot}")
+            plot = Path(args.plot)
+            plot = plot if plot.suffix else plot.with_name(plot.name + ".png")  # what matplotlib writes
+            plot_schedule(cfg, plot)
+            console.print(f"schedule plot: {plot}", soft_wrap=True)
         return 0
     start = _resume_step(Path(args.resume)) if args.resume else None
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -87,10 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _resume_step(run: Path) -> int | None:
-    from nanoseek.train.checkpoint import STATE_FILE, latest_checkpoint
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
 
     ckpt = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    return None if ckpt is None else json.loads((ckpt / STATE_FILE).read_text())["state"]["step"]
+    return None if ckpt is None else read_state(ckpt)["state"]["step"]
 
 
 def resolve_model_dir(path: Path) -> Path:
