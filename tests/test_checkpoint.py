@@ -212,20 +212,25 @@ def test_saving_over_a_folder_keeps_tokenizer_files_and_refuses_other_contents(m
     assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
     with pytest.raises(CheckpointError, match="is a file"):
         model.save_pretrained(tmp_path / "ck" / "notes.txt")
-    monkeypatch.chdir(tmp_path / "ck")  # '.': saved by its full name
-    shutil.rmtree("checkpoints")
-    os.remove("notes.txt")
-    model.save_pretrained(".")
+    shutil.rmtree(tmp_path / "ck" / "checkpoints")
+    os.remove(tmp_path / "ck" / "notes.txt")
+    monkeypatch.chdir(tmp_path / "ck")  # the folder a shell is in cannot be swapped away under it
+    with pytest.raises(CheckpointError, match="the folder you are in"):
+        model.save_pretrained(".")
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained("ck")  # a relative name
     assert _same(model, nanoseek.from_pretrained(tmp_path / "ck"))
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    old = os.umask(0o022)
-    try:
-        write_atomic(tmp_path / "a.json", "{}")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # mkstemp's 0600 would hide it from others
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):  # mkstemp's 0600 whatever the umask hid exports
+        old = os.umask(umask)
+        try:
+            write_atomic(tmp_path / "a.json", "{}")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+        assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
 
 
 def test_damaged_files_are_named(model, tmp_path):

@@ -85,7 +85,7 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
     assert "run.toml now records" not in r.stdout
 
 
-def test_generate_from_run(data_dir, tmp_path, capsys):
+def test_generate_from_run(data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "g"
     assert main(["train", *_args(data_dir, run, steps=4), "--no-progress"]) == 0
     # the folder above a run (what `nanoseek demo --out` makes): every command names the run inside it
@@ -101,7 +101,9 @@ def test_generate_from_run(data_dir, tmp_path, capsys):
                        (["generate", str(run / "checkpoints")], f"give the run {run} (its latest checkpoint)"),
                        (["generate", str(tmp_path / "nope")], "is not a folder: give a run folder")]:
         assert main(argv) == 2 and said in capsys.readouterr().out, argv
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "from-step")]) == 0  # a checkpoint folder exports too
+    monkeypatch.chdir(ckpt.parent)  # a checkpoint folder exports too, by a relative name
+    assert main(["export", ckpt.name, "--out", str(tmp_path / "from-step")]) == 0
+    monkeypatch.undo()
     (tmp_path / "from-step" / "tokenizer.json").unlink()
     assert main(["generate", str(tmp_path / "from-step")]) == 2
     assert "has a model but no tokenizer.json: copy in the tokenizer files it was trained" in capsys.readouterr().out

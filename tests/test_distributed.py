@@ -78,13 +78,14 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
     records = MetricsLog(run / "metrics.jsonl").records("train")
     ref_balance = [r["balance_loss"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]
-    # every rank's, averaged (a world-size factor would double it); it counts routed tokens, so one token that
-    # goes to another expert (the ranks sum in another order: weights differ by ~1e-6) moves it by ~1e-5
+    # every rank's, averaged (a world-size factor would double it). It and the gradient norm below depend on which
+    # expert each token goes to: the ranks add up in another order (weights differ by ~1e-6), and one token that
+    # lands on another expert moves them by ~1e-5 relative
     assert [r["balance_loss"] for r in records] == pytest.approx(ref_balance, rel=1e-4)
     assert all(r["ranks"] == 2 for r in records)
     # the global gradient norm over replicated and sharded gradients is the one process's norm
     ref_norms = [r["grad_norm"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]
-    assert [r["grad_norm"] for r in records] == pytest.approx(ref_norms, rel=1e-5)
+    assert [r["grad_norm"] for r in records] == pytest.approx(ref_norms, rel=1e-4)
 
 
 def test_samples_from_sharded_weights_equal_one_process(data_dir, tmp_path):

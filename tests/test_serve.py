@@ -406,6 +406,8 @@ def test_error_cases(url, http, client):
     err = assert_error(http.post("/v1/completions", content=json.dumps({"model": "tiny-chat", "prompt": "hi"}),
                                  headers={"Content-Type": "application/x-www-form-urlencoded"}), 400)
     assert "must be JSON sent with 'Content-Type: application/json'" in err["message"], err
+    assert_error(http.post("/v1/completions", content=json.dumps({"model": "tiny-chat", "prompt": "hi", "top_p": 2}),
+                           headers={"Content-Type": "application/vnd.api+json"}), 400, "top_p")  # JSON all the same
     err = assert_error(http.post("/v1/chat/completions", json={**chat, "max_tokens": 100_000}), 400, "max_tokens",
                        "context_length_exceeded")
     assert "512" in err["message"]

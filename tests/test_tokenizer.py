@@ -280,3 +280,4 @@ def test_words_keep_their_marks_and_zero_width_joiners(tok):
     assert pieces("می\u200cخواهم بروم") == 2  # Persian writes a zero-width non-joiner inside words
     assert pieces("क्\u200dष") == 1 and pieces("മല\u200dയാളം") == 1  # a joiner inside a conjunct
     assert pieces("hello, world") == 3 and pieces("a\u200c!") == 2  # punctuation stays apart
+    assert pieces("a 👨\u200d👩\u200d👧 b") == 3  # between symbols a joiner stays with them: one emoji sequence

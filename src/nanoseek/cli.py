@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EEXIST}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -105,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DistributedError, NonFiniteLossError) as e:  # ConfigError, DataError, ...
         console.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         return 2
-    except OSError as e:  # a path that is missing, not writable, a file where a folder should be...
-        console.print("[red]error:[/red]", escape(str(e)), "(check the path and its permissions)", highlight=False,
-                      soft_wrap=True)
+    except OSError as e:  # a path that is missing, not writable, a file where a folder should be, a full disk...
+        hint = " (check the path and its permissions)" if e.errno in PATH_ERRORS else ""
+        console.print("[red]error:[/red]", escape(str(e)) + hint, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and stops cleanly itself)
         console.print("interrupted")

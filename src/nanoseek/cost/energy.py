@@ -219,9 +219,11 @@ class EnergyMeter:
     def _fall_back(self, why: str) -> None:
         self._tracker = None
         board = board_power(self.device, self._gpus)
-        watts, source = machine_power()
-        self._watts, what = board or (watts, f"{source}, {watts:g} W" + (
-            "; the GPU, of unknown power, not counted" if self.device.type == "cuda" else ""))
+        if board is None:
+            watts, source = machine_power()
+            board = watts, f"{source}, {watts:g} W" + (
+                "; the GPU, of unknown power, not counted" if self.device.type == "cuda" else "")
+        self._watts, what = board
         self.source, self.method = "estimated", f"constant {what} x wall time ({why})"
 
     def _read_kwh(self, seconds: float) -> float | None:

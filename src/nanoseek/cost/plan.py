@@ -208,7 +208,7 @@ def cpu_hardware(dtype: str = "auto", watts: float | None = None, seq_len: int =
                     peak=cal.probe, peak_source=f"CPU matmul probe {dtype}", mfu=cal.efficiency,
                     mfu_source=f"measured: {cal.what} at {cal.achieved / 1e9:.0f} GFLOP/s",
                     memory=0.8 * ram, memory_source=f"{ram / 2**30:.0f} GiB RAM, 80% usable",
-                    **_power(watts, *machine_power()))
+                    **_power(watts, *(machine_power() if watts is None else (0.0, ""))))
 
 
 @dataclass(frozen=True)

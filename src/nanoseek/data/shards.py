@@ -158,7 +158,9 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         docs = _unique(iter_documents(sources, text_field, Report()), dedup, set())
         count = 0
         for batch in _batches((d, i in val_docs) for i, d in enumerate(docs)):
-            ids = [[*x, tok.eos_id] for x in tok.encode_batch([d.text for d, _ in batch], bos=True)]
+            ids = tok.encode_batch([d.text for d, _ in batch], bos=True)
+            for x in ids:
+                x.append(tok.eos_id)
             for split in SPLITS:
                 pick = [j for j, (_, is_val) in enumerate(batch) if is_val == (split == "val")]
                 if pick:

@@ -35,8 +35,9 @@ ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]  # ids 0..4, so bos_token_id=0, eos_token_id=1 as in ModelConfig
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte must be a token, or some text could not be encoded
 # GPT-2's word split over letters and marks, and the zero-width non-joiner and joiner (ZW: U+200C, U+200D) that
-# Persian, Urdu, Malayalam and Devanagari conjuncts write inside words: one word, not three pieces
-WORD_SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?[\p{L}\p{M}ZW]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}ZW]+|\s+(?!\S)|\s+".replace(
+# Persian, Urdu, Malayalam and Devanagari conjuncts write inside words: one word, not three pieces. Between
+# symbols a joiner still belongs to them (emoji sequences such as a family are one piece).
+WORD_SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?[\p{L}\p{M}ZW]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+".replace(
     "ZW", "\u200c\u200d")
 
 # DeepSeek-V3 layout: system text right after BOS, then <｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜> turns.
@@ -123,6 +124,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
 def _check_text(text: str) -> None:
     """A DataError for a string that is no Unicode text: a lone surrogate, which is how Python carries bytes that
     were not UTF-8 (a Latin-1 terminal, a file in another encoding)."""
+    if not isinstance(text, str):
+        return  # not text at all: tokenizers' own TypeError says so
     try:
         text.encode()
     except UnicodeEncodeError as e:

@@ -297,6 +297,9 @@ def _model_folder_files(path: Path) -> list[Path]:
         return []
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file: save the model into a folder")
+    if Path.cwd() == path or path in Path.cwd().parents:
+        raise CheckpointError(f"{path} is (or holds) the folder you are in, which saving would swap away: cd out of "
+                              "it and give its name")
     entries = list(path.iterdir())
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
                      if not (p.is_file() and (p.name in KEPT_FILES or p.name in (INDEX_FILE, "config.json")

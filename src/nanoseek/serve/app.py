@@ -588,7 +588,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, api_key: str | None = None,
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and kind != "application/json":  # curl -d sends a form: its JSON is never read
+        json_body = kind == "application/json" or kind.endswith("+json")  # what FastAPI parses as JSON
+        if request.method == "POST" and not json_body:  # curl -d sends a form: its JSON is never read
             return error_response(400, f"the request body must be JSON sent with 'Content-Type: application/json' "
                                        f"(this request's is {kind or 'missing'!r})")
         message, param = _validation_message(exc)

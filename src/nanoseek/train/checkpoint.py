@@ -189,6 +189,8 @@ def _read_state(flat: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
     try:
         _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
                               no_dist=no_dist)
+    except (dist.DistError, torch.OutOfMemoryError):  # a lost rank or too little memory: not the files' fault
+        raise
     except (CheckpointException, RuntimeError, SafetensorError, OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {ckpt} cannot be read ({why}): its files are damaged or incomplete. "
@@ -237,6 +239,7 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
 
 def export_checkpoint(ckpt: Path, out: Path) -> None:
     """A checkpoint (from any number of ranks) as an HF-layout model folder, in one process."""
+    ckpt, out = Path(ckpt).resolve(), Path(out).resolve()  # its run is two folders up, even from `export .`
     from nanoseek.config import ModelConfig
     from nanoseek.model.hf import save_pretrained
 
