@@ -29,9 +29,9 @@ from nanoseek.model.moe import Experts, Router
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # what a model folder holds besides weights and config.json: kept when the weights are saved again
-KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-              "generation_config.json")
+KEPT_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "generation_config.json")
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -274,7 +274,7 @@ def save_pretrained(model: NanoSeek, path: str | os.PathLike, max_shard_size: in
     """Write config.json + safetensors at `path` atomically (the old folder stays intact until the rename).
     A folder that already holds a model is replaced, keeping its tokenizer and generation files; one that holds
     anything else (a run, a repository, your files) is refused rather than swapped away."""
-    path = Path(path).resolve()  # '.' has no name to rename
+    path = Path(path).resolve()  # absolute: its parent holds the temporary folder
     old = _model_folder_files(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"

@@ -41,11 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanoseek.io import fsync_dir, write_atomic
 from nanoseek.model import NanoSeek
-from nanoseek.model.hf import CheckpointError, write_checkpoint
+from nanoseek.model.hf import TOKENIZER_FILES, CheckpointError, write_checkpoint
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -184,7 +183,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_state(flat: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
+def _load_sharded_state(flat: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
     """Fill `flat` from the checkpoint's sharded state, or say which checkpoint is damaged and what to do."""
     try:
         _single_process_quiet(dcp.load, flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)),
@@ -224,7 +223,7 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
     if meta["param_names"] != [n for n, _ in module.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
     flat, msd, osd = _flat(model, opt)
-    _read_state(flat, ckpt, no_dist=not _distributed())
+    _load_sharded_state(flat, ckpt, no_dist=not _distributed())
     for k in msd:
         msd[k] = flat[f"model.{k}"]
     for k, s in osd["state"].items():
@@ -239,10 +238,10 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
 
 def export_checkpoint(ckpt: Path, out: Path) -> None:
     """A checkpoint (from any number of ranks) as an HF-layout model folder, in one process."""
-    ckpt, out = Path(ckpt).resolve(), Path(out).resolve()  # its run is two folders up, even from `export .`
     from nanoseek.config import ModelConfig
     from nanoseek.model.hf import save_pretrained
 
+    ckpt, out = Path(ckpt).resolve(), Path(out).resolve()  # its run is two folders up, even from `export .`
     meta = read_state(ckpt)
     run_toml = ckpt.parents[1] / "run.toml"
     if (ckpt / "config.json").is_file():
@@ -258,7 +257,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not match its config (parameter names differ)")
     msd = get_model_state_dict(model)
     flat = {f"model.{k}": v for k, v in msd.items()}
-    _read_state(flat, ckpt, no_dist=True)
+    _load_sharded_state(flat, ckpt, no_dist=True)
     model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
     save_pretrained(model, out)
     copy_tokenizer([ckpt, ckpt.parents[1] / "tokenizer"], out, config.max_position_embeddings)
