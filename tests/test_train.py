@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -256,14 +257,14 @@ def test_saving_a_step_again_never_leaves_it_missing(tmp_path, monkeypatch):
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     run = tmp_path / "r"
     save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)
-    real = ckpt_mod.os.replace
+    real = os.replace
 
     def dies_after_setting_aside(src, dst):
         real(src, dst)
         if str(dst).endswith(".old"):
             raise OSError("killed (simulated)")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", dies_after_setting_aside)
+    monkeypatch.setattr(os, "replace", dies_after_setting_aside)
     with pytest.raises(OSError):
         save_checkpoint(run, model, model, opt, TrainState(step=5), keep=1)
     monkeypatch.undo()

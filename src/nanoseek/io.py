@@ -51,14 +51,13 @@ def fsync_dir(d: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing it. The old `dst` is renamed aside first and deleted last, so a
-    crash leaves either the old or the new folder complete (the old one as `.dst.old-*` if mid-swap)."""
-    old = None
+def replace_dir(src: Path, dst: Path, aside: Path | None = None) -> None:
+    """Move folder `src` to `dst`, replacing it. The old `dst` is renamed aside first (to `aside`, a name its
+    reader knows, or `.dst.old-*`) and deleted last, with any copy an earlier crash left there: a crash leaves
+    the old or the new folder complete."""
+    old = aside or dst.parent / f".{dst.name}.old-{os.getpid()}"
     if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

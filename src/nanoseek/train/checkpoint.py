@@ -17,7 +17,6 @@ named. Nothing is pickled: the distributed checkpoint uses torch's safetensors s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from nanoseek.io import fsync_dir, write_atomic
+from nanoseek.io import fsync_dir, replace_dir, write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.hf import TOKENIZER_FILES, CheckpointError, write_checkpoint
 
@@ -116,11 +115,10 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
                 fsync_dir(sub)
         _barrier()
         if rank == 0:
-            if final.exists():  # the same step saved twice (a signal right after a periodic save, a resumed
-                os.replace(final, aside)  # finished run): kept aside until the new one is in place
-            os.replace(tmp, final)
+            # the same step saved twice (a signal right after a periodic save, a resumed finished run): the old
+            # copy waits as `aside`, which latest_checkpoint falls back to, until the new one is in place
+            replace_dir(tmp, final, aside)
             write_atomic(ckpt_root / "LATEST", name + "\n")
-            shutil.rmtree(aside, ignore_errors=True)
             old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=_step_of)
             for p in old[:-keep] if keep > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
