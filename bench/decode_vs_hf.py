@@ -11,6 +11,7 @@ multi-head cache of the same model.
     python bench/decode_vs_hf.py                    # batch 1 and 16, 64 new tokens
     python bench/decode_vs_hf.py --speculative      # also nanoseek with MTP self-speculation (batch 1)
     python bench/decode_vs_hf.py --eager            # nanoseek's decode step uncompiled (Engine(compile=False))
+    python bench/decode_vs_hf.py --device cuda --dtype bf16   # on a GPU
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 import nanoseek
+from nanoseek.device import pick_device
 from nanoseek.infer import Engine, LatentCache, SamplingParams
 
 warnings.filterwarnings("ignore")
@@ -72,7 +74,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--speculative", action="store_true")
     p.add_argument("--eager", action="store_true", help="nanoseek's decode step uncompiled")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (both models on it)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both models' weights")
     args = p.parse_args()
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -84,15 +90,16 @@ def main() -> None:
     console = Console(width=130)
     with tempfile.TemporaryDirectory() as ckpt:
         nanoseek.NanoSeek(config).save_pretrained(ckpt)
-        ours = nanoseek.from_pretrained(ckpt).eval()
-        hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+        ours = nanoseek.from_pretrained(ckpt).to(device, dtype).eval()
+        hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).to(device).eval()
         table = Table(title=f"greedy decode, {args.preset} preset, prompt {args.prompt} + {args.new} new tokens, "
-                            f"fp32, {torch.get_num_threads()} threads, nanoseek "
+                            f"{args.dtype}, {device.type}"
+                            f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}, nanoseek "
                             f"{'eager' if args.eager else 'compiled'}")
         for col in ("batch", "nanoseek tok/s", "transformers tok/s", "ratio", "same tokens"):
             table.add_column(col, justify="right")
         for batch in map(int, args.batches.split(",")):
-            prompts = torch.randint(5, config.vocab_size, (batch, args.prompt))
+            prompts = torch.randint(5, config.vocab_size, (batch, args.prompt)).to(device)
             runs = [("plain", False)] + ([("MTP speculative", True)] if args.speculative and batch == 1 else [])
             hf_run(hf, prompts, 4)  # warm-up
             for name, spec in runs:

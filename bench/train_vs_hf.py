@@ -8,6 +8,7 @@ Prints tokens/s, the ratio, and nanoseek's model FLOPs utilisation against a mat
 
     python bench/train_vs_hf.py                      # fp32 and bf16, batch 8 x 256
     python bench/train_vs_hf.py --batch 2 --seq 1024 --dtypes fp32 --profile
+    python bench/train_vs_hf.py --device cuda --preset small --batch 32 --seq 1024 --dtypes bf16 --profile
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import torch
 
 import nanoseek
 from nanoseek.cost.flops import train_flops_per_token
-from nanoseek.cost.hardware import cpu_matmul_probe
+from nanoseek.cost.hardware import peak_flops
+from nanoseek.device import pick_device
 
 warnings.filterwarnings("ignore")
 
 
 def make_step(model, opt, inputs, labels, autocast: bool, nanoseek_api: bool):
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
             if nanoseek_api:
                 loss = model(inputs, labels=labels, return_logits=False).loss
             else:  # transformers shifts the labels itself
@@ -37,6 +39,8 @@ def make_step(model, opt, inputs, labels, autocast: bool, nanoseek_api: bool):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if inputs.device.type == "cuda":  # the step's time is its kernels' time, not the launches'
+            torch.cuda.synchronize(inputs.device)
 
     return step
 
@@ -58,7 +62,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="steps per round and implementation")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--profile", action="store_true", help="print where nanoseek's step time goes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     args = p.parse_args()
+    device = pick_device(args.device)
 
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -69,20 +75,21 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = nanoseek.preset(args.preset, num_nextn_predict_layers=0, max_position_embeddings=max(args.seq, 1024))
     tokens = args.batch * args.seq
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1)).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
     flops_per_step = train_flops_per_token(cfg, args.seq) * tokens
     fused = {"fused": True} if hasattr(torch, "_fused_adamw_") else {}
     print(f"config: {args.preset} preset, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), "
-          f"MTP off; batch {args.batch} x {args.seq} tokens; {args.threads} threads; torch {torch.__version__}")
+          f"MTP off; batch {args.batch} x {args.seq} tokens; {device}"
+          f"{f' ({args.threads} threads)' if device.type == 'cpu' else ''}; torch {torch.__version__}")
     print(f"model FLOPs per step: {flops_per_step / 1e9:.1f} GFLOP (6N + causal attention)")
 
     with tempfile.TemporaryDirectory() as ckpt:
         nanoseek.NanoSeek(cfg).save_pretrained(ckpt)
         for dtype in args.dtypes.split(","):
             autocast = dtype == "bf16"
-            peak = cpu_matmul_probe(dtype, seconds=1.0)
-            ours = nanoseek.from_pretrained(ckpt)
+            peak, peak_source = peak_flops(device, dtype)
+            ours = nanoseek.from_pretrained(ckpt).to(device)
             ours.train()
             ours_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused), inputs, labels,
                                   autocast, True)
@@ -92,7 +99,7 @@ def main() -> None:
             best = None
             for impl in ("grouped_mm", "eager", "batched_mm"):
                 hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, experts_implementation=impl,
-                                                           attn_implementation="sdpa").train()
+                                                           attn_implementation="sdpa").to(device).train()
                 opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, **fused)
                 screen = make_step(hf, opt, screen_in, screen_lab, autocast, False)
                 screen()
@@ -115,18 +122,30 @@ def main() -> None:
             print(f"[{dtype}] nanoseek {tokens / t_ours:8.0f} tokens/s ({t_ours * 1e3:.0f} ms/step) | "
                   f"transformers ({impl}) {tokens / t_hf:8.0f} tokens/s ({t_hf * 1e3:.0f} ms/step) | "
                   f"ratio {ratio:.2f}x (median of {args.rounds} paired rounds) | nanoseek MFU {100 * mfu:.1f}% "
-                  f"of {peak / 1e9:.0f} GFLOP/s measured {dtype} matmul peak")
+                  f"of {peak / 1e9:.0f} GFLOP/s ({peak_source})")
             if args.profile:
-                profile(ours_step, dtype)
+                profile(ours_step, dtype, device)
 
 
-def profile(step, dtype: str) -> None:
-    """Share of nanoseek's step time by kind of operation."""
+def profile(step, dtype: str, device: torch.device) -> None:
+    """Share of nanoseek's step time by kind of operation; on a GPU, the kernels that take it and how much of the
+    step the GPU was busy at all (the rest is the CPU launching work)."""
+    from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile() as prof:
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
+    t = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
         for _ in range(2):
             step()
+    if gpu:
+        wall = (time.perf_counter() - t) * 1e6
+        busy = sum(ev.self_device_time_total for ev in prof.key_averages())
+        print(f"  [{dtype}] GPU kernels {busy / 2e3:.0f} ms per step of {wall / 2e3:.0f} ms under the profiler "
+              f"({100 * busy / wall:.0f}% busy)")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+        return
     groups = {"matmul (mm/bmm/addmm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_"),
               "attention (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                    "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),

@@ -42,9 +42,10 @@ def single(data: Path, out: Path, *extra: str, steps: int = 6) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def torchrun(data: Path, out: Path, *extra: str, steps: int = 6) -> None:
-    r = _run([*TORCHRUN, "-m", "nanoseek", *train_args(data, out, *extra, steps=steps)])
+def torchrun(data: Path, out: Path, *extra: str, steps: int = 6, ranks: int = 2) -> str:
+    r = _run([*TORCHRUN[:-1], str(ranks), "-m", "nanoseek", *train_args(data, out, *extra, steps=steps)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
 
 
 def final_params(run: Path) -> dict[str, torch.Tensor]:
@@ -86,6 +87,28 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     # the global gradient norm over replicated and sharded gradients is the one process's norm
     ref_norms = [r["grad_norm"] for r in MetricsLog(reference / "metrics.jsonl").records("train")]
     assert [r["grad_norm"] for r in records] == pytest.approx(ref_norms, rel=1e-4)
+
+
+def test_one_rank_job_equals_one_process(data_dir, reference, tmp_path):
+    """`torchrun --nproc-per-node 1` is a real one-rank job (process group, FSDP2 over a one-rank mesh: the path of
+    a one-GPU machine that needs CPU offload), and ends where the plain process does."""
+    run = tmp_path / "run"
+    out = torchrun(data_dir, run, "parallel.dp=fsdp", ranks=1)
+    assert "torchrun job: 1 rank(s), gloo on cpu, dp=fsdp, ep=1" in out
+    ref, got = final_params(reference), final_params(run)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
+
+
+def test_cpu_offload_without_torchrun_says_how(monkeypatch):
+    from nanoseek.config import ConfigError
+    from nanoseek.train.config import ParallelConfig
+    from nanoseek.train.parallel import init_world
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"torchrun --standalone --nproc-per-node 1 .* parallel.cpu_offload=true"):
+        init_world(ParallelConfig(dp="fsdp", cpu_offload=True))
 
 
 def test_samples_from_sharded_weights_equal_one_process(data_dir, tmp_path):

@@ -250,7 +250,7 @@ def _load_tensors(model: NanoSeek, files: dict[str, Path], found: dict[str, tupl
                 target[e].copy_(read(f"{base}.{e}.down_proj.weight"))
     for key in _optional_keys(cfg) & set(found):  # copies of the shared embedding/head (MTP's, a tied lm_head)
         shared = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
-        if not torch.equal(read(key).to(shared.dtype), shared):
+        if not torch.equal(read(key).to(shared.device, shared.dtype), shared):
             why = "config.json ties them" if key == "lm_head.weight" else "V3 layout"
             warnings.warn(f"{key} differs from the main model's copy; nanoseek shares the main one ({why})",
                           stacklevel=3)

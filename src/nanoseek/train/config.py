@@ -100,7 +100,7 @@ DP_MODES = ("ddp", "fsdp")
 
 @dataclass
 class ParallelConfig:
-    """Used when started by torchrun (WORLD_SIZE > 1); see train/parallel.py."""
+    """Used when started by torchrun (any number of ranks); see train/parallel.py."""
 
     dp: str = "ddp"  # ddp | fsdp: how the non-expert weights are kept on each rank (replicated | sharded)
     ep: int = 1  # expert parallelism: routed experts split over this many ranks (divides the world size)

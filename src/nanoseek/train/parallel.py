@@ -52,6 +52,13 @@ class DistWorld(World):
         self.world_mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("world",))
         self.wrapped: nn.Module | None = None
 
+    def describe(self) -> str:
+        c = self.cfg
+        extras = "".join(f", {name}" for name, on in (("CPU offload", c.cpu_offload),
+                                                      ("activation checkpointing", c.activation_checkpointing)) if on)
+        return (f"torchrun job: {self.size} rank(s), {dist.get_backend()} on {self.device.type}, dp={c.dp}, "
+                f"ep={c.ep}{extras}")
+
     # -- hooks used by the trainer -------------------------------------------------------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         x = t.detach().to(self.device, copy=True)
@@ -126,12 +133,20 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def init_world(cfg: ParallelConfig) -> World:
-    """A single process, or this rank of a torchrun job (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    """A single process, or this rank of a torchrun job: gloo on CPU, NCCL on GPU. A job of one rank is a job too
+    (`torchrun --nproc-per-node 1` on a one-GPU machine: FSDP's CPU offload, the same path as a larger job)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not started by torchrun
+        if cfg.cpu_offload:
+            raise ConfigError("parallel.cpu_offload is FSDP's, which runs under torchrun: on one GPU, "
+                              "torchrun --standalone --nproc-per-node 1 -m nanoseek train ... parallel.dp=fsdp "
+                              "parallel.cpu_offload=true")
         return World()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    size, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise DistributedError(f"rank {rank} is local rank {local}, but this machine shows "
+                                   f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES): start at most one "
+                                   "rank per GPU (--nproc-per-node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -283,6 +283,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
     wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16", cfg=cfg.parallel)
+    if isinstance(world, DistWorld) and world.is_main:
+        console.print(world.describe())
     opt = make_optimizer(wrapped, cfg, device)
     state = TrainState(world_size=world.size)
     if resuming:
@@ -291,7 +293,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
             raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
         state = load_checkpoint(ckpt, model, wrapped, opt)
         if state.world_size != world.size:
-            console.print(f"resuming a {state.world_size}-rank run on {world.size} rank(s)")
+            if world.is_main:
+                console.print(f"resuming a {state.world_size}-rank run on {world.size} rank(s)")
             state.world_size = world.size
         batches.load_state_dict(state.data)
         if world.is_main:
