@@ -7,7 +7,8 @@ activation checkpointing too) and distributed checkpoints, as on a larger machin
   0. tests/test_gpu.py: loading onto the GPU, the engine there (greedy, seeded, speculative), bf16 experts, a bf16
      training step through the grouped GEMM.
   1. bf16, the small preset: a plain process, a torchrun NCCL DDP job, a torchrun NCCL FSDP2 job with CPU offload
-     and activation checkpointing; each run's tokens/s, MFU, energy and losses (the three agree within bf16 noise).
+     and activation checkpointing; each run's tokens/s, MFU, energy and losses (the three agree within bf16 noise),
+     and its final evaluation's samples (the engine on the training weights: gathered and bf16 under FSDP2).
   2. fp32: a one-rank NCCL FSDP2 job ends where the plain process does (max |Δweight|), and a plain process that
      resumes the job's step-3 checkpoint repeats the job's last losses.
   3. serving on the GPU: bench/serve_load.py (1, 4, 16 clients) on the model of run 1, then bench/decode_vs_hf.py.
@@ -56,9 +57,13 @@ def run(name: str, cmd: list[str], timeout: float, logs: Path) -> tuple[int, str
     return rc, out
 
 
-def losses(run_dir: Path) -> list[float]:
+def records(run_dir: Path, kind: str) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in rows if r.get("kind") == "train"]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in records(run_dir, "train")]
 
 
 def summary(run_dir: Path) -> str:
@@ -108,7 +113,7 @@ def main() -> None:
         size = ["data.seq_len=1024", "train.batch_size=32", "train.micro_batch_size=32"]
     bf16 = ["train", str(ROOT / "configs" / "small.toml"), *common, *size, f"train.steps={args.steps}",
             "optim.warmup=100000", f"train.log_every={max(args.steps // 6, 1)}", "eval.every=0", "eval.batches=4",
-            "eval.samples=0", "train.dtype=bf16",
+            "eval.samples=2", "eval.sample_tokens=16", "train.dtype=bf16",
             f"train.device={args.device}", "checkpoint.every=0"]
     results: list[str] = []
 
@@ -127,7 +132,9 @@ def main() -> None:
             rc, _ = run(name, [*head, *bf16, f"train.out_dir={out / name}", *extra.get(name, [])], 180, logs)
             if rc == 0:
                 ls = losses(out / name)
-                results.append(f"{name}: {summary(out / name)}; losses {ls[0]:.4f} .. {ls[-1]:.4f}")
+                samples = [s for r in records(out / name, "eval") for s in r.get("samples", [])]
+                results.append(f"{name}: {summary(out / name)}; losses {ls[0]:.4f} .. {ls[-1]:.4f}; "
+                               f"{len(samples)} samples, e.g. {samples[-1] if samples else None}")
             else:
                 results.append(f"{name}: FAILED (exit {rc}, logs/{name}.log)")
 

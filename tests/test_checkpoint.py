@@ -76,6 +76,27 @@ def test_bf16_checkpoint_keeps_router_fp32(model, tmp_path):
                        model.layers[1].mlp.gate.e_score_correction_bias)
 
 
+def test_loading_in_bf16_allocates_each_weight_once_in_bf16(model, tmp_path, monkeypatch):
+    """Weights are cast on the meta device, before the real allocation: a model that fits a GPU in bf16 must not
+    need its fp32 size while loading."""
+    model.save_pretrained(tmp_path / "ck")
+    allocated: list[dict[torch.dtype, int]] = []
+    to_empty = torch.nn.Module.to_empty
+
+    def spy(self, *args, **kwargs):
+        sizes: dict[torch.dtype, int] = {}
+        for p in self.parameters():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        allocated.append(sizes)
+        return to_empty(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    loaded = nanoseek.from_pretrained(tmp_path / "ck", dtype="bf16")
+    routers = sum(m.mlp.gate.weight.numel() for m in [*loaded.layers, *loaded.mtp] if hasattr(m.mlp, "gate"))
+    assert allocated == [{torch.bfloat16: sum(p.numel() for p in loaded.parameters()) - routers,
+                          torch.float32: routers}]
+
+
 def test_tied_embeddings_stay_tied(tmp_path):
     m = nanoseek.NanoSeek(nanoseek.preset("tiny", tie_word_embeddings=True))
     m.save_pretrained(tmp_path / "ck")

@@ -76,3 +76,16 @@ def test_bf16_training_step_uses_the_grouped_gemm():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.layers[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_restores_the_gpu_random_state(tmp_path):
+    """Dropout masks on the GPU come from its own generator: a resumed run must draw what the first one would."""
+    from nanoseek.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+
+    model = tiny().to(CUDA)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = save_checkpoint(tmp_path, model, model, opt, TrainState(), keep=1)
+    expected = torch.rand(8, device=CUDA)
+    torch.rand(8, device=CUDA)
+    load_checkpoint(ckpt, model, model, opt)
+    assert torch.equal(torch.rand(8, device=CUDA), expected)

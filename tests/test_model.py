@@ -156,6 +156,22 @@ def test_bf16_weights_forward():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+def test_a_cast_keeps_the_router_and_the_rotary_frequencies_exact():
+    """model.to(bf16) rounds neither the router (its bias moves in steps bf16 cannot hold) nor the rotary
+    frequencies (bf16 ones would turn a position-500 angle by ~0.05 rad)."""
+    model = nanoseek.NanoSeek(nanoseek.preset("tiny"))
+    gate = model.layers[1].mlp.gate
+    gate.e_score_correction_bias.copy_(0.5 + 1e-3 * torch.arange(gate.n_experts))
+    keep = [gate.weight.detach().clone(), gate.e_score_correction_bias.clone(), model.rotary_emb.inv_freq.clone()]
+    cos = model.rotary_emb(torch.arange(512))[0]
+    assert (keep[1].bfloat16().float() != keep[1]).any() and (keep[2].bfloat16().float() != keep[2]).any()
+    model.to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    for before, now in zip(keep, [gate.weight, gate.e_score_correction_bias, model.rotary_emb.inv_freq]):
+        assert now.dtype == torch.float32 and torch.equal(before, now)
+    assert torch.equal(model.rotary_emb(torch.arange(512))[0], cos)
+
+
 def test_rejects_too_long_sequences_and_bad_shapes():
     model = nanoseek.NanoSeek(nanoseek.preset("tiny", max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings"):

@@ -25,7 +25,8 @@ def pick_dtype(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # emulated bf16 (T4, V100: no bf16 tensor cores) is slower than fp32 there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     return "bf16" if device.type == "cpu" and amx() else "fp32"
 

@@ -96,7 +96,8 @@ SCORE_ELEMENTS = 1 << 22  # fp32 attention scores a prefill holds at once (16 MB
 def _attend(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float, r: int) -> torch.Tensor:
     """Queries q [B, T, h, r + rope] over the cached keys [B, K, r + rope] -> latent outputs [B, T, h, r]."""
     B, T, h, _ = q.shape
-    scores = torch.bmm(q.reshape(B, T * h, -1), keys.transpose(1, 2)).view(B, T, h, -1).float().mul_(scale)
+    # scores in fp32 from the start: a bf16 product would round them (by 0.25 at 64) before the softmax
+    scores = torch.bmm(q.reshape(B, T * h, -1).float(), keys.float().transpose(1, 2)).view(B, T, h, -1).mul_(scale)
     scores.masked_fill_(~visible[:, :, None], float("-inf"))
     p = scores.softmax(dim=-1).to(keys.dtype).view(B, T * h, -1)
     return torch.bmm(p, keys[..., :r]).view(B, T, h, r)  # values are the latents themselves

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from nanoseek.config import ModelConfig
 from nanoseek.io import fsync_dir, replace_dir
 from nanoseek.model.model import NanoSeek
-from nanoseek.model.moe import Experts, Router
+from nanoseek.model.moe import Experts
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -180,13 +180,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def cast_model(model: NanoSeek, dtype: torch.dtype, expert_dtype: torch.dtype | None = None) -> NanoSeek:
-    """Cast weights to `dtype`, keeping the router (weights and bias) in fp32 as DeepSeek does, and the routed
-    experts in `expert_dtype` if given: storage only (inference), the experts compute in the activations' dtype."""
+    """Cast weights to `dtype` (the router and the rotary frequencies stay fp32 by themselves: model/fp32.py), and
+    the routed experts to `expert_dtype` if given: storage only (inference), the experts compute in the
+    activations' dtype."""
     model.to(dtype)
     for m in model.modules():
-        if isinstance(m, Router):
-            m.float()
-        elif isinstance(m, Experts) and expert_dtype is not None:
+        if isinstance(m, Experts) and expert_dtype is not None:
             m.to(expert_dtype)
     return model
 
@@ -212,9 +211,10 @@ def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = N
         model = NanoSeek(config)
     _check(_expected_shapes(model), found, _optional_keys(config), path)
 
+    # cast while still on meta: the device then holds each weight once, in its final dtype (not fp32 first)
+    cast_model(model, resolve_dtype(dtype), None if expert_dtype is None else resolve_dtype(expert_dtype))
     model.to_empty(device=device)
     model.tie_weights()
-    cast_model(model, resolve_dtype(dtype), None if expert_dtype is None else resolve_dtype(expert_dtype))
     _load_tensors(model, files, found)
     model.init_buffers()
     return model

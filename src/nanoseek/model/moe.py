@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.fp32 import KeepsFP32
 
 
 class MLP(nn.Module):
@@ -32,8 +33,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nn.Module):
-    """`mlp.gate`: sigmoid scores, bias-corrected group-limited top-k choice, unbiased gate weights."""
+class Router(KeepsFP32):
+    """`mlp.gate`: sigmoid scores, bias-corrected group-limited top-k choice, unbiased gate weights. Its weight
+    and bias stay fp32 when the model is cast."""
 
     e_score_correction_bias: torch.Tensor
     expert_load: torch.Tensor

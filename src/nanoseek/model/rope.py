@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
+from nanoseek.model.fp32 import KeepsFP32
 
 
 def yarn_inv_freq(dim: int, base: float, rs: dict) -> tuple[torch.Tensor, float]:
@@ -51,8 +51,8 @@ def yarn_inv_freq(dim: int, base: float, rs: dict) -> tuple[torch.Tensor, float]
     return inv_freq, float(attention_factor)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the rotary half-dimension; shared by every layer of a model."""
+class RotaryEmbedding(KeepsFP32):
+    """cos/sin tables for the rotary half-dimension; shared by every layer of a model. Its frequencies stay fp32."""
 
     inv_freq: torch.Tensor
 

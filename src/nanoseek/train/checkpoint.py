@@ -104,7 +104,7 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
         flat, _, osd = _flat(model, opt)
         _single_process_quiet(dcp.save, flat, storage_writer=HuggingFaceStorageWriter(
             str(tmp / STATE_DIR), save_distributed=_distributed()), no_dist=not _distributed())
-        save_file({"cpu": torch.get_rng_state()}, tmp / f"rng-{rank}.safetensors")
+        save_file(_rng_state(), tmp / f"rng-{rank}.safetensors")
         if export if export is not None else not _distributed():
             _export(module, model, tmp, tokenizer_dir)
         if rank == 0:
@@ -159,6 +159,21 @@ def copy_tokenizer(sources: list[Path], folder: Path, context: int) -> None:
         if config.get("model_max_length") != context:
             config["model_max_length"] = context
             write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This rank's generators: the CPU's and, once CUDA is in use, its current GPU's (dropout masks drawn there;
+    torchrun ranks set their own GPU as the current one)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():  # a CPU run resumed on a GPU keeps the GPU's fresh seed
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _single_process_quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -230,7 +245,7 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
     rng = ckpt / f"rng-{_rank()}.safetensors"
-    torch.set_rng_state(load_file(rng if rng.is_file() else ckpt / "rng-0.safetensors")["cpu"])
+    _set_rng_state(load_file(rng if rng.is_file() else ckpt / "rng-0.safetensors"))
     return TrainState(**meta["state"])
 
 
