@@ -145,6 +145,7 @@ def test_overrides_take_their_fields_type(tmp_path):
                         ("parallel.dp=zero", "parallel.dp='zero': use one of ddp, fsdp"),
                         ("parallel.ep=3", "parallel.ep=3 must be >= 1 and divide the 8 routed experts"),
                         ("parallel.timeout=0", r"parallel.timeout=0 must be > 0 \(seconds\)"),
+                        ("parallel.cpu_offload=true", "parallel.cpu_offload is FSDP's: set parallel.dp=fsdp as well"),
                         ("train.max_time=-1", r"train.max_time=-1 must be >= 0 \(0: no limit\)"),
                         ("train.steps=-1", r"train.steps=-1 must be >= 0"),
                         ("mtp.weight=-1", r"mtp.weight=-1 must be >= 0"),
@@ -182,3 +183,16 @@ def test_a_device_that_is_not_there_is_a_clear_error(capsys):
         # small.toml asks for a GPU: on a CPU machine the run stops with that message, not a traceback
         assert main(["train", str(Path(__file__).parents[1] / "configs" / "small.toml")]) == 2
         assert "torch sees no CUDA GPU" in capsys.readouterr().out
+
+
+def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """T4 and V100 only emulate bf16 (torch counts emulation unless told not to): fp32 is faster there."""
+    import torch
+
+    from nanoseek.device import pick_dtype
+
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n or including_emulation)
+        assert pick_dtype("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
+    assert pick_dtype("fp32", torch.device("cuda")) == "fp32"

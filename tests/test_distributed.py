@@ -28,7 +28,8 @@ RUN = ["model.vocab_size=512", "data.seq_len=64", "train.batch_size=8", "train.m
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # gloo on CPU, as described above, also on a machine with a GPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -236,3 +237,31 @@ def test_rendezvous_timeout_is_a_clear_error(data_dir, tmp_path):
     assert r.returncode == 2
     assert time.time() - t0 < 60
     assert "did not all join within parallel.timeout=5s" in " ".join(r.stdout.split())
+
+
+def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
+    """FSDP2's bf16 policy gathers a block's weights in bf16; the routers are units of their own, gathered in fp32
+    (routing stays fp32, V3 §3.3.2)."""
+    import torch.distributed as dist
+
+    from nanoseek.train.config import ParallelConfig
+    from nanoseek.train.parallel import DistWorld, parallelize
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        cfg = ParallelConfig(dp="fsdp")
+        torch.manual_seed(0)
+        model = nanoseek.NanoSeek(nanoseek.preset("tiny"))
+        parallelize(model, DistWorld(cfg, 0, 1, torch.device("cpu")), bf16=True, cfg=cfg)
+        seen: dict[str, torch.dtype] = {}
+        block = model.layers[1]
+        block.mlp.gate.register_forward_pre_hook(lambda m, a: seen.update(router=m.weight.dtype))
+        block.self_attn.register_forward_pre_hook(lambda m, a: seen.update(attention=m.o_proj.weight.dtype))
+        ids = torch.randint(0, model.config.vocab_size, (2, 17))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        (out.loss + out.mtp_loss).backward()
+        assert seen == {"attention": torch.bfloat16, "router": torch.float32}
+        assert block.mlp.gate.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.engine import load_for_inference
-from nanoseek.model.moe import _grouped_mm_ok
 from tests.test_infer import GREEDY, PROMPTS, IdText, tiny
 
 CUDA = torch.device(os.environ.get("NANOSEEK_TEST_DEVICE", "cuda"))
@@ -64,15 +64,17 @@ def test_served_model_with_bf16_experts_loads_on_the_gpu(tmp_path):
     assert len(out) == 10
 
 
-def test_bf16_training_step_uses_the_grouped_gemm():
+def test_bf16_training_step_uses_the_grouped_gemm(monkeypatch):
+    calls: list[torch.dtype] = []
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda a, b, **kw: calls.append(a.dtype) or grouped_mm(a, b, **kw))
     torch.manual_seed(0)
     model = nanoseek.NanoSeek(nanoseek.preset("tiny")).to(CUDA)
     ids = torch.randint(0, model.config.vocab_size, (4, 65), device=CUDA)
     with torch.autocast(CUDA.type, dtype=torch.bfloat16):
         out = model(ids[:, :-1], ids[:, 1:], return_logits=False)
-        x = torch.zeros(8, model.config.hidden_size, device=CUDA, dtype=torch.bfloat16)
-        assert _grouped_mm_ok(x, model.layers[1].mlp.experts.gate_up_proj.to(torch.bfloat16))
     (out.loss + out.mtp_loss).backward()
+    assert calls and set(calls) == {torch.bfloat16}  # forward and both backward products, fused, in bf16
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.layers[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0

@@ -93,11 +93,13 @@ class Batch:
 SCORE_ELEMENTS = 1 << 22  # fp32 attention scores a prefill holds at once (16 MB)
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float, r: int) -> torch.Tensor:
-    """Queries q [B, T, h, r + rope] over the cached keys [B, K, r + rope] -> latent outputs [B, T, h, r]."""
+def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: torch.Tensor, scale: float,
+            r: int) -> torch.Tensor:
+    """Queries q [B, T, h, r + rope] over the cached keys [B, K, r + rope] (and keys32, the same in fp32) -> latent
+    outputs [B, T, h, r]. Scores are fp32 from the product on: a bf16 one would round them (by 0.25 near 64)
+    before the softmax."""
     B, T, h, _ = q.shape
-    # scores in fp32 from the start: a bf16 product would round them (by 0.25 at 64) before the softmax
-    scores = torch.bmm(q.reshape(B, T * h, -1).float(), keys.float().transpose(1, 2)).view(B, T, h, -1).mul_(scale)
+    scores = torch.bmm(q.reshape(B, T * h, -1).float(), keys32.transpose(1, 2)).view(B, T, h, -1).mul_(scale)
     scores.masked_fill_(~visible[:, :, None], float("-inf"))
     p = scores.softmax(dim=-1).to(keys.dtype).view(B, T * h, -1)
     return torch.bmm(p, keys[..., :r]).view(B, T, h, r)  # values are the latents themselves
@@ -121,14 +123,15 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
     q = torch.cat((q_latent, q_rope), dim=-1)  # [B, T, h, r + rope]
     keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
+    keys32 = keys.float()  # for the scores (the same tensor when the cache is fp32)
     # A long prefill attends in slices of query rows: the fp32 scores are [B, rows, h, K], and in one pass a
     # 2,048-token prompt with 16 heads held ~0.5 GB of them. Each row's softmax is its own: the same numbers.
     if torch.compiler.is_compiling():  # decode steps: one or two query rows
-        out_latent = _attend(q, keys, batch.visible, attn.softmax_scale, r)
+        out_latent = _attend(q, keys, keys32, batch.visible, attn.softmax_scale, r)
     else:
         step = max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
-        out_latent = torch.cat([_attend(q[:, t:t + step], keys, batch.visible[:, t:t + step], attn.softmax_scale, r)
-                                for t in range(0, T, step)], dim=1)
+        out_latent = torch.cat([_attend(q[:, t:t + step], keys, keys32, batch.visible[:, t:t + step],
+                                        attn.softmax_scale, r) for t in range(0, T, step)], dim=1)
     out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)  # W_UV, applied once per query instead of per key
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 

@@ -61,7 +61,7 @@ class RotaryEmbedding(KeepsFP32):
         self.dim = config.qk_rope_head_dim
         self.base = config.rope_theta
         self.scaling = config.rope_scaling
-        self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(self.dim // 2, dtype=torch.float32), persistent=False)
         self.attention_scaling = 1.0
         self.reset_parameters()
 

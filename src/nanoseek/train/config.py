@@ -176,6 +176,8 @@ class RunConfig:
         p = self.parallel
         if p.dp not in DP_MODES:
             raise ConfigError(f"parallel.dp={p.dp!r}: use one of {', '.join(DP_MODES)}")
+        if p.cpu_offload and p.dp != "fsdp":
+            raise ConfigError(f"parallel.cpu_offload is FSDP's: set parallel.dp=fsdp as well (got {p.dp!r})")
         if p.ep < 1 or (self.model.n_routed_experts and self.model.n_routed_experts % p.ep):
             raise ConfigError(f"parallel.ep={p.ep} must be >= 1 and divide the {self.model.n_routed_experts} routed "
                               "experts (each rank of an ep group holds as many)")

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from nanoseek.config import ConfigError
 from nanoseek.model import NanoSeek
-from nanoseek.model.moe import Experts, MoE, expert_mlp
+from nanoseek.model.moe import Experts, MoE, Router, expert_mlp
 from nanoseek.train.config import ParallelConfig
 from nanoseek.train.loop import World
 
@@ -135,7 +135,9 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def init_world(cfg: ParallelConfig) -> World:
     """A single process, or this rank of a torchrun job: gloo on CPU, NCCL on GPU. A job of one rank is a job too
     (`torchrun --nproc-per-node 1` on a one-GPU machine: FSDP's CPU offload, the same path as a larger job)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not started by torchrun
+    # torchrun's own mark, or a launcher's world of several ranks: not a process that merely inherited RANK=0
+    # WORLD_SIZE=1 (a subprocess of a job, a notebook inside one)
+    if not (dist.is_torchelastic_launched() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         if cfg.cpu_offload:
             raise ConfigError("parallel.cpu_offload is FSDP's, which runs under torchrun: on one GPU, "
                               "torchrun --standalone --nproc-per-node 1 -m nanoseek train ... parallel.dp=fsdp "
@@ -275,6 +277,9 @@ def parallelize(model: NanoSeek, world: World, bf16: bool, cfg: ParallelConfig) 
                 raise ConfigError("parallel.cpu_offload moves weights from GPU to CPU memory; this run is on CPU")
             offload = CPUOffloadPolicy()
         mesh = world.world_mesh
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for router in [m for m in model.modules() if isinstance(m, Router)]:  # units of their own, gathered in
+            fully_shard(router, mesh=mesh, mp_policy=fp32, offload_policy=offload)  # fp32: routing stays fp32
         for block in [*model.layers, *model.mtp]:
             fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
                         ignored_params={p for p in block.parameters() if p in experts} or None)

@@ -265,6 +265,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
            val: list | None) -> RunResult:
     cfg.train.out_dir = str(run_dir)
     device = world.device if isinstance(world, DistWorld) else pick_device(cfg.train.device)
+    if device.type == "cuda" and device.index is not None:  # train.device=cuda:1: make it the current GPU too
+        torch.cuda.set_device(device)
     cfg.train.dtype = pick_dtype(cfg.train.dtype, device)  # resolved, so that run.toml records what ran
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
