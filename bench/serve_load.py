@@ -72,8 +72,9 @@ def free_port() -> int:
 def start_server(model: Path, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
-           "warning", "--expert-dtype", args.expert_dtype] + ([] if args.eager else ["--compile"]) + (
-           ["--threads", str(args.threads)] if args.threads else [])
+           "warning", "--dtype", args.dtype] + ([] if args.eager else ["--compile"]) + (
+           ["--threads", str(args.threads)] if args.threads else []) + (
+           ["--expert-dtype", args.expert_dtype] if args.expert_dtype else [])
     with open(log_path, "w") as log:  # a file, not a pipe that nobody reads: a full pipe would block the server
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "NANOSEEK_API_KEY": ""})
@@ -139,7 +140,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--eager", action="store_true", help="serve without --compile")
-    p.add_argument("--expert-dtype", choices=["fp32", "bf16"], default="fp32", help="the server's --expert-dtype")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="the server's --dtype")
+    p.add_argument("--expert-dtype", choices=["fp32", "bf16"], help="the server's --expert-dtype (default: --dtype)")
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own default)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -164,7 +166,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    mode = ("" if args.eager else " --compile") + f" --expert-dtype {args.expert_dtype}" + (
+    mode = ("" if args.eager else " --compile") + f" --dtype {args.dtype}" + (
+        f" --expert-dtype {args.expert_dtype}" if args.expert_dtype else "") + (
         f" --threads {args.threads}" if args.threads else "")
     table = Table(title=f"nanoseek serve{mode}: {model}, {args.max_tokens} tokens per request, max batch "
                         f"{args.max_batch}")

@@ -463,15 +463,17 @@ def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
                 torch._dynamo.mark_dynamic(t, d)
 
 
-def load_for_inference(path: str | Path, device: str = "auto",
-                       expert_dtype: str = "fp32") -> tuple[NanoSeek, Tokenizer]:
+def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str | None = None,
+                       dtype: str = "auto") -> tuple[NanoSeek, Tokenizer]:
     """A run folder (its latest checkpoint) or an HF deepseek_v3 folder with tokenizer files -> model, tokenizer.
 
-    `expert_dtype` ("fp32", "bf16"): how the routed experts are stored (`--expert-dtype`). Most of a DeepSeekMoE
-    model's parameters are routed experts, and a decode step on CPU costs what reading the chosen ones costs: bf16
-    halves both. The math stays fp32: bf16 weights are widened exactly, so the model computes what an fp32 model
-    with bf16-rounded experts computes, and a bf16 checkpoint loses nothing."""
-    from nanoseek.device import pick_device
+    `dtype` ("auto", "fp32", "bf16"): the weights and the math (`--dtype`). auto: bf16 on a GPU with bf16 tensor
+    cores (half the memory and bytes a step), fp32 on a CPU, where fp32 mat-vecs are the faster ones (docs/LOG.md).
+    `expert_dtype` ("fp32", "bf16"; default: `dtype`): how the routed experts are stored (`--expert-dtype`). Most of
+    a DeepSeekMoE model's parameters are routed experts, and a decode step on CPU costs what reading the chosen
+    ones costs: bf16 halves both. With fp32 math, bf16 experts are widened exactly, so the model computes what an
+    fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing."""
+    from nanoseek.device import pick_device, pick_dtype
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir
 
@@ -480,7 +482,9 @@ def load_for_inference(path: str | Path, device: str = "auto",
         raise InferenceError(f"{folder} has a model but no tokenizer.json: copy in the tokenizer files it was trained "
                              "with (tokenizer.json, tokenizer_config.json: in the data folder, or a run's tokenizer/)")
     tokenizer = Tokenizer.load(folder)
-    model = load_pretrained(folder, device=pick_device(device), expert_dtype=expert_dtype)
+    dev = pick_device(device)
+    dtype = "fp32" if dtype == "auto" and dev.type == "cpu" else pick_dtype(dtype, dev)
+    model = load_pretrained(folder, dtype=dtype, device=dev, expert_dtype=expert_dtype)
     model.eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise InferenceError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -36,13 +36,17 @@ def _is_loopback(host: str) -> bool:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="RUN_DIR (its latest checkpoint) or a model folder with tokenizer files")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (the fastest available)")
-    expert_dtype_arg(p)
+    dtype_args(p)
 
 
-def expert_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expert-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="how the routed experts are stored: bf16 halves their memory (and the bytes a decode step "
-                        "reads); the math stays fp32 (a bf16 checkpoint loses nothing, an fp32 one is rounded)")
+def dtype_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the weights and the math: auto is bf16 on a GPU with bf16 (half the memory), fp32 on a CPU "
+                        "(faster there)")
+    p.add_argument("--expert-dtype", choices=["fp32", "bf16"],
+                   help="how the routed experts are stored (default: --dtype): bf16 halves their memory (and the "
+                        "bytes a decode step reads); with fp32 math a bf16 checkpoint loses nothing, an fp32 one is "
+                        "rounded")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = args.threads or max(1, torch.get_num_threads() - 1)
     torch.set_num_threads(threads)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype)
+    model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     queue_policy=args.queue_policy, speculative=args.speculative, compile=args.compile)
     energy = None
@@ -116,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401
 
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p).check()  # before loading
-    model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype)
+    model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype)
     if tokenizer.chat_template is None:
         raise DataError(f"{args.model} has no chat template (no chat_template in tokenizer_config.json and no "
                         "chat_template.jinja), so there is no way to format a conversation for it: add one, or "

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from nanoseek.config import ConfigError
-from nanoseek.serve.commands import expert_dtype_arg
+from nanoseek.serve.commands import dtype_args
 
 console = Console()
 
@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k).check()
-    model, tok = load_for_inference(args.model, args.device, args.expert_dtype)
+    model, tok = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype)
     engine = Engine(model, tok, max_batch=args.samples, speculative=args.speculative)
     prompt = [tok.bos_id, *tok.encode(args.prompt)]
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -176,7 +176,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
-    expert_dtype_arg(g)
+    dtype_args(g)
     g.add_argument("--speculative", choices=["mtp"], help="self-speculative decoding with the MTP module (greedy only: "
                    "use --temperature 0)")
     g.set_defaults(func=cmd_generate)
