@@ -101,15 +101,26 @@ def test_one_rank_job_equals_one_process(data_dir, reference, tmp_path):
     assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
 
 
-def test_cpu_offload_without_torchrun_says_how(monkeypatch):
+def test_which_processes_are_ranks(monkeypatch):
+    """torchrun's ranks (its TORCHELASTIC_RUN_ID) and worlds of several ranks are jobs; a process that only has
+    RANK=0 WORLD_SIZE=1 in its environment is a plain one; CPU offload says how to start a one-rank job."""
     from nanoseek.config import ConfigError
     from nanoseek.train.config import ParallelConfig
-    from nanoseek.train.parallel import init_world
+    from nanoseek.train.loop import World
+    from nanoseek.train.parallel import DistributedError, DistWorld, init_world
 
-    for var in ("RANK", "WORLD_SIZE"):
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match=r"torchrun --standalone --nproc-per-node 1 .* parallel.cpu_offload=true"):
         init_world(ParallelConfig(dp="fsdp", cpu_offload=True))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    world = init_world(ParallelConfig())
+    assert type(world) is World and not isinstance(world, DistWorld)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedError, match="WORLD_SIZE=2 is set but RANK is not: start the ranks with torchrun"):
+        init_world(ParallelConfig())
 
 
 def test_samples_from_sharded_weights_equal_one_process(data_dir, tmp_path):
@@ -243,9 +254,10 @@ def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
     """FSDP2's bf16 policy gathers a block's weights in bf16; the routers are units of their own, gathered in fp32
     (routing stays fp32, V3 §3.3.2)."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from nanoseek.train.config import ParallelConfig
-    from nanoseek.train.parallel import DistWorld, parallelize
+    from nanoseek.train.parallel import DistWorld, gathered, parallelize
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
@@ -263,5 +275,9 @@ def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
         (out.loss + out.mtp_loss).backward()
         assert seen == {"attention": torch.bfloat16, "router": torch.float32}
         assert block.mlp.gate.weight.grad is not None
+        # the engine calls routers inside gathered(): they stay whole there (no re-gather, a collective, per step)
+        with gathered(model), torch.no_grad():
+            block.mlp.gate(torch.zeros(3, model.config.hidden_size))
+            assert not isinstance(block.mlp.gate.weight, DTensor)
     finally:
         dist.destroy_process_group()

@@ -58,8 +58,9 @@ def test_served_model_with_bf16_experts_loads_on_the_gpu(tmp_path):
     texts = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)]
     train_tokenizer(iter(texts), 300, tmp_path)
     tiny(vocab_size=512).save_pretrained(tmp_path)
-    model, tokenizer = load_for_inference(tmp_path, device=str(CUDA), expert_dtype="bf16")
-    assert model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    model, tokenizer = load_for_inference(tmp_path, device=str(CUDA), expert_dtype="bf16", dtype="fp32")
+    assert model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16  # fp32 math over bf16 experts
+    assert model.embed_tokens.weight.dtype == torch.float32
     out = Engine(model, tokenizer).generate([[5, 6, 7]], GREEDY)[0]
     assert len(out) == 10
 

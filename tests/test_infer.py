@@ -73,11 +73,14 @@ def test_cached_forward_matches_full_forward(name, dtype):
     assert (got.float() - ref.float()).abs().max() < (1e-4 if dtype == torch.float32 else 0.15)
 
 
-def test_inference_dtype_auto_is_fp32_on_a_cpu(tmp_path, data_dir):
-    """`--dtype auto` is fp32 on a CPU (its fp32 mat-vecs are the faster ones), bf16 on request; the routed experts
-    follow --dtype unless --expert-dtype says otherwise; routing and rotary frequencies stay fp32."""
+def test_inference_dtype_auto_is_fp32_on_a_cpu(tmp_path, data_dir, monkeypatch):
+    """`--dtype auto` is fp32 on a CPU, also one with bf16 tiles (training's auto picks bf16 there; decoding's fp32
+    mat-vecs are the faster ones), bf16 on request; the routed experts follow --dtype unless --expert-dtype says
+    otherwise; routing and rotary frequencies stay fp32."""
     from nanoseek.infer.engine import load_for_inference
     from nanoseek.model.moe import Experts
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
 
     tiny(vocab_size=512).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -92,7 +95,8 @@ def test_inference_dtype_auto_is_fp32_on_a_cpu(tmp_path, data_dir):
     assert dtypes(load_for_inference(tmp_path, device="cpu")[0]) == (f32, f32, f32, f32)
     model, tok = load_for_inference(tmp_path, device="cpu", dtype="bf16")
     assert dtypes(model) == (b16, b16, f32, f32)
-    assert dtypes(load_for_inference(tmp_path, device="cpu", dtype="bf16", expert_dtype="fp32")[0])[1] == f32
+    with pytest.raises(InferenceError, match="--expert-dtype fp32 with bf16 math would cast the experts"):
+        load_for_inference(tmp_path, device="cpu", dtype="bf16", expert_dtype="fp32")
     assert dtypes(load_for_inference(tmp_path, device="cpu", expert_dtype="bf16")[0]) == (f32, b16, f32, f32)
     out = Engine(model, tok).generate([[tok.bos_id, 40, 41]], GREEDY)[0]
     assert len(out) == 10 and out[-1].finish_reason == "length"

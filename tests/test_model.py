@@ -170,6 +170,15 @@ def test_a_cast_keeps_the_router_and_the_rotary_frequencies_exact():
     for before, now in zip(keep, [gate.weight, gate.e_score_correction_bias, model.rotary_emb.inv_freq]):
         assert now.dtype == torch.float32 and torch.equal(before, now)
     assert torch.equal(model.rotary_emb(torch.arange(512))[0], cos)
+    default = torch.get_default_dtype()
+    try:  # built under a bf16 default dtype, they are fp32 all the same
+        torch.set_default_dtype(torch.bfloat16)
+        other = nanoseek.NanoSeek(nanoseek.preset("tiny"))
+    finally:
+        torch.set_default_dtype(default)
+    assert other.embed_tokens.weight.dtype == torch.bfloat16
+    assert other.rotary_emb.inv_freq.dtype == other.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert torch.equal(other.rotary_emb.inv_freq, keep[2])
 
 
 def test_rejects_too_long_sequences_and_bad_shapes():

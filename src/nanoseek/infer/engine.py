@@ -484,6 +484,9 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     tokenizer = Tokenizer.load(folder)
     dev = pick_device(device)
     dtype = "fp32" if dtype == "auto" and dev.type == "cpu" else pick_dtype(dtype, dev)
+    if (dtype, expert_dtype) == ("bf16", "fp32"):
+        raise InferenceError("--expert-dtype fp32 with bf16 math would cast the experts to bf16 at every step: use "
+                             "--dtype fp32 (fp32 math, optionally over bf16 experts) or leave --expert-dtype out")
     model = load_pretrained(folder, dtype=dtype, device=dev, expert_dtype=expert_dtype)
     model.eval()
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -135,14 +135,17 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def init_world(cfg: ParallelConfig) -> World:
     """A single process, or this rank of a torchrun job: gloo on CPU, NCCL on GPU. A job of one rank is a job too
     (`torchrun --nproc-per-node 1` on a one-GPU machine: FSDP's CPU offload, the same path as a larger job)."""
-    # torchrun's own mark, or a launcher's world of several ranks: not a process that merely inherited RANK=0
-    # WORLD_SIZE=1 (a subprocess of a job, a notebook inside one)
+    # torchrun's own mark, or a launcher's world of several ranks; not a process that merely has RANK=0 WORLD_SIZE=1
+    # in its environment (a notebook or script inside a job's container)
     if not (dist.is_torchelastic_launched() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         if cfg.cpu_offload:
             raise ConfigError("parallel.cpu_offload is FSDP's, which runs under torchrun: on one GPU, "
                               "torchrun --standalone --nproc-per-node 1 -m nanoseek train ... parallel.dp=fsdp "
                               "parallel.cpu_offload=true")
         return World()
+    if "RANK" not in os.environ:
+        raise DistributedError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but RANK is not: start the ranks "
+                               "with torchrun (or set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each)")
     size, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
@@ -278,8 +281,11 @@ def parallelize(model: NanoSeek, world: World, bf16: bool, cfg: ParallelConfig) 
             offload = CPUOffloadPolicy()
         mesh = world.world_mesh
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for router in [m for m in model.modules() if isinstance(m, Router)]:  # units of their own, gathered in
-            fully_shard(router, mesh=mesh, mp_policy=fp32, offload_policy=offload)  # fp32: routing stays fp32
+        # routers: units of their own, gathered in fp32 (routing stays fp32), and kept whole after their forward:
+        # they are tiny, and the engine calls them inside `gathered()`, where a re-gather would be a collective per
+        # step that ranks sampling different lengths do not all make
+        for router in [m for m in model.modules() if isinstance(m, Router)]:
+            fully_shard(router, mesh=mesh, mp_policy=fp32, offload_policy=offload, reshard_after_forward=False)
         for block in [*model.layers, *model.mtp]:
             fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
                         ignored_params={p for p in block.parameters() if p in experts} or None)
