@@ -213,7 +213,9 @@ def test_sample_prompts_are_whole_characters_of_one_document():
 
 def test_small_slips_get_answers(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *_args(data_dir, run, steps=2), "checkpoint.every=2", "--no-progress"]) == 0
+    assert main(["train", *_args(data_dir, run, steps=2), "checkpoint.every=2", "parallel.dp=fsdp", "parallel.ep=2",
+                 "--no-progress"]) == 0
+    assert "note: parallel.dp=fsdp and parallel.ep=2 apply to torchrun jobs" in capsys.readouterr().out
     (tmp_path / "folder").mkdir()
     assert main(["train", str(tmp_path / "folder")]) == 2
     assert "is a folder: give a config file" in capsys.readouterr().out

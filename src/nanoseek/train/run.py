@@ -287,6 +287,10 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16", cfg=cfg.parallel)
     if isinstance(world, DistWorld) and world.is_main:
         console.print(world.describe())
+    elif not isinstance(world, DistWorld) and (cfg.parallel.dp != "ddp" or cfg.parallel.ep > 1):
+        console.print(f"note: parallel.dp={cfg.parallel.dp} and parallel.ep={cfg.parallel.ep} apply to torchrun jobs; "
+                      "this single process holds the whole model (torchrun --standalone --nproc-per-node N -m "
+                      "nanoseek train ... uses them)")
     opt = make_optimizer(wrapped, cfg, device)
     state = TrainState(world_size=world.size)
     if resuming:
