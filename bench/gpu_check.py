@@ -58,8 +58,9 @@ def run(name: str, cmd: list[str], timeout: float, logs: Path) -> tuple[int, str
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind") == kind]
+    from nanoseek.train.run import MetricsLog
+
+    return MetricsLog(run_dir / "metrics.jsonl").records(kind)
 
 
 def losses(run_dir: Path) -> list[float]:

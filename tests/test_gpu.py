@@ -14,19 +14,10 @@ import nanoseek
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.engine import load_for_inference
-from tests.test_infer import GREEDY, PROMPTS, IdText, tiny
+from tests.test_infer import GREEDY, PROMPTS, IdText, greedy_reference, tiny
 
 CUDA = torch.device(os.environ.get("NANOSEEK_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def greedy_on(model: nanoseek.NanoSeek, prompt: list[int], n: int) -> list[int]:
-    """The plain full-sequence forward, token by token, on the model's device."""
-    ids = torch.tensor([prompt], device=model.embed_tokens.weight.device)
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
-    return ids[0, len(prompt):].tolist()
 
 
 def test_loaded_onto_the_gpu_it_computes_the_cpu_logits(tmp_path):
@@ -45,7 +36,7 @@ def test_engine_on_the_gpu_greedy_seeded_and_speculative():
     model = tiny().to(CUDA)
     outs = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
     for prompt, events in zip(PROMPTS, outs):
-        assert [e.token_id for e in events] == greedy_on(model, prompt, 10)
+        assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     alone = Engine(model, IdText()).generate([PROMPTS[0]], p)[0]
     crowd = Engine(model, IdText(), max_batch=4).generate(PROMPTS[:3], [p, GREEDY, GREEDY])[0]

@@ -44,7 +44,8 @@ def tiny(seed: int = 0, **kw) -> nanoseek.NanoSeek:
 
 
 def greedy_reference(model: nanoseek.NanoSeek, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    """The plain full-sequence forward, token by token, on the model's device."""
+    ids = torch.tensor([prompt], device=model.embed_tokens.weight.device)
     with torch.no_grad():
         for _ in range(n):
             ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
