@@ -281,3 +281,39 @@ def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
             assert not isinstance(block.mlp.gate.weight, DTensor)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_parallel_rows_carry_any_expert_id(dtype):
+    """The exchange's row format: a token once per rank, with its copies' gate weights and local expert ids (bit-cast
+    into the row's dtype). 320 experts: ids past 256 are not exact as bf16 numbers, and must still reach their
+    expert. Output and gradients equal the experts run in one process."""
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nanoseek.model.moe import Experts
+    from nanoseek.train.parallel import ExpertParallel
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        experts = Experts(types.SimpleNamespace(n_routed_experts=320, hidden_size=16, moe_intermediate_size=8))
+        torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+        torch.nn.init.normal_(experts.down_proj, std=0.3)
+        ep = ExpertParallel(experts, init_device_mesh("cpu", (1,), mesh_dim_names=("ep",)))
+        x = torch.randn(64, 16).to(dtype).requires_grad_()
+        indices = torch.rand(64, 320).topk(4, dim=-1).indices  # distinct experts per token, most of them > 256
+        weights = torch.rand(64, 4, requires_grad=True)
+        counts = torch.bincount(indices.flatten(), minlength=320)
+        results = []
+        for module, params in ((experts, [experts.gate_up_proj, experts.down_proj]),
+                               (ep, [ep.gate_up_proj, ep.down_proj])):
+            out = module(x, indices, weights, counts)
+            grads = torch.autograd.grad(out.float().square().sum(), [x, weights, *params])
+            results.append([out, *(g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads)])
+        for want, got in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
+    finally:
+        dist.destroy_process_group()

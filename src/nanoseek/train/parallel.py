@@ -4,7 +4,7 @@
 
 Ranks form a 2-D mesh (dp, ep): rank = dp_index·ep + ep_index. Every rank reads its own data. Weights other than
 the routed experts are replicated (DDP) or sharded (FSDP2) over all ranks; with ep = k the routed experts of
-each MoE layer are split over the k ranks of an `ep` group, which exchange token copies with all_to_all, and
+each MoE layer are split over the k ranks of an `ep` group, which exchange tokens with all_to_all, and
 each expert shard is replicated over the `dp` dimension. Nothing here edits the model: the wrappers are applied
 from outside (DDP, fully_shard, an `experts` module swapped for its expert-parallel twin).
 
@@ -179,8 +179,10 @@ def shutdown(world: World) -> None:
 
 class ExpertParallel(nn.Module):
     """Expert-parallel twin of `mlp.experts`: this rank holds experts [r·E/k, (r+1)·E/k) of its ep group as
-    DTensor shards (so checkpoints know the global [E, ...] tensor), sends each token copy to the rank that
-    owns its expert, runs those experts on what it receives, and sends the results back (all_to_all twice)."""
+    DTensor shards (so checkpoints know the global [E, ...] tensor), sends each token to every rank that owns one
+    of its experts, once per rank (DeepSeek-V3 §3.4: a token's hidden state crosses to a node once, however many of
+    its experts are there), runs those experts on what it receives, sums each token's outputs there, and sends one
+    row per token back: all_to_all twice, with up to k times fewer rows than one per token copy."""
 
     def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
         super().__init__()
@@ -192,24 +194,33 @@ class ExpertParallel(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
-        order = indices.flatten().argsort(stable=True)  # copies grouped by expert, hence by owning rank
-        token = order // indices.shape[1]
-        xs = x.index_select(0, token)
-        ws = weights.flatten().index_select(0, order).to(xs.dtype)
-        send = counts.view(self.ep, self.local)  # [owner rank, its local expert]: what this rank sends
+        """`counts` (copies per expert) is the model's interface; here rows, not copies, travel."""
+        H, k = x.shape[1], indices.shape[1]
+        ranks = torch.arange(self.ep, device=x.device)
+        runs = (indices // self.local)[None] == ranks[:, None, None]  # [rank, token, j]: that rank runs copy j
+        dest, token = runs.any(-1).nonzero(as_tuple=True)  # one row per (rank, token it needs), grouped by rank
+        chosen = runs[dest, token]  # [rows, k]
+        # A row carries its token, the gate weights of the copies its rank runs (0 elsewhere) and their local
+        # expert ids (-1 elsewhere), the ids bit-cast to the row's dtype: exact for any number of experts, and the
+        # exchange moves bytes. One tensor, so one exchange each way (each is a wait for the slower rank).
+        gate_w = torch.where(chosen, weights.index_select(0, token), 0).to(x.dtype)
+        ids = torch.where(chosen, indices.index_select(0, token) % self.local, -1)
+        id_bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        rows = torch.cat((x.index_select(0, token), gate_w, ids.to(id_bits).view(x.dtype)), dim=1)
+        send = torch.bincount(dest, minlength=self.ep)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # recv[s, e]: copies rank s sends for my expert e
-        send_sizes, recv_sizes = send.sum(1).tolist(), recv.sum(1).tolist()
-        # the gate weight travels as one more column of its row: one exchange fewer each way (each is a wait)
-        rows = torch.cat((xs, ws[:, None]), dim=1)
+        dist.all_to_all_single(recv, send, group=self.group)  # rows each rank sends me
+        send_sizes, recv_sizes = send.tolist(), recv.tolist()
         received = funcol.all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group)
-        xr, wr = received[:, :-1], received[:, -1]
-        # received rows are grouped by source rank, then expert: regroup by expert for the grouped GEMM
-        expert_of_row = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
-        perm = expert_of_row.argsort(stable=True)
-        y = expert_mlp(xr.index_select(0, perm), wr.index_select(0, perm), recv.sum(0),
+        xr, wr = received[:, :H], received[:, H:H + k]
+        ids_r = received[:, H + k:].detach().contiguous().view(id_bits).long()
+        row, j = (ids_r >= 0).nonzero(as_tuple=True)  # the copies to run here ...
+        expert = ids_r[row, j]
+        by_expert = expert.argsort(stable=True)  # ... grouped by expert for the grouped GEMM
+        row, j = row[by_expert], j[by_expert]
+        y = expert_mlp(xr.index_select(0, row), wr[row, j], torch.bincount(expert, minlength=self.local),
                        self.gate_up_proj.to_local(), self.down_proj.to_local())
-        y = y.index_select(0, perm.argsort())  # back to the order the rows arrived in
+        y = y.new_zeros(xr.shape[0], H).index_add_(0, row, y)  # each received token: its copies here, summed
         yb = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, self.group)
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
 
