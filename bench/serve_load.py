@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -37,6 +38,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=120)
 GOAL = 6.0
+TIMEOUT = 600  # seconds one request may take
 
 
 @dataclass
@@ -106,9 +108,14 @@ class Client:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            await self.writer.wait_closed()
+            with contextlib.suppress(OSError):  # a connection the server already dropped: nothing to report here
+                await self.writer.wait_closed()
 
     async def request(self, model: str, prompt: str, max_tokens: int) -> Result:
+        async with asyncio.timeout(TIMEOUT):  # a server that stops answering fails the benchmark, never hangs it
+            return await self._request(model, prompt, max_tokens)
+
+    async def _request(self, model: str, prompt: str, max_tokens: int) -> Result:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                            "temperature": 0, "ignore_eos": True, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
@@ -119,6 +126,8 @@ class Client:
         self.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(body), body))
         status = (await self.reader.readline()).decode()
+        if not status:
+            raise RuntimeError("the server closed the connection before answering")
         headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
@@ -142,6 +151,8 @@ class Client:
                     done = True
                     continue
                 chunk = json.loads(event.removeprefix(b"data: "))
+                if "error" in chunk:  # the server failed mid-stream (its status line was already sent)
+                    raise RuntimeError(f"error event: {chunk['error'].get('message')}")
                 if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     ttft = time.perf_counter() - t0
                 if chunk.get("usage"):
@@ -207,8 +218,9 @@ def main() -> None:
                     tokens = sum(x.tokens for x in done)
                     rates[n].append(tokens / wall)
                     results[n] += done
+                    client_us = (time.process_time() - cpu) / tokens * 1e6
                     console.print(f"round {r + 1}, {n} client(s): {rates[n][-1]:.1f} output tokens/s (the clients' "
-                                  f"CPU: {(time.process_time() - cpu) / tokens * 1e6:.0f} µs per token)")
+                                  f"CPU with its warm-up: {client_us:.0f} µs per token)")
         finally:
             proc.terminate()
             proc.wait(30)

@@ -180,9 +180,9 @@ def shutdown(world: World) -> None:
 class ExpertParallel(nn.Module):
     """Expert-parallel twin of `mlp.experts`: this rank holds experts [r·E/k, (r+1)·E/k) of its ep group as
     DTensor shards (so checkpoints know the global [E, ...] tensor), sends each token to every rank that owns one
-    of its experts, once per rank (DeepSeek-V3 §3.4: a token's hidden state crosses to a node once, however many of
-    its experts are there), runs those experts on what it receives, sums each token's outputs there, and sends one
-    row per token back: all_to_all twice, with up to k times fewer rows than one per token copy."""
+    of its experts, once per rank (DeepSeek-V3 §3.2.2: a token crosses to a node once, however many of its experts
+    are there), runs those experts on what it receives, sums each token's outputs there, and sends one row per
+    token back: all_to_all twice, with up to k times fewer rows than one per token copy."""
 
     def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
         super().__init__()
@@ -198,28 +198,31 @@ class ExpertParallel(nn.Module):
         H, k = x.shape[1], indices.shape[1]
         ranks = torch.arange(self.ep, device=x.device)
         runs = (indices // self.local)[None] == ranks[:, None, None]  # [rank, token, j]: that rank runs copy j
-        dest, token = runs.any(-1).nonzero(as_tuple=True)  # one row per (rank, token it needs), grouped by rank
+        needs = runs.any(-1)  # [rank, token]
+        dest, token = needs.nonzero(as_tuple=True)  # one row per (rank, token it needs), grouped by rank
         chosen = runs[dest, token]  # [rows, k]
         # A row carries its token, the gate weights of the copies its rank runs (0 elsewhere) and their local
-        # expert ids (-1 elsewhere), the ids bit-cast to the row's dtype: exact for any number of experts, and the
-        # exchange moves bytes. One tensor, so one exchange each way (each is a wait for the slower rank).
-        gate_w = torch.where(chosen, weights.index_select(0, token), 0).to(x.dtype)
+        # expert ids (-1 elsewhere) as two base-256 digits: numbers a bf16 column holds exactly (integers to 256)
+        # whatever casts the row meets. One tensor, so one exchange each way (each is a wait for the slower rank).
+        gate_w = torch.where(chosen, weights.index_select(0, token), 0)
         ids = torch.where(chosen, indices.index_select(0, token) % self.local, -1)
-        id_bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-        rows = torch.cat((x.index_select(0, token), gate_w, ids.to(id_bits).view(x.dtype)), dim=1)
-        send = torch.bincount(dest, minlength=self.ep)
+        digits = (ids.div(256, rounding_mode="floor"), ids.remainder(256))  # -1 is (-1, 255)
+        rows = torch.cat((x.index_select(0, token), *(t.to(x.dtype) for t in (gate_w, *digits))), dim=1)
+        send = needs.sum(1)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # rows each rank sends me
         send_sizes, recv_sizes = send.tolist(), recv.tolist()
         received = funcol.all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group)
-        xr, wr = received[:, :H], received[:, H:H + k]
-        ids_r = received[:, H + k:].detach().contiguous().view(id_bits).long()
+        xr, wr, hi, lo = received.split([H, k, k, k], dim=1)
+        ids_r = (hi.detach().float() * 256 + lo.detach().float()).long()
         row, j = (ids_r >= 0).nonzero(as_tuple=True)  # the copies to run here ...
         expert = ids_r[row, j]
         by_expert = expert.argsort(stable=True)  # ... grouped by expert for the grouped GEMM
         row, j = row[by_expert], j[by_expert]
-        y = expert_mlp(xr.index_select(0, row), wr[row, j], torch.bincount(expert, minlength=self.local),
-                       self.gate_up_proj.to_local(), self.down_proj.to_local())
+        local_counts = torch.zeros(self.local, dtype=torch.long, device=x.device).index_add_(
+            0, expert, torch.ones_like(expert))
+        y = expert_mlp(xr.index_select(0, row), wr[row, j], local_counts, self.gate_up_proj.to_local(),
+                       self.down_proj.to_local())
         y = y.new_zeros(xr.shape[0], H).index_add_(0, row, y)  # each received token: its copies here, summed
         yb = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, self.group)
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
