@@ -90,6 +90,18 @@ def test_two_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
     assert [r["grad_norm"] for r in records] == pytest.approx(ref_norms, rel=1e-4)
 
 
+@pytest.mark.parametrize("strategy", [["parallel.ep=4"], ["parallel.dp=fsdp", "parallel.ep=2"]],
+                         ids=["ep4", "fsdp2-x-ep2"])
+def test_four_ranks_equal_one_process(data_dir, reference, tmp_path, strategy):
+    """4 ranks × 1 micro-batch: experts over 4 ranks (each token to up to 4 of them), and a (dp × ep) = 2 × 2 mesh
+    where each expert shard has a replica whose gradients are summed."""
+    run = tmp_path / "run"
+    torchrun(data_dir, run, *strategy, ranks=4)
+    ref, got = final_params(reference), final_params(run)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
+
+
 def test_one_rank_job_equals_one_process(data_dir, reference, tmp_path):
     """`torchrun --nproc-per-node 1` is a real one-rank job (process group, FSDP2 over a one-rank mesh: the path of
     a one-GPU machine that needs CPU offload), and ends where the plain process does."""
