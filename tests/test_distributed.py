@@ -297,9 +297,9 @@ def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_parallel_rows_carry_any_expert_id(dtype):
-    """The exchange's row format: a token once per rank, with its copies' gate weights and local expert ids (bit-cast
-    into the row's dtype). 320 experts: ids past 256 are not exact as bf16 numbers, and must still reach their
-    expert. Output and gradients equal the experts run in one process."""
+    """The exchange's row format: a token once per rank, with its copies' gate weights and local expert ids (two
+    base-256 digits in the row's dtype). 320 experts: ids past 256 are not exact as bf16 numbers, and must still
+    reach their expert. Output and gradients equal the experts run in one process."""
     import types
 
     import torch.distributed as dist
@@ -316,7 +316,7 @@ def test_expert_parallel_rows_carry_any_expert_id(dtype):
         torch.nn.init.normal_(experts.down_proj, std=0.3)
         ep = ExpertParallel(experts, init_device_mesh("cpu", (1,), mesh_dim_names=("ep",)))
         x = torch.randn(64, 16).to(dtype).requires_grad_()
-        indices = torch.rand(64, 320).topk(4, dim=-1).indices  # distinct experts per token, most of them > 256
+        indices = torch.rand(64, 320).topk(4, dim=-1).indices  # distinct experts per token, a fifth of them past 256
         weights = torch.rand(64, 4, requires_grad=True)
         counts = torch.bincount(indices.flatten(), minlength=320)
         results = []
