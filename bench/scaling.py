@@ -10,8 +10,14 @@ layer, forward and backward; which costs less depends on how much of the model t
 DDP and DDP + EP 2 (alternating, `--repeats` times each) for the demo preset with several routed-expert counts
 (same top-k, so the same compute per token) and prints EP's tokens/s over DDP's.
 
+Routing matters to EP as it does not to DDP: a rank waits at every exchange for the one whose experts got more
+tokens. A freshly initialised model routes most tokens to the same few experts (up to all of a layer's copies on
+one rank), until the bias update has balanced the load, within a few hundred steps. `--warm-steps N` first trains
+one process for N steps (kept in --cache for later runs) and times every setup from that checkpoint, which is how
+most of a real run looks. The "load max/mean" column is the routed experts' at the timed steps (1.0: balanced).
+
     python bench/scaling.py --steps 30
-    python bench/scaling.py --steps 12 --ep-sweep 32,64,128 --repeats 2
+    python bench/scaling.py --steps 12 --ep-sweep 32,64,128 --repeats 2 [--warm-steps 240]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,43 +51,88 @@ def prepare_data(out: Path, vocab: int) -> Path:
     return data
 
 
-def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args: argparse.Namespace) -> float:
-    cmd = ["-m", "nanoseek", "train", str(ROOT / "configs" / "demo.toml"), f"data.path={data}",
-           f"train.out_dir={out}", f"train.steps={args.steps}", "train.max_time=0", "train.dtype=fp32",
-           f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch // 2}", "train.log_every=1",
-           "eval.every=0", "eval.samples=0", "eval.batches=1", "checkpoint.every=0", f"model.vocab_size={args.vocab}",
-           *extra, "--no-progress"]
+# every timed run: fp32, a log line per step, no evaluation or checkpoints in between
+TIMED = ["train.dtype=fp32", "train.log_every=1", "eval.every=0", "eval.samples=0", "eval.batches=1",
+         "checkpoint.every=0"]
+
+
+def fresh(data: Path, out: Path, args: argparse.Namespace, steps: int, extra: list[str]) -> list[str]:
+    """`nanoseek train` arguments for a new run of the demo preset on the bench data."""
+    return [str(ROOT / "configs" / "demo.toml"), f"data.path={data}", f"train.out_dir={out}", f"train.steps={steps}",
+            "train.max_time=0", f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch // 2}",
+            f"model.vocab_size={args.vocab}", *extra]
+
+
+def warm_run(n_experts: int, data: Path, args: argparse.Namespace) -> Path:
+    """One process trained for --warm-steps (bf16 where it helps), cached: the routing bias has balanced the
+    experts' load by then, as it is for most of a real run."""
+    out = Path(args.cache) / f"warm-e{n_experts}-s{args.warm_steps}-b{args.batch}"
+    if not (out / "summary.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        console.print(f"training {n_experts} experts for {args.warm_steps} steps (one process) to balance routing")
+        extra = [f"model.n_routed_experts={n_experts}", "train.dtype=auto", "eval.every=0", "eval.samples=0",
+                 "eval.batches=1", f"checkpoint.every={args.warm_steps}"]
+        r = subprocess.run([sys.executable, "-m", "nanoseek", "train", *fresh(data, out, args, args.warm_steps, extra),
+                            "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+        if r.returncode:
+            raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
+    return out
+
+
+def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args: argparse.Namespace,
+        warm: Path | None = None) -> tuple[float, float]:
+    """Median tokens/s over the second half of the steps, and the median routed-expert load max/mean."""
+    if warm is None:
+        cmd = fresh(data, out, args, args.steps, [*TIMED, *extra])
+    else:  # a copy of the warm run's last checkpoint, resumed for --steps more
+        (out / "checkpoints").mkdir(parents=True)
+        for name in ("run.toml", "tokenizer"):
+            (shutil.copytree if (warm / name).is_dir() else shutil.copy)(warm / name, out / name)
+        ckpt = (warm / "checkpoints" / "LATEST").read_text().strip()
+        shutil.copytree(warm / "checkpoints" / ckpt, out / "checkpoints" / ckpt)
+        (out / "checkpoints" / "LATEST").write_text(ckpt)
+        cmd = ["--resume", str(out), f"train.steps={args.warm_steps + args.steps}", *TIMED, *extra]
     prefix = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    "--nproc-per-node", str(ranks)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NANOSEEK_THREADS": str(threads)}
-    r = subprocess.run([*prefix, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+    r = subprocess.run([*prefix, "-m", "nanoseek", "train", *cmd, "--no-progress"], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    tps = [x["tokens_per_s"] for x in recs if x["kind"] == "train"]
-    return statistics.median(tps[len(tps) // 2:])
+    timed = [x for x in recs if x["kind"] == "train" and x["step"] > (args.warm_steps if warm else 0)]
+    timed = timed[len(timed) // 2:]
+    load = [statistics.mean(x["expert_load_max_over_mean"]) for x in timed if x.get("expert_load_max_over_mean")]
+    return statistics.median(x["tokens_per_s"] for x in timed), statistics.median(load) if load else float("nan")
 
 
 def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespace) -> None:
     from nanoseek import NanoSeek, preset
 
+    start = f"after {args.warm_steps} steps of training" if args.warm_steps else "from initialisation"
     table = Table(title=f"DDP vs DDP + EP 2: 2 processes × {threads} thread(s), demo preset with n routed experts, "
-                        f"batch {args.batch} x 256, gloo")
-    for col in ("routed experts", "expert share of parameters", "DDP tokens/s", "DDP + EP 2 tokens/s", "EP / DDP"):
+                        f"batch {args.batch} x 256, gloo, timed {start}")
+    for col in ("routed experts", "expert share of parameters", "load max/mean", "DDP tokens/s",
+                "DDP + EP 2 tokens/s", "EP / DDP"):
         table.add_column(col, justify="right")
     for n in counts:
         model = NanoSeek(preset("demo", vocab_size=args.vocab, n_routed_experts=n))
         experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
         share = experts / sum(p.numel() for p in model.parameters())
-        base = [f"model.n_routed_experts={n}", "parallel.dp=ddp"]
+        warm = warm_run(n, data, args) if args.warm_steps else None
+        base = [f"model.n_routed_experts={n}", "parallel.dp=ddp"] if warm is None else ["parallel.dp=ddp"]
         tps: dict[str, list[float]] = {"ddp": [], "ep": []}
+        loads = []
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeats):  # alternate, so that drift of a noisy machine hits both alike
                 for name, extra in (("ddp", base), ("ep", [*base, "parallel.ep=2"])):
-                    tps[name].append(run(2, threads, extra, data, Path(tmp) / f"{name}{i}", args))
-                    console.print(f"{n} experts, {name}: {tps[name][-1]:,.0f} tokens/s")
+                    t, load = run(2, threads, extra, data, Path(tmp) / f"{name}{i}", args, warm)
+                    tps[name].append(t)
+                    loads.append(load)
+                    console.print(f"{n} experts, {name}: {t:,.0f} tokens/s, load max/mean {load:.2f}")
         ddp, ep = statistics.median(tps["ddp"]), statistics.median(tps["ep"])
-        table.add_row(str(n), f"{share:.0%}", f"{ddp:,.0f}", f"{ep:,.0f}", f"{ep / ddp:.2f}")
+        table.add_row(str(n), f"{share:.0%}", f"{statistics.median(loads):.2f}", f"{ddp:,.0f}", f"{ep:,.0f}",
+                      f"{ep / ddp:.2f}")
     console.print(table)
 
 
@@ -93,6 +145,8 @@ def main() -> None:
     p.add_argument("--ep-sweep", default="", help="routed-expert counts for DDP vs DDP + EP 2, e.g. 32,64,128 "
                                                  "(skips the main table)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each setup in --ep-sweep (median)")
+    p.add_argument("--warm-steps", type=int, default=0, help="time every setup after this many steps of one-process "
+                                                             "training (routing balanced); 0: from initialisation")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     data = prepare_data(Path(args.cache), args.vocab)
@@ -101,14 +155,18 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = run(1, cores, [], data, Path(tmp) / "one", args)
+        from nanoseek import preset
+
+        warm = warm_run(preset("demo").n_routed_experts, data, args) if args.warm_steps else None
+        base, _ = run(1, cores, [], data, Path(tmp) / "one", args, warm)
         rows.append(("1 process", f"{cores} threads", base, 1.0))
         for name, extra in (("DDP", ["parallel.dp=ddp"]), ("FSDP2", ["parallel.dp=fsdp"]),
                             ("DDP + EP 2 (experts split)", ["parallel.dp=ddp", "parallel.ep=2"]),
                             ("FSDP2 + EP 2", ["parallel.dp=fsdp", "parallel.ep=2"])):
-            tps = run(2, max(1, cores // 2), extra, data, Path(tmp) / name.replace(" ", "_"), args)
+            tps, _ = run(2, max(1, cores // 2), extra, data, Path(tmp) / name.replace(" ", "_"), args, warm)
             rows.append((f"2 processes, {name}", f"{max(1, cores // 2)} threads each", tps, tps / base))
-    table = Table(title=f"training tokens/s, demo preset, batch {args.batch} x 256, {cores} cores, gloo")
+    start = f", after {args.warm_steps} steps of training" if args.warm_steps else ""
+    table = Table(title=f"training tokens/s, demo preset, batch {args.batch} x 256, {cores} cores, gloo{start}")
     for col in ("setup", "threads", "tokens/s", "scaling efficiency"):
         table.add_column(col, justify="left" if col == "setup" else "right")
     for name, threads, tps, eff in rows:
