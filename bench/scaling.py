@@ -14,7 +14,8 @@ Routing matters to EP as it does not to DDP: a rank waits at every exchange for 
 tokens. A freshly initialised model routes most tokens to the same few experts (up to all of a layer's copies on
 one rank), until the bias update has balanced the load, within a few hundred steps. `--warm-steps N` first trains
 one process for N steps (kept in --cache for later runs) and times every setup from that checkpoint, which is how
-most of a real run looks. The "load max/mean" column is the routed experts' at the timed steps (1.0: balanced).
+most of a real run looks. The "expert load max/mean" column is the busiest routed expert's share of the copies over
+the average's, at the timed steps (1.0: all equal).
 
     python bench/scaling.py --steps 30
     python bench/scaling.py --steps 12 --ep-sweep 32,64,128 --repeats 2 [--warm-steps 240]
@@ -51,9 +52,8 @@ def prepare_data(out: Path, vocab: int) -> Path:
     return data
 
 
-# every timed run: fp32, a log line per step, no evaluation or checkpoints in between
-TIMED = ["train.dtype=fp32", "train.log_every=1", "eval.every=0", "eval.samples=0", "eval.batches=1",
-         "checkpoint.every=0"]
+QUIET = ["eval.every=0", "eval.samples=0", "eval.batches=1", "checkpoint.every=0"]  # only the final checkpoint
+TIMED = ["train.dtype=fp32", "train.log_every=1", *QUIET]  # every timed run: fp32, a log line per step
 
 
 def fresh(data: Path, out: Path, args: argparse.Namespace, steps: int, extra: list[str]) -> list[str]:
@@ -66,12 +66,13 @@ def fresh(data: Path, out: Path, args: argparse.Namespace, steps: int, extra: li
 def warm_run(n_experts: int, data: Path, args: argparse.Namespace) -> Path:
     """One process trained for --warm-steps (bf16 where it helps), cached: the routing bias has balanced the
     experts' load by then, as it is for most of a real run."""
-    out = Path(args.cache) / f"warm-e{n_experts}-s{args.warm_steps}-b{args.batch}"
-    if not (out / "summary.json").is_file():
+    out = Path(args.cache).resolve() / f"warm-e{n_experts}-s{args.warm_steps}-b{args.batch}-v{args.vocab}"
+    summary = out / "summary.json"
+    done = summary.is_file() and json.loads(summary.read_text()).get("steps") == args.warm_steps
+    if not done:  # absent, or stopped early (an interrupted run writes its summary too)
         shutil.rmtree(out, ignore_errors=True)
         console.print(f"training {n_experts} experts for {args.warm_steps} steps (one process) to balance routing")
-        extra = [f"model.n_routed_experts={n_experts}", "train.dtype=auto", "eval.every=0", "eval.samples=0",
-                 "eval.batches=1", f"checkpoint.every={args.warm_steps}"]
+        extra = [f"model.n_routed_experts={n_experts}", "train.dtype=auto", *QUIET]
         r = subprocess.run([sys.executable, "-m", "nanoseek", "train", *fresh(data, out, args, args.warm_steps, extra),
                             "--no-progress"], capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
@@ -81,13 +82,14 @@ def warm_run(n_experts: int, data: Path, args: argparse.Namespace) -> Path:
 
 def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args: argparse.Namespace,
         warm: Path | None = None) -> tuple[float, float]:
-    """Median tokens/s over the second half of the steps, and the median routed-expert load max/mean."""
+    """Median tokens/s over the second half of the steps, and the median load max/mean of the routed experts
+    (over all ranks' tokens: how unevenly the experts are used, which EP turns into ranks waiting for each other)."""
     if warm is None:
         cmd = fresh(data, out, args, args.steps, [*TIMED, *extra])
-    else:  # a copy of the warm run's last checkpoint, resumed for --steps more
+    else:  # a copy of the warm run's last checkpoint (and config), resumed for --steps more
         (out / "checkpoints").mkdir(parents=True)
-        for name in ("run.toml", "tokenizer"):
-            (shutil.copytree if (warm / name).is_dir() else shutil.copy)(warm / name, out / name)
+        shutil.copy(warm / "run.toml", out / "run.toml")
+        shutil.copytree(warm / "tokenizer", out / "tokenizer")
         ckpt = (warm / "checkpoints" / "LATEST").read_text().strip()
         shutil.copytree(warm / "checkpoints" / ckpt, out / "checkpoints" / ckpt)
         (out / "checkpoints" / "LATEST").write_text(ckpt)
@@ -99,8 +101,8 @@ def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args:
                        env=env, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [x for x in recs if x["kind"] == "train" and x["step"] > (args.warm_steps if warm else 0)]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # this run's steps only
+    timed = [x for x in recs if x["kind"] == "train"]
     timed = timed[len(timed) // 2:]
     load = [statistics.mean(x["expert_load_max_over_mean"]) for x in timed if x.get("expert_load_max_over_mean")]
     return statistics.median(x["tokens_per_s"] for x in timed), statistics.median(load) if load else float("nan")
@@ -112,7 +114,7 @@ def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespa
     start = f"after {args.warm_steps} steps of training" if args.warm_steps else "from initialisation"
     table = Table(title=f"DDP vs DDP + EP 2: 2 processes × {threads} thread(s), demo preset with n routed experts, "
                         f"batch {args.batch} x 256, gloo, timed {start}")
-    for col in ("routed experts", "expert share of parameters", "load max/mean", "DDP tokens/s",
+    for col in ("routed experts", "expert share of parameters", "expert load max/mean", "DDP tokens/s",
                 "DDP + EP 2 tokens/s", "EP / DDP"):
         table.add_column(col, justify="right")
     for n in counts:
@@ -120,6 +122,7 @@ def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespa
         experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
         share = experts / sum(p.numel() for p in model.parameters())
         warm = warm_run(n, data, args) if args.warm_steps else None
+        # a resumed run keeps its checkpoint's model: no model.* override then
         base = [f"model.n_routed_experts={n}", "parallel.dp=ddp"] if warm is None else ["parallel.dp=ddp"]
         tps: dict[str, list[float]] = {"ddp": [], "ep": []}
         loads = []
@@ -148,6 +151,8 @@ def main() -> None:
     p.add_argument("--warm-steps", type=int, default=0, help="time every setup after this many steps of one-process "
                                                              "training (routing balanced); 0: from initialisation")
     args = p.parse_args()
+    from nanoseek import preset
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     data = prepare_data(Path(args.cache), args.vocab)
     if args.ep_sweep:
@@ -155,8 +160,6 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from nanoseek import preset
-
         warm = warm_run(preset("demo").n_routed_experts, data, args) if args.warm_steps else None
         base, _ = run(1, cores, [], data, Path(tmp) / "one", args, warm)
         rows.append(("1 process", f"{cores} threads", base, 1.0))
