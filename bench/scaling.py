@@ -108,12 +108,15 @@ def run(ranks: int, threads: int, extra: list[str], data: Path, out: Path, args:
     return statistics.median(x["tokens_per_s"] for x in timed), statistics.median(load) if load else float("nan")
 
 
+def timed_from(args: argparse.Namespace) -> str:
+    return f"after {args.warm_steps} steps of training" if args.warm_steps else "from initialisation"
+
+
 def ep_sweep(counts: list[int], threads: int, data: Path, args: argparse.Namespace) -> None:
     from nanoseek import NanoSeek, preset
 
-    start = f"after {args.warm_steps} steps of training" if args.warm_steps else "from initialisation"
     table = Table(title=f"DDP vs DDP + EP 2: 2 processes × {threads} thread(s), demo preset with n routed experts, "
-                        f"batch {args.batch} x 256, gloo, timed {start}")
+                        f"batch {args.batch} x 256, gloo, timed {timed_from(args)}")
     for col in ("routed experts", "expert share of parameters", "expert load max/mean", "DDP tokens/s",
                 "DDP + EP 2 tokens/s", "EP / DDP"):
         table.add_column(col, justify="right")
@@ -168,8 +171,8 @@ def main() -> None:
                             ("FSDP2 + EP 2", ["parallel.dp=fsdp", "parallel.ep=2"])):
             tps, _ = run(2, max(1, cores // 2), extra, data, Path(tmp) / name.replace(" ", "_"), args, warm)
             rows.append((f"2 processes, {name}", f"{max(1, cores // 2)} threads each", tps, tps / base))
-    start = f", after {args.warm_steps} steps of training" if args.warm_steps else ""
-    table = Table(title=f"training tokens/s, demo preset, batch {args.batch} x 256, {cores} cores, gloo{start}")
+    table = Table(title=f"training tokens/s, demo preset, batch {args.batch} x 256, {cores} cores, gloo, timed "
+                        f"{timed_from(args)}")
     for col in ("setup", "threads", "tokens/s", "scaling efficiency"):
         table.add_column(col, justify="left" if col == "setup" else "right")
     for name, threads, tps, eff in rows:
