@@ -83,6 +83,10 @@ def test_sigterm_saves_then_resume(data_dir, tmp_path):
     r = nanoseek("train", "--resume", str(run), "model.hidden_size=128")
     assert r.returncode == 2 and "model.hidden_size=128: the model cannot change when a run resumes" in r.stdout
     assert "run.toml now records" not in r.stdout
+    # another shuffle would make the saved place in the data other windows: refused, run.toml unchanged
+    r = nanoseek("train", "--resume", str(run), "train.seed=12345", f"train.steps={step + 4}")
+    assert r.returncode == 2 and "train.seed=12345" in r.stdout and "repeated" in r.stdout, r.stdout + r.stderr
+    assert "12345" not in (run / "run.toml").read_text()
 
 
 def test_generate_from_run(data_dir, tmp_path, capsys, monkeypatch):

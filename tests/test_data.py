@@ -327,7 +327,8 @@ def test_resume_mid_epoch_gives_the_same_batches_even_with_a_changing_batch_size
         for bs in sizes[:cut]:
             b.next(bs)
         state = json.loads(json.dumps(b.state_dict()))  # JSON round trip: plain ints
-        assert set(state) == {"epoch", "cursor"} and all(type(v) is int for v in state.values())
+        assert set(state) == {"epoch", "cursor", "seq_len", "seed", "windows"}
+        assert all(type(v) is int for v in state.values())
         resumed = Batches(prepared, seq_len=24, seed=7)
         resumed.load_state_dict(state)
         for bs, (x, y) in zip(sizes[cut:], expected[cut:]):
@@ -336,6 +337,13 @@ def test_resume_mid_epoch_gives_the_same_batches_even_with_a_changing_batch_size
         assert resumed.state_dict() == ref.state_dict()
     with pytest.raises(DataError, match="prepared again"):
         Batches(prepared, seq_len=24).load_state_dict({"epoch": 0, "cursor": 10**9})
+    # the same place under another window size or shuffle would be other windows: refused, naming the setting
+    state = Batches(prepared, seq_len=24, seed=7).state_dict()
+    with pytest.raises(DataError, match=r"data.seq_len=24, .*this resume has data.seq_len=16"):
+        Batches(prepared, seq_len=16, seed=7).load_state_dict(state)
+    with pytest.raises(DataError, match=r"train.seed=7, and this resume has train.seed=8"):
+        Batches(prepared, seq_len=24, seed=8).load_state_dict(state)
+    Batches(prepared, seq_len=16, seed=8).load_state_dict({"epoch": 0, "cursor": 3})  # a state from before: no check
 
 
 def test_ranks_take_disjoint_blocks_whose_union_is_the_single_rank_batch(prepared):
@@ -367,9 +375,9 @@ def test_epochs_wrap_cover_every_window_once_and_reshuffle(prepared):
     for _ in range(per_epoch):
         x, _ = b.next(5)
         starts += [tuple(r[:4]) for r in x.tolist()]
-    assert b.epoch == 0 and b.state_dict() == {"epoch": 0, "cursor": per_epoch * 5}
+    assert (b.epoch, b.cursor) == (0, per_epoch * 5)
     b.next(5)  # fewer than 5 windows left: the next epoch starts, no partial batch
-    assert b.state_dict() == {"epoch": 1, "cursor": 5}
+    assert (b.epoch, b.cursor) == (1, 5)
     assert sorted(b.order(0).tolist()) == list(range(n)) and not np.array_equal(b.order(0), b.order(1))
     assert np.array_equal(Batches(prepared, seq_len=64, shuffle=False).order(3), np.arange(n))
     with pytest.raises(DataError, match=f"needs {n + 1} windows"):

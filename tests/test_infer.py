@@ -402,6 +402,60 @@ def test_bad_requests_are_clear_errors():
         Engine(tiny(num_nextn_predict_layers=0), IdText(), speculative="mtp")
 
 
+def test_no_queue_still_fills_free_slots():
+    """max_queue=0: no waiting line, so a request is refused only when every slot is taken (it used to refuse all)."""
+    engine = Engine(tiny(), IdText(), max_batch=2, max_queue=0)
+    engine.start()
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+
+    async def run() -> None:
+        busy = [engine.stream(p, long) for p in PROMPTS[:2]]
+        for g in busy:  # each takes a free slot
+            await g.__anext__()
+        with pytest.raises(QueueFull, match="waiting for a slot"):
+            await engine.stream(PROMPTS[2], GREEDY).__anext__()
+        for g in busy:
+            await g.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    with pytest.raises(InferenceError, match="max_queue"):
+        Engine(tiny(), IdText(), max_queue=-1)
+
+
+def test_shutdown_tells_unfinished_requests_and_drops_them():
+    """Requests still running or waiting when the engine stops get an error, and a restarted engine does not run
+    them for callers that are gone."""
+    model = tiny()
+    engine = Engine(model, IdText(), max_batch=1)
+    gate = threading.Event()  # holds the engine's first decode step until the test has queued a second request
+    decode = engine._decode
+    engine._decode = lambda: (gate.wait(), decode())  # type: ignore[method-assign]
+    engine.start()
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+
+    async def run() -> None:
+        running = engine.stream(PROMPTS[0], long)
+        await running.__anext__()  # from its prefill
+        waiting = asyncio.ensure_future(engine.stream(PROMPTS[1], long).__anext__())
+        while engine.stats()["waiting"] == 0:
+            await asyncio.sleep(0.001)
+        threading.Timer(0.05, gate.set).start()  # the step ends after shutdown has asked the thread to stop
+        engine.shutdown()
+        with pytest.raises(InferenceError, match="shut down"):
+            await waiting
+        with pytest.raises(InferenceError, match="shut down"):
+            async for _ in running:
+                pass
+        assert engine.stats() == {"running": 0, "waiting": 0, "tokens_in_flight": 0, "acceptance_rate": None}
+
+    asyncio.run(run())
+    out = engine.generate([PROMPTS[2]], GREEDY)  # its own thread again: only this request runs
+    assert [e.token_id for e in out[0]] == greedy_reference(model, PROMPTS[2], 10)
+
+
 def test_background_engine_streams_queues_and_frees_cancelled_slots():
     model = tiny()
     engine = Engine(model, IdText(), max_batch=2, max_queue=2)

@@ -157,7 +157,8 @@ def test_moe_matches_naive_routing_loop(kw, grouped, monkeypatch):
     x = torch.randn(3, 9, cfg.hidden_size, requires_grad=True)
     got, _ = moe(x)
     ref = naive_moe(moe, x.view(-1, cfg.hidden_size), cfg).view_as(got)
-    assert (got - ref).abs().max().item() < 1e-5
+    # fp32 rounding grows with the outputs (|y| up to ~17 without weight normalisation); a wrong route is off by O(1)
+    assert (got - ref).abs().max().item() < max(1e-5, 2e-6 * ref.abs().max().item())
     params = [x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj, *moe.shared_experts.parameters()]
     for a, b in zip(_grads(got, params), _grads(ref, params)):
         assert (a - b).abs().max().item() < 1e-4

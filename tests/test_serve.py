@@ -330,6 +330,36 @@ def test_32_concurrent_streams_equal_served_alone(url, client, engine):
         assert (text, finish, usage) == (expected, "length", 16), prompt
 
 
+def test_logprobs_of_ids_past_the_tokenizer(model_dir, tok, tmp_path):
+    """A checkpoint's vocabulary padded past its tokenizer's (as DeepSeek-V3's is): an id with no token is text ""
+    with no bytes in logprobs, not a 500. The head is set so that greedy decoding picks such ids."""
+    torch.manual_seed(0)
+    model = NanoSeek(preset("tiny", vocab_size=tok.vocab_size + 8)).eval()
+    with torch.no_grad():
+        head = model.lm_head.weight
+        v = torch.randn(head.shape[1])
+        head.zero_()
+        head[tok.vocab_size:] = torch.stack([v, -v] * 4)  # one of each pair scores above every real token's 0
+    eng = Engine(model, tok, max_batch=2, model_name="padded")
+    eng.start()
+    greedy = {"model": "padded", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    try:
+        with live_server(create_app(eng, tok)) as base, httpx.Client(base_url=base, timeout=60) as c:
+            r = c.post("/v1/chat/completions", json={**greedy, "messages": [{"role": "user", "content": "Hi"}],
+                                                     "logprobs": True, "top_logprobs": 2})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["message"]["content"] == ""
+            for entry in choice["logprobs"]["content"]:
+                assert entry["token"] == "" and entry["bytes"] == []
+                assert all(alt["bytes"] == [] for alt in entry["top_logprobs"])
+            r = c.post("/v1/completions", json={**greedy, "prompt": "Hi", "logprobs": 2})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["logprobs"]["text_offset"] == [0, 0, 0]
+    finally:
+        eng.shutdown()
+
+
 def test_queue_full_is_429(model_dir, tok):
     model, _ = load_for_inference(model_dir, device="cpu")
     small = Engine(model, tok, max_batch=1, max_queue=1, queue_policy="reject")

@@ -75,9 +75,21 @@ class Batches:
         return _stack(self.stream, windows * self.seq_len, self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        """The position, and what it counts in: the same (epoch, cursor) under another seq_len, seed or data would
+        be other windows."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seq_len": self.seq_len, "seed": self.seed,
+                "windows": self.windows_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        now = {"seq_len": self.seq_len, "seed": self.seed, "windows": self.windows_per_epoch}
+        changed = [k for k in now if k in state and int(state[k]) != now[k]]  # older states hold only the position
+        if changed:
+            names = {"seq_len": "data.seq_len", "seed": "train.seed", "windows": "windows per epoch"}
+            was = ", ".join(f"{names[k]}={state[k]}" for k in changed)
+            is_ = ", ".join(f"{names[k]}={now[k]}" for k in changed)
+            raise DataError(f"the run's place in its data was saved with {was}, and this resume has {is_}: the same "
+                            "place would be other windows, so data would be repeated or skipped. Resume with the "
+                            "run's settings (and its data.path, as prepared then), or start a new run")
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         if epoch < 0 or not 0 <= cursor <= self.windows_per_epoch:
             raise DataError(f"loader state epoch={epoch}, cursor={cursor} does not fit this data "

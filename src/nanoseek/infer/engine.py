@@ -118,8 +118,9 @@ class Engine:
         if speculative and not config.num_nextn_predict_layers:
             raise InferenceError("speculative='mtp' needs a checkpoint with MTP modules (num_nextn_predict_layers "
                                  "is 0): serve it without --speculative")
-        if max_batch < 1:
-            raise InferenceError(f"max_batch must be at least 1, got {max_batch}")
+        if max_batch < 1 or max_queue < 0:
+            raise InferenceError(f"max_batch must be at least 1 (got {max_batch}) and max_queue at least 0 (got "
+                                 f"{max_queue})")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "nanoseek"
@@ -164,12 +165,22 @@ class Engine:
             self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the background thread. Requests still waiting or running are told (an error event) and dropped:
+        a later start must not run them for callers that are gone."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._cond:
+            left = [*self._waiting, *(r for r in self._running if not r.done)]
+            self._waiting.clear()
+            self._cancelled.clear()
+            for r in left:
+                self._finish(r)
+        for r in left:
+            r.sink(InferenceError("the engine shut down before this request finished"))
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -219,9 +230,10 @@ class Engine:
             self._check(p, sp)
         own, was_training = self._thread is None, self.model.training
         self.start()
+        reqs: list[_Request] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, plist)):
-                self._submit(p, sp, lambda ev, i=i: q.put((i, ev)), bounded=False)
+                reqs.append(self._submit(p, sp, lambda ev, i=i: q.put((i, ev)), bounded=False))
             pending = len(prompts)
             while pending:
                 i, ev = q.get()
@@ -230,6 +242,8 @@ class Engine:
                 outs[i].append(ev)
                 pending -= ev.finish_reason is not None
         finally:
+            for r in reqs:  # left early (an error, Ctrl-C): the rest must not keep slots or run later
+                self.cancel(r)
             if own:
                 self.shutdown()
                 self.model.train(was_training)
@@ -260,8 +274,9 @@ class Engine:
         req = _Request(list(prompt), params, sink, TextStream(self.tokenizer, params.stop), frozenset(stop_ids),
                        generator_for(params), speculate=self.speculative == "mtp" and params.greedy)
         with self._cond:
-            if bounded and len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting): retry later")
+            # the queue holds the requests no free slot will take: the waiting ones beyond the free slots
+            if bounded and len(self._waiting) >= self.max_queue + len(self._free):
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for a slot): retry later")
             self._waiting.append(req)
             self._cond.notify_all()
         return req
@@ -293,8 +308,9 @@ class Engine:
                             self._waiting.clear()
                         self._admitting = []
                     for r in failed:
-                        r.sink(e)
-                        self._finish(r)
+                        if not r.done:  # one that finished in an earlier chunk of this prefill has its answer
+                            r.sink(e)
+                            self._finish(r)
 
     def _ensure_cache(self) -> LatentCache:
         if self._cache is None:

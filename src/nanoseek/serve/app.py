@@ -92,6 +92,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}{first['msg']}{more}", param
 
 
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for. A checkpoint's vocabulary may be padded past its tokenizer's (DeepSeek-V3:
+    129,280 rows for fewer tokens): an id with no token stands for no bytes, as decode() gives it no text."""
+    try:
+        return tokenizer.token_bytes(token_id)
+    except DataError:
+        return b""
+
+
 class TextOffsets:
     """Where each token's text starts in the completion, in characters (`text_offset`). Counted from the tokens'
     own bytes through an incremental UTF-8 decoder, not from the text released so far (a stop string holds text
@@ -103,7 +112,7 @@ class TextOffsets:
 
     def __call__(self, token_id: int) -> int:
         at = self.chars
-        self.chars += len(self.decoder.decode(self.tokenizer.token_bytes(token_id)))
+        self.chars += len(self.decoder.decode(token_bytes(self.tokenizer, token_id)))
         return at
 
 
@@ -440,7 +449,7 @@ class Server:
     def chat_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
         def entry(token_id: int, lp: float) -> dict[str, Any]:  # bytes: the token's own, part of a character or not
             return {"token": self._token_text(token_id), "logprob": lp,
-                    "bytes": list(self.tokenizer.token_bytes(token_id))}
+                    "bytes": list(token_bytes(self.tokenizer, token_id))}
 
         return {"content": [{**entry(ev.token_id, ev.logprob),
                              "top_logprobs": [entry(i, lp) for i, lp in ev.top_logprobs or []]} for ev in events],

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from nanoseek.config import ConfigError
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE, Router, expert_mlp
 from nanoseek.train.config import ParallelConfig
@@ -45,8 +45,7 @@ class DistWorld(World):
 
     def __init__(self, cfg: ParallelConfig, rank: int, size: int, device: torch.device):
         super().__init__(rank=rank, size=size)
-        if size % cfg.ep:  # dp and ep themselves are checked with the rest of the config
-            raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of ranks ({size})")
+        _check_ep(cfg, size)
         self.cfg, self.device = cfg, device
         self.mesh = init_device_mesh(device.type, (size // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
         self.world_mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("world",))
@@ -121,6 +120,11 @@ class DistWorld(World):
         return norm
 
 
+def _check_ep(cfg: ParallelConfig, size: int) -> None:
+    if size % cfg.ep:  # dp and ep themselves are checked with the rest of the config
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of ranks ({size})")
+
+
 def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Σ ‖t‖² over the tensors, as a float64 scalar on `device` (0 for none)."""
     if not tensors:
@@ -147,6 +151,7 @@ def init_world(cfg: ParallelConfig) -> World:
         raise DistributedError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but RANK is not: start the ranks "
                                "with torchrun (or set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each)")
     size, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _check_ep(cfg, size)  # before joining: a job that cannot run leaves no process group behind
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise DistributedError(f"rank {rank} is local rank {local}, but this machine shows "
@@ -228,18 +233,38 @@ class ExpertParallel(nn.Module):
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
 
 
+    def whole(self) -> Experts:
+        """All experts of the group as a plain `Experts` module (an all-gather: every rank of the group calls it)."""
+        E, two_i, H = self.gate_up_proj.shape  # a DTensor's shape is the global one
+        shape = ModelConfig(n_routed_experts=E, n_group=1, topk_group=1, num_experts_per_tok=1, hidden_size=H,
+                            moe_intermediate_size=two_i // 2)
+        with torch.device("meta"):  # no memory until the gathered weights replace these
+            experts = Experts(shape)
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, nn.Parameter(getattr(self, name).detach().full_tensor(), requires_grad=False))
+        return experts
+
+
 @contextmanager
 def gathered(model: nn.Module) -> Iterator[None]:
-    """Whole (unsharded) FSDP2 weights inside the block, for code that reads parameters without calling the
-    modules' forward (the inference engine); a no-op without FSDP."""
+    """Whole weights inside the block, for the inference engine (training samples): FSDP2's units unsharded (the
+    engine reads parameters outside the modules' forward), and each expert-parallel layer swapped for all its
+    experts, so that generating needs no collectives. Ranks may then decode different lengths (a sampled token or
+    an EOS can differ in the last bits of nondeterministic GPU sums) without waiting for each other's exchanges.
+    A no-op for a plain model."""
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
         m.unshard()
+    split = [(m, m.experts) for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, ExpertParallel)]
     try:
+        for moe, ep in split:
+            moe.experts = ep.whole()
         yield
     finally:
+        for moe, ep in split:
+            moe.experts = ep
         for m in sharded:
             m.reshard()
 

@@ -179,7 +179,7 @@ def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) ->
         params = [SamplingParams(max_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
                                  top_k=cfg.eval.top_k, seed=cfg.train.seed + step * 1000 + i)  # never the global RNG
                   for i in range(len(chosen))]
-        with gathered(model):  # FSDP: whole weights for the engine, which reads them outside forward()
+        with gathered(model):  # whole weights for the engine: FSDP's shards, the expert-parallel layers' experts
             outs = Engine(model, tokenizer, max_batch=max(1, len(chosen))).generate(
                 [[tokenizer.bos_id, *tokenizer.encode(p)] for p in chosen], params)
         return [{"prompt": p, "completion": "".join(e.text for e in evs)} for p, evs in zip(chosen, outs)]
@@ -318,6 +318,11 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
     sample = _sampler(cfg, tokenizer, device, val) if tokenizer is not None and cfg.eval.samples else None
+    if sample is not None and cfg.parallel.cpu_offload:  # offloaded because the model does not fit on the GPU
+        sample = None
+        if world.is_main:
+            console.print("note: no samples under parallel.cpu_offload (the engine would need the whole model on "
+                          "the GPU); eval.samples=0 silences this")
 
     def evaluate(m: NanoSeek, s: TrainState) -> dict[str, Any]:  # every rank runs it: sharded weights need all
         out: dict[str, Any] = evaluate_loss(m, val, device, token_bytes, autocast) if val else {}
