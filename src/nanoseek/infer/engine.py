@@ -174,7 +174,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         with self._cond:
-            left = [*self._waiting, *(r for r in self._running if not r.done)]
+            left = [*self._waiting, *self._running]
             self._waiting.clear()
             self._cancelled.clear()
             for r in left:

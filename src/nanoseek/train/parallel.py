@@ -45,7 +45,6 @@ class DistWorld(World):
 
     def __init__(self, cfg: ParallelConfig, rank: int, size: int, device: torch.device):
         super().__init__(rank=rank, size=size)
-        _check_ep(cfg, size)
         self.cfg, self.device = cfg, device
         self.mesh = init_device_mesh(device.type, (size // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
         self.world_mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("world",))
@@ -120,11 +119,6 @@ class DistWorld(World):
         return norm
 
 
-def _check_ep(cfg: ParallelConfig, size: int) -> None:
-    if size % cfg.ep:  # dp and ep themselves are checked with the rest of the config
-        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of ranks ({size})")
-
-
 def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Σ ‖t‖² over the tensors, as a float64 scalar on `device` (0 for none)."""
     if not tensors:
@@ -151,7 +145,8 @@ def init_world(cfg: ParallelConfig) -> World:
         raise DistributedError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but RANK is not: start the ranks "
                                "with torchrun (or set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each)")
     size, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    _check_ep(cfg, size)  # before joining: a job that cannot run leaves no process group behind
+    if size % cfg.ep:  # before joining, so that a job that cannot run leaves no process group behind
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of ranks ({size})")
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise DistributedError(f"rank {rank} is local rank {local}, but this machine shows "
@@ -231,7 +226,6 @@ class ExpertParallel(nn.Module):
         y = y.new_zeros(xr.shape[0], H).index_add_(0, row, y)  # each received token: its copies here, summed
         yb = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, self.group)
         return torch.zeros_like(x, dtype=yb.dtype).index_add_(0, token, yb)
-
 
     def whole(self) -> Experts:
         """All experts of the group as a plain `Experts` module (an all-gather: every rank of the group calls it)."""
