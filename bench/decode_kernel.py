@@ -54,7 +54,7 @@ def timed(fn, repeats: int, sweep: torch.Tensor | None) -> float:
 
 
 def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
-    moes = [layer.mlp for layer in model.layers[model.config.first_k_dense_replace:]]
+    moes = [layer.mlp for layer in model.layers[model.config.num_dense_layers:]]
     gate_ups = [moe.experts.gate_up_proj for moe in moes]
     downs = [moe.experts.down_proj for moe in moes]
 

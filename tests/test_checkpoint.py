@@ -62,6 +62,26 @@ def test_sharded_checkpoint_with_index(model, tmp_path):
         assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 100_000
 
 
+def test_sharded_save_holds_one_shard_at_a_time(model, tmp_path, monkeypatch):
+    """The copies written to one shard are freed before the next shard's are made: saving a large model needs
+    one shard's memory beyond the model, not a second model."""
+    import weakref
+    earlier: list[weakref.ref] = []
+    calls = 0
+
+    def save_and_watch(tensors, filename, metadata=None):
+        nonlocal calls
+        calls += 1
+        assert all(r() is None for r in earlier), "an earlier shard's tensors are still alive"
+        save_file(tensors, filename, metadata=metadata)
+        earlier.extend(weakref.ref(t) for t in tensors.values())
+
+    monkeypatch.setattr(hf, "save_file", save_and_watch)
+    model.save_pretrained(tmp_path / "ck", max_shard_size="100KB")
+    assert calls > 2
+    assert _same(model, nanoseek.from_pretrained(tmp_path / "ck"))
+
+
 def test_bf16_checkpoint_keeps_router_fp32(model, tmp_path):
     model.save_pretrained(tmp_path / "ck", dtype="bfloat16")
     with safe_open(tmp_path / "ck" / SINGLE_FILE, "pt") as f:

@@ -93,6 +93,26 @@ def test_toml_and_overrides(tmp_path):
     assert parse_value("[1, 2]") == [1, 2] and parse_value('"x"') == "x"
     with pytest.raises(ConfigError, match="not found"):
         load_toml(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"'model' is a section, not a setting: .*model.preset=tiny"):
+        apply_overrides({"model": {"preset": "demo"}}, ["model=tiny"])
+
+
+def test_schedule_and_fraction_settings_are_checked_before_training(tmp_path):
+    """A typo in the schedule fails when the config loads (a time-budgeted run would otherwise build its
+    schedule only after its first steps); settings of another schedule are not checked."""
+    p = tmp_path / "run.toml"
+    p.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 10\n')
+    bad = {"optim.schedule=cosin": r"optim: unknown lr schedule 'cosin'",
+           "optim.schedule=wsd optim.decay_fraction=0": r"wsd decay_fraction must be in \(0, 1\]",
+           "optim.schedule=multistep optim.milestones=[0.9,0.8]": "milestones .* must be increasing",
+           "optim.schedule=multistep optim.factors=[0.3]": "as many as factors",
+           "balance.bias_freeze_at=nan": r"balance.bias_freeze_at=nan is a fraction of the run",
+           "mtp.switch_at=70": r"mtp.switch_at=70.* \[0, 1\]"}
+    for overrides, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(p, overrides.split())
+    cfg = load_run_config(p, ["optim.decay_fraction=0", "optim.milestones=[0.9,0.8]"])  # cosine uses neither
+    assert cfg.optim.schedule == "cosine"
 
 
 def test_shipped_configs_load():

@@ -25,6 +25,7 @@ CONFIGS = {
     "moe-qlora-all-moe": dict(q_lora_rank=24, first_k_dense_replace=0, num_nextn_predict_layers=0),
     "moe-mtp-2shared": dict(num_nextn_predict_layers=1, n_shared_experts=2),
     "tied-bias": dict(tie_word_embeddings=True, attention_bias=True, q_lora_rank=24),
+    "dense-past-the-layers-mtp": dict(first_k_dense_replace=9, num_nextn_predict_layers=1),  # MTP stays MoE
 }
 
 

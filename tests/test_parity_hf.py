@@ -43,11 +43,17 @@ CONFIGS = {
         q_lora_rank=32, rope_scaling={**YARN, "mscale_all_dim": 0.0, "factor": 2.0}, n_routed_experts=16,
         n_group=8, topk_group=3, num_experts_per_tok=3, num_hidden_layers=4, first_k_dense_replace=3,
         v_head_dim=32, qk_nope_head_dim=8, rope_theta=500.0),
+    # transformers' own defaults let first_k_dense_replace (3) exceed a tiny model's layers: all dense
+    "plain-q_default-rope_all-dense_first-k-past-the-layers": dict(num_hidden_layers=2, first_k_dense_replace=3),
+    # transformers builds (and saves) zero-width shared experts
+    "plain-q_default-rope_no-shared-experts": dict(n_shared_experts=0),
     "mtp1_qlora_yarn_4groups": dict(
         q_lora_rank=24, rope_scaling=YARN, n_group=4, topk_group=2, num_nextn_predict_layers=1),
     "mtp2_plain-q_rotate-half_tied": dict(
         rope_interleave=False, tie_word_embeddings=True, n_group=2, topk_group=2, num_nextn_predict_layers=2,
         first_k_dense_replace=3),
+    # every main layer dense, the MTP block still MoE (transformers' MtpModel: "MTP layers always use MoE")
+    "mtp1_plain-q_all-dense-main": dict(num_nextn_predict_layers=1, first_k_dense_replace=5),
 }
 
 

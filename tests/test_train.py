@@ -14,7 +14,14 @@ import nanoseek
 from nanoseek.model.hf import CheckpointError
 from nanoseek.model.moe import Router
 from nanoseek.train import checkpoint as ckpt_mod
-from nanoseek.train.checkpoint import TrainState, export_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import (
+    TrainState,
+    export_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from nanoseek.train.config import load_run_config, run_config_from_dict
 from nanoseek.train.loop import NonFiniteLossError, Trainer, World, batch_ramp, make_optimizer, update_routing_bias
 from nanoseek.train.run import MetricsLog, train
@@ -354,6 +361,44 @@ def test_length_in_steps_with_a_time_limit(tmp_path):
     result = train(_cfg(tmp_path, task, train={"steps": 10, "max_time": 1000.0}), batches=task, val=[],
                    progress=False)
     assert result.stop_reason == "done" and result.summary["steps"] == 10
+
+
+def test_resume_with_a_larger_batch_keeps_the_token_budget(tmp_path):
+    """A run set by train.tokens, resumed with twice the batch: it trains what is left of the budget at the new
+    size (the steps done at the old size count), and the lr schedule ends where the run ends."""
+    task = ReverseTask()
+    per_step = 32 * task.seq_len
+    cfg = _cfg(tmp_path, task, train={"steps": 0, "tokens": 4 * per_step}, optim={"unit": "tokens", "warmup": 0})
+    first = train(cfg, batches=task, val=[], progress=False)
+    assert first.summary["steps"] == 4
+    run = tmp_path / "run"
+    resumed = train(resume=run, overrides=["train.tokens=" + str(8 * per_step), "train.batch_size=64"],
+                    batches=ReverseTask(), val=[], progress=False)
+    assert resumed.stop_reason == "done" and resumed.summary["steps"] == 6  # 4 at 32 sequences, then 2 at 64
+    state = read_state(latest_checkpoint(run))["state"]
+    assert state["tokens"] == state["total_tokens"] == 8 * per_step
+    assert [r["batch_size"] for r in MetricsLog(run / "metrics.jsonl").records("train")] == [32] * 4 + [64] * 2
+    # the plan from where a run is: 2 more steps of 64 (not 4 from scratch)
+    assert plan_length(BatchRamp(end=64), task.seq_len, tokens=8 * per_step, start=(4, 4 * per_step)) == (
+        6, 8 * per_step)
+
+
+def test_resume_with_a_longer_time_budget_trains_longer(tmp_path):
+    """A time-budgeted run's plan is fixed by calibration; resumed with a larger train.max_time it re-plans at
+    once from the step time it measured, instead of stopping at the old plan's end."""
+    task = ReverseTask()
+    cfg = _cfg(tmp_path, task, train={"steps": 0, "max_time": 1.0, "batch_size": 8, "micro_batch_size": 8})
+    first = train(cfg, batches=task, val=[], progress=False)
+    run = tmp_path / "run"
+    state = read_state(latest_checkpoint(run))["state"]
+    assert first.stop_reason in ("done", "time") and state["planned_max_time"] == 1.0
+    assert state["seconds_per_step"] > 0
+    resumed = train(resume=run, overrides=["train.max_time=2.0"], batches=ReverseTask(), val=[], progress=False)
+    plans = MetricsLog(run / "metrics.jsonl").records("plan")
+    assert plans[-1]["step"] == state["step"] and plans[-1]["total_steps"] > state["step"]  # re-planned at once
+    assert resumed.summary["steps"] > state["step"]
+    again = read_state(latest_checkpoint(run))["state"]
+    assert again["planned_max_time"] == 2.0 and again["seconds_per_step"] == state["seconds_per_step"]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -54,7 +54,7 @@ def parameter_table(model: NanoSeek, title: str) -> Table:
 def describe(model: NanoSeek) -> str:
     c = model.config
     q = f"q_lora_rank {c.q_lora_rank}" if c.q_lora_rank else "plain q_proj"
-    return (f"{c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
+    return (f"{c.num_hidden_layers} layers ({c.num_dense_layers} dense), hidden {c.hidden_size}, "
             f"{c.num_attention_heads} heads, MLA kv_lora_rank {c.kv_lora_rank}, {q}; MoE {c.n_routed_experts} "
             f"routed (top-{c.num_experts_per_tok}, {c.n_group} groups) + {c.n_shared_experts} shared; "
             f"MTP depth {c.num_nextn_predict_layers}; vocab {c.vocab_size}")

@@ -112,12 +112,18 @@ class ModelConfig:
         return [] if e is None else [e] if isinstance(e, int) else list(e)
 
     @property
+    def num_dense_layers(self) -> int:
+        """first_k_dense_replace may exceed the layers (transformers' tiny configs): then every layer is dense."""
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
     def num_moe_layers(self) -> int:
-        return max(self.num_hidden_layers - self.first_k_dense_replace, 0)
+        return self.num_hidden_layers - self.num_dense_layers
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """MTP blocks (index >= num_hidden_layers) are MoE too, as in DeepSeek-V3."""
-        return layer_idx >= self.first_k_dense_replace
+        """MTP blocks (index >= num_hidden_layers) are MoE blocks whatever first_k_dense_replace says, as in
+        DeepSeek-V3's layout."""
+        return layer_idx >= min(self.first_k_dense_replace, self.num_hidden_layers)
 
     @property
     def softmax_scale(self) -> float:
@@ -155,11 +161,8 @@ class ModelConfig:
             )
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"q_lora_rank must be > 0 or null (plain q_proj), got {self.q_lora_rank}")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ConfigError(
-                f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
-                f"{self.num_hidden_layers}]"
-            )
+        if self.first_k_dense_replace < 0:
+            raise ConfigError(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
         if self.num_nextn_predict_layers < 0:
             raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
         if self.num_moe_layers or self.num_nextn_predict_layers:
@@ -412,6 +415,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+        if len(parts) == 1 or isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is a section, not a setting: set one of its "
+                              f"fields, e.g. {key.strip()}.preset={raw.strip()} (model) or "
+                              f"{key.strip()}.FIELD={raw.strip()}")
         node[parts[-1]] = Override(raw.strip())
     return out
 

@@ -33,6 +33,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_entries(path.parent)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -44,11 +45,26 @@ def sha256_file(path: str | Path) -> str:
 
 
 def fsync_dir(d: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place."""
-    for f in d.iterdir():
+    """Flush every file of a folder and its subfolders to disk before it is renamed into place."""
+    for f in d.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def fsync_entries(d: Path) -> None:
+    """Flush a folder's own entries (names that a rename or a new file changed) to disk, where the system allows:
+    without it a power cut can forget a rename whose files were flushed."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. Windows, which cannot open a folder this way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def replace_dir(src: Path, dst: Path, aside: Path | None = None) -> None:
@@ -60,4 +76,5 @@ def replace_dir(src: Path, dst: Path, aside: Path | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
+    fsync_entries(dst.parent)  # the new folder's name is on disk before the old one goes
     shutil.rmtree(old, ignore_errors=True)

@@ -197,7 +197,7 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     if loads:
         c = run.cfg.model
         n = len(loads[0][1])
-        names = [f"layer {c.first_k_dense_replace + i}" if i < c.num_moe_layers else f"MTP {i - c.num_moe_layers + 1}"
+        names = [f"layer {c.num_dense_layers + i}" if i < c.num_moe_layers else f"MTP {i - c.num_moe_layers + 1}"
                  for i in range(n)]
         colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, n))
         for i in range(n):

@@ -21,7 +21,7 @@ def matmul_params_per_token(c: ModelConfig, mtp: bool = False) -> int:
     attn += h * c.v_head_dim * H
     dense = 3 * H * c.intermediate_size
     moe = 3 * H * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts) + H * c.n_routed_experts
-    layers = c.num_hidden_layers * attn + c.first_k_dense_replace * dense + c.num_moe_layers * moe
+    layers = c.num_hidden_layers * attn + c.num_dense_layers * dense + c.num_moe_layers * moe
     head = H * c.vocab_size
     if mtp:  # each MTP module: eh_proj, one MoE block, the shared head
         layers += c.num_nextn_predict_layers * (2 * H * H + attn + moe + head)

@@ -81,7 +81,7 @@ def count_params(c: ModelConfig) -> Params:
     embedding = c.vocab_size * H * (1 if c.tie_word_embeddings else 2)
     mtp = c.num_nextn_predict_layers * mtp_module
     moe_blocks = c.num_moe_layers + c.num_nextn_predict_layers
-    total = c.first_k_dense_replace * dense_block + c.num_moe_layers * moe_block + H + embedding + mtp
+    total = c.num_dense_layers * dense_block + c.num_moe_layers * moe_block + H + embedding + mtp
     return Params(total=total, active=total - moe_blocks * (routed - routed_active), embedding=embedding, mtp=mtp)
 
 
@@ -193,7 +193,7 @@ def activation_bytes(c: ModelConfig, tokens: int, dtype: str, cpu: bool, weight_
     moe = _block_bytes(c, True, cb, cpu, tokens)
     rope = 4 * c.qk_rope_head_dim if cb == 4 else 0  # fp32 cos/sin, shared by all layers
     outside = 8 + rope + _head_bytes(c)  # token ids, rotary tables, final norm and head
-    per_token = outside + c.first_k_dense_replace * dense + c.num_moe_layers * moe
+    per_token = outside + c.num_dense_layers * dense + c.num_moe_layers * moe
     per_token += n_mtp * (moe + _mtp_extra_bytes(c, cb))
     # constants: d lm_head of each cross-entropy (computed in the forward, [V, H] fp32), bf16 weight copies
     p = count_params(c)

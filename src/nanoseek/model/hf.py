@@ -9,6 +9,7 @@ Writes are atomic: everything goes to a temporary folder that replaces the targe
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -72,6 +73,19 @@ def hf_state_dict(model: NanoSeek) -> Iterator[tuple[str, torch.Tensor]]:
     for k in range(cfg.num_nextn_predict_layers):  # DeepSeek's MTP layer carries copies of the shared weights
         yield f"model.layers.{n + k}.embed_tokens.weight", model.embed_tokens.weight
         yield f"model.layers.{n + k}.shared_head.head.weight", model.lm_head.weight
+    for key, shape in _empty_shared_experts(cfg).items():
+        yield key, torch.empty(shape, dtype=model.embed_tokens.weight.dtype)
+
+
+def _empty_shared_experts(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """With n_shared_experts = 0, transformers still builds each MoE layer's shared MLP, 0 wide, and reads and
+    writes its empty weights; nanoseek has none, but writes them so that transformers loads with nothing missing."""
+    if cfg.n_shared_experts:
+        return {}
+    H = cfg.hidden_size
+    return {f"model.layers.{i}.mlp.shared_experts.{proj}.weight": (H, 0) if proj == "down_proj" else (0, H)
+            for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)
+            for proj in ("gate_proj", "up_proj", "down_proj")}
 
 
 def _expected_shapes(model: NanoSeek) -> dict[str, tuple[int, ...]]:
@@ -81,14 +95,19 @@ def _expected_shapes(model: NanoSeek) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _optional_keys(config: ModelConfig) -> set[str]:
-    """Tensors a checkpoint may hold or not: MTP's copies of the shared embedding and head, and with tied
+def _shared_copies(config: ModelConfig) -> set[str]:
+    """Tensors a checkpoint may hold or not that copy a shared one: MTP's embedding and head, and with tied
     embeddings a stored lm_head (transformers reads such files too); each is checked against the shared one."""
     n = config.num_hidden_layers
     keys = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for k in range(config.num_nextn_predict_layers):
         keys |= {f"model.layers.{n + k}.embed_tokens.weight", f"model.layers.{n + k}.shared_head.head.weight"}
     return keys
+
+
+def _optional_keys(config: ModelConfig) -> set[str]:
+    """Tensors a checkpoint may hold or not: the shared copies and the empty shared experts (nothing to read)."""
+    return _shared_copies(config) | set(_empty_shared_experts(config))
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -248,7 +267,7 @@ def _load_tensors(model: NanoSeek, files: dict[str, Path], found: dict[str, tupl
                 up.copy_(read(f"{base}.{e}.up_proj.weight"))
             else:
                 target[e].copy_(read(f"{base}.{e}.down_proj.weight"))
-    for key in _optional_keys(cfg) & set(found):  # copies of the shared embedding/head (MTP's, a tied lm_head)
+    for key in _shared_copies(cfg) & set(found):  # copies of the shared embedding/head (MTP's, a tied lm_head)
         shared = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
         if not torch.equal(read(key).to(shared.device, shared.dtype), shared):
             why = "config.json ties them" if key == "lm_head.weight" else "V3 layout"
@@ -317,31 +336,32 @@ def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = 
     limit = parse_size(max_shard_size)
     target_dtype = resolve_dtype(dtype) if dtype is not None else model.embed_tokens.weight.dtype
 
-    def prepare(key: str, t: torch.Tensor) -> torch.Tensor:
-        keep_fp32 = ".mlp.gate." in key  # router weight and bias stay fp32
-        t = t.detach().to("cpu", torch.float32 if keep_fp32 else target_dtype)
-        return t.clone().contiguous()  # own storage: no tensor in a file may share memory with another
+    def written_dtype(key: str) -> torch.dtype:
+        return torch.float32 if ".mlp.gate." in key else target_dtype  # router weight and bias stay fp32
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    # Plan the shards from shapes, then write one shard at a time: the host holds at most one shard's copies,
+    # not a second model.
+    counts, size = [0], 0  # tensors per shard
     for key, t in hf_state_dict(model):
-        nbytes = t.numel() * target_dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
+        nbytes = t.numel() * written_dtype(key).itemsize
+        if counts[-1] and size + nbytes > limit:
+            counts.append(0)
             size = 0
-        shards[-1][key] = prepare(key, t)
+        counts[-1] += 1
         size += nbytes
-
-    if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / fname, metadata={"format": "pt"})
-            for k, t in shard.items():
-                weight_map[k] = fname
-                total += t.numel() * t.element_size()
+    names = [SINGLE_FILE] if len(counts) == 1 else [f"model-{i:05d}-of-{len(counts):05d}.safetensors"
+                                                    for i in range(1, len(counts) + 1)]
+    weight_map, total = {}, 0
+    tensors = hf_state_dict(model)  # the same order as the plan
+    for n, fname in zip(counts, names):
+        # own contiguous storage: no tensor in a file may share memory with another
+        shard = {key: t.detach().to("cpu", written_dtype(key)).clone().contiguous()
+                 for key, t in itertools.islice(tensors, n)}
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, fname)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        del shard  # before the next shard's copies
+    if len(counts) > 1:
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                     indent=2))
     dtype_name = str(target_dtype).removeprefix("torch.")

@@ -55,6 +55,9 @@ class TrainState:
     total_steps: int = 0  # the plan: fixed at the start (or after calibration, for time-budgeted runs)
     total_tokens: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # the train loader's (global) position
+    # a time-budgeted run's plan: the train.max_time it was made for and the step time it assumed (0: none)
+    planned_max_time: float = 0.0
+    seconds_per_step: float = 0.0
     world_size: int = 1
 
 
@@ -111,10 +114,9 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
             meta = {"state": asdict(state), "param_groups": osd["param_groups"],
                     "param_names": [n for n, _ in module.named_parameters()]}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks a complete folder
-            for sub in (tmp, tmp / STATE_DIR):
-                fsync_dir(sub)
         _barrier()
         if rank == 0:
+            fsync_dir(tmp)  # every rank's files are written now (sharded state, RNG states, the export)
             # the same step saved twice (a signal right after a periodic save, a resumed finished run): the old
             # copy waits as `aside`, which latest_checkpoint falls back to, until the new one is in place
             replace_dir(tmp, final, aside)

@@ -83,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"run folder: {result.run_dir} (stopped: {result.stop_reason})")
         if result.summary.get("steps") == start and result.stop_reason == "done":
             console.print(f"nothing left to train: the run had reached its end at step {start}. To go further, "
-                          "resume with a larger train.steps (or train.tokens)", highlight=False)
+                          "resume with a larger train.steps, train.tokens or train.max_time (the one the run is "
+                          "set by)", highlight=False)
     return 0 if result.stop_reason in ("done", "time", "signal") else 1
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ConfigError, ModelConfig, from_dict, load_toml, model_config_from_section
+from nanoseek.train.schedule import LRSchedule
 
 
 @dataclass
@@ -167,6 +168,15 @@ class RunConfig:
             raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32', 'bf16' or 'auto'")
         if self.optim.unit not in ("steps", "tokens"):
             raise ConfigError(f"optim.unit={self.optim.unit!r}: use 'steps' or 'tokens'")
+        try:  # the schedule's own checks, before any training (a time-budgeted run builds it after 6 steps)
+            LRSchedule(peak=o.lr, total=1.0, kind=o.schedule, decay_fraction=o.decay_fraction,
+                       milestones=list(o.milestones), factors=list(o.factors))
+        except ValueError as e:
+            raise ConfigError(f"optim: {e}") from None
+        for key, value in (("balance.bias_freeze_at", self.balance.bias_freeze_at),
+                           ("mtp.switch_at", self.mtp.switch_at)):
+            if not 0 <= value <= 1:  # NaN too
+                raise ConfigError(f"{key}={value} is a fraction of the run: give a number in [0, 1] (1: never)")
         if bool(t.batch_size_start) != bool(t.batch_ramp_tokens):
             raise ConfigError("a batch-size ramp needs both train.batch_size_start and train.batch_ramp_tokens "
                               f"(got {t.batch_size_start} and {t.batch_ramp_tokens}; 0 and 0: no ramp)")

@@ -156,11 +156,13 @@ class Trainer:
 
     # ---- planning ----------------------------------------------------------------------------------------
     def plan(self) -> tuple[int, int]:
-        """(steps, tokens) of the whole run, following the batch ramp; (0, 0) for a time-budgeted run."""
+        """(steps, tokens) of the whole run, following the batch ramp from where the run is (a resume may change
+        the batch size); (0, 0) for a time-budgeted run."""
         t = self.cfg.train
         if not (t.steps or t.tokens):
             return 0, 0
-        return plan_length(self.ramp, self.cfg.data.seq_len, t.steps, t.tokens)
+        return plan_length(self.ramp, self.cfg.data.seq_len, t.steps, t.tokens,
+                           start=(self.state.step, self.state.tokens))
 
     def _make_schedule(self) -> None:
         self.lr_schedule = lr_schedule(self.cfg.optim, self.state.total_steps, self.state.total_tokens)
@@ -272,18 +274,19 @@ class Trainer:
 
     def calibrate(self, step_seconds: list[float]) -> None:
         """Time-budgeted run: fix the plan from the measured step time, once (then it is saved and reused)."""
-        t = self.cfg.train
-        per_step = sorted(step_seconds)[len(step_seconds) // 2] / 0.95  # a margin: the machine's speed varies
-        remaining = max(t.max_time - self.state.elapsed, 0.0)
+        self._plan_for_time(sorted(step_seconds)[len(step_seconds) // 2] / 0.95)  # a margin: the speed varies
+
+    def _plan_for_time(self, per_step: float) -> None:
+        """The steps that train.max_time leaves at `per_step` seconds a step, and the schedule over them."""
+        s, t = self.state, self.cfg.train
+        remaining = max(t.max_time - s.elapsed, 0.0)
         # every rank must follow the same plan (their clocks differ a little): take the largest
-        self.state.total_steps = self.world.max_int(self.state.step + max(int(remaining / per_step), 1))
-        tokens = self.state.tokens
-        for _ in range(self.state.total_steps - self.state.step):
-            tokens += self.ramp(tokens) * self.cfg.data.seq_len
-        self.state.total_tokens = tokens
+        s.total_steps = self.world.max_int(s.step + max(int(remaining / per_step), 1))
+        _, s.total_tokens = plan_length(self.ramp, self.cfg.data.seq_len, s.total_steps, start=(s.step, s.tokens))
+        s.planned_max_time, s.seconds_per_step = t.max_time, per_step
         self._make_schedule()
-        self.log({"kind": "plan", "step": self.state.step, "total_steps": self.state.total_steps,
-                  "total_tokens": tokens, "seconds_per_step": per_step})
+        self.log({"kind": "plan", "step": s.step, "total_steps": s.total_steps, "total_tokens": s.total_tokens,
+                  "seconds_per_step": per_step})
 
     def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
         """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
@@ -291,6 +294,8 @@ class Trainer:
         if cfg.train.steps or cfg.train.tokens:  # (again on resume: a run can be extended) else calibrated below
             state.total_steps, state.total_tokens = self.plan()
             self._make_schedule()
+        elif state.seconds_per_step and cfg.train.max_time != state.planned_max_time:
+            self._plan_for_time(state.seconds_per_step)  # resumed with another train.max_time: re-plan at once
         received: list[int] = []
 
         def handler(signum: int, frame: Any) -> None:

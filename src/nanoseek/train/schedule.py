@@ -37,9 +37,11 @@ class LRSchedule:
             raise ValueError(f"schedule length must be > 0, got {self.total}")
         if not 0 <= self.warmup < self.total:
             raise ValueError(f"warmup ({self.warmup}) must be in [0, total={self.total})")
-        if len(self.milestones) != len(self.factors) or sorted(self.milestones) != list(self.milestones):
-            raise ValueError("multistep milestones must be increasing and as many as factors")
-        if not 0 < self.decay_fraction <= 1:
+        if self.kind == "multistep" and (len(self.milestones) != len(self.factors) or not all(
+                0 <= a <= b <= 1 for a, b in zip(self.milestones, [*self.milestones[1:], 1]))):
+            raise ValueError(f"multistep milestones {self.milestones} must be increasing fractions in [0, 1], as "
+                             f"many as factors {self.factors}")
+        if self.kind == "wsd" and not 0 < self.decay_fraction <= 1:
             raise ValueError(f"wsd decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
     def __call__(self, t: float) -> float:
@@ -101,9 +103,11 @@ def piecewise(t: float, total: float, values: list[float], switches: list[float]
     return value
 
 
-def plan_length(ramp: BatchRamp, seq_len: int, steps: int = 0, tokens: int = 0) -> tuple[int, int]:
-    """(optimizer steps, tokens) of a run `steps` long or `tokens` long, following the batch ramp."""
-    done_steps, done_tokens = 0, 0
+def plan_length(ramp: BatchRamp, seq_len: int, steps: int = 0, tokens: int = 0,
+                start: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """(optimizer steps, tokens) of a run `steps` long or `tokens` long, following the batch ramp from `start`
+    (steps, tokens) already done: a resumed run counts what it did at its earlier batch size, not the new one."""
+    done_steps, done_tokens = start
     while (done_steps < steps) if steps else (done_tokens < tokens):
         done_tokens += ramp(done_tokens) * seq_len
         done_steps += 1
