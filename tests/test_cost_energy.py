@@ -32,6 +32,12 @@ def test_money_and_co2_arithmetic():
     assert rented.cost_usd(None, seconds=1800) == pytest.approx(1.5)
     assert per_kwh.cost_usd(None, seconds=1800) is None and per_kwh.co2_kg(None) is None
     assert per_kwh.basis == "0.2 USD per kWh" and rented.basis == "3 USD per machine-hour"
+    two = Tariff(price_per_kwh=0.2, price_per_hour=3.0, grid=grid, machines=2)  # a job on two rented machines
+    assert two.cost_usd(None, seconds=1800) == pytest.approx(3.0) and two.basis == "3 USD per machine-hour x 2 machines"
+    with pytest.raises(ConfigError, match="must be numbers >= 0"):
+        load_run_config(ROOT / "configs" / "tiny.toml", ["cost.price_per_kwh=nan"])
+    with pytest.raises(ConfigError, match="must be numbers >= 0"):
+        load_run_config(ROOT / "configs" / "tiny.toml", ["cost.carbon_intensity=inf"])
 
 
 def codecarbon_tables() -> dict[str, dict]:

@@ -215,6 +215,10 @@ def test_accelerator_table_and_device_names():
     for device_name, key in names.items():
         assert match_device_name(device_name).name == key
     assert match_device_name("NVIDIA GeForce GTX 1080") is None
+    # a slice of a card, a laptop part, a superchip or an NVL card is not the table's card: probed instead
+    for device_name in ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "NVIDIA H100 80GB HBM3 MIG 3g.40gb", "NVIDIA H200 NVL",
+                        "NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA H100 NVL"):
+        assert match_device_name(device_name) is None, device_name
     assert table_peak(ACCELERATORS["T4"], "bf16") == (ACCELERATORS["T4"].fp32, "T4 datasheet fp32 (no bf16 "
                                                                                  "tensor cores)")
 
@@ -242,7 +246,8 @@ def test_cpu_peak_is_the_best_probe_seen_on_this_machine(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / hardware.PEAKS_FILE).read_text()).values()) == [5e10]
 
 
-def test_cpu_peak_is_a_cached_probe():
+def test_cpu_peak_is_a_cached_probe(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))  # not the user's record of this machine's best probe
     flops, label = peak_flops(torch.device("cpu"), "fp32")
     assert flops > 1e8 and label == "CPU matmul probe fp32"
     assert cpu_matmul_probe("fp32") == flops  # measured once per process

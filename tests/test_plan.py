@@ -9,9 +9,14 @@ import pytest
 
 from nanoseek.cost.plan import (
     DEEPSEEK_LLM,
+    GPU_MFU,
     Budget,
     PlanError,
+    _affordable,
+    _closest_index,
+    _ranking,
     cpu_hardware,
+    family,
     gpu_hardware,
     make_cpu_plan,
     make_plan,
@@ -72,8 +77,9 @@ def test_a_bigger_budget_buys_a_bigger_model_and_more_tokens():
 
 def test_memory_decides_the_parallel_strategy():
     budget = Budget.make(8, hours=10)
-    roomy = make_plan(budget, gpu_hardware("H200", 8), 2048, 32768)
-    tight = make_plan(budget, gpu_hardware("A100-40GB", 8), 2048, 32768)
+    # at a large model's utilisation (the default, nanoseek's small-model figure, buys a model that fits anywhere)
+    roomy = make_plan(budget, gpu_hardware("H200", 8, mfu=0.35), 2048, 32768)
+    tight = make_plan(budget, gpu_hardware("A100-40GB", 8, mfu=0.35), 2048, 32768)
     assert roomy.layout.strategy == "ddp"
     assert (tight.layout.strategy, tight.layout.activation_checkpointing) != ("ddp", False)
     assert tight.estimate.memory.peak <= tight.hardware.memory
@@ -137,13 +143,50 @@ def test_bad_hardware():
 def test_cli_writes_a_config_that_train_accepts(tmp_path):
     out = tmp_path / "plan.toml"
     r = nanoseek("plan", "--budget-usd", "500", "--accelerator", "A100-80GB", "--count", "8", "--price-per-hour",
-                 "1.2", "--out", str(out))
+                 "1.2", "--mfu", "0.35", "--out", str(out))
     assert r.returncode == 0, r.stderr + r.stdout
     assert "DeepSeek LLM" in r.stdout and "fsdp" in r.stdout
     cfg = load_run_config(out)
     assert cfg.train.tokens > 0 and cfg.parallel.dp == "fsdp" and cfg.train.dtype == "bf16"
+    # a hard stop at the budget's hours ($500 / ($1.2 x 8)), and the price of one machine of 8 devices
+    assert cfg.train.max_time == pytest.approx(500 / 9.6 * 3600) and cfg.cost.price_per_hour == pytest.approx(9.6)
+    assert "at MFU 35.0% (given (--mfu))" in out.read_text()
     r = nanoseek("train", str(out), "--dry-run")
     assert r.returncode == 0, r.stderr + r.stdout
     r = nanoseek("plan", "--budget-usd", "0.01", "--accelerator", "H100-SXM", "--price-per-hour", "2",
                  "--out", str(tmp_path / "none.toml"))
     assert r.returncode == 2 and "budget too small" in r.stdout and not (tmp_path / "none.toml").exists()
+
+
+def test_default_gpu_utilisation_is_nanoseeks_own_measurement():
+    """The default MFU is what nanoseek measured on a GPU (docs/LOG.md: 5.2-6.4%, small preset, H200), not a large
+    model's 35-50%: a plan at the latter would run several times over its time and money."""
+    hw = gpu_hardware("H100-SXM", 1)
+    assert hw.mfu == GPU_MFU and 0.05 <= GPU_MFU <= 0.07 and hw.mfu_source.startswith("assumed: nanoseek's own")
+    assert gpu_hardware("H100-SXM", 1, mfu=0.3).mfu_source == "given (--mfu)"
+
+
+def test_affordable_compute_is_the_largest_that_fits():
+    """The cost of C jumps down where the closest shape changes to a cheaper one: the largest C that fits is
+    found, not merely one crossing (brute force over a fine grid as the reference)."""
+    cands = family(32768, 2048)
+    ranking = _ranking(cands)
+
+    def cost(c: float) -> float:
+        return DEEPSEEK_LLM.d_opt(c) * cands[_closest_index(ranking, DEEPSEEK_LLM.m_opt(c))].flops
+
+    for available in (3e16, 2.49e17, 1e18, 4.4e18):
+        c = _affordable(DEEPSEEK_LLM, cands, available)
+        assert cost(c) <= available
+        grid = (math.exp(math.log(available) * k / 4000) for k in range(1, 4001))
+        assert c >= max(x for x in grid if cost(x) <= available)
+
+
+def test_plan_arguments_fail_before_measuring():
+    r = nanoseek("plan", "--cpu", "--hours", "1", "--seq-len", "0")
+    assert r.returncode == 2 and "--seq-len must be >= 16" in r.stdout and "measuring" not in r.stdout
+    r = nanoseek("plan", "--cpu", "--hours", "1", "--count", "4")
+    assert r.returncode == 2 and "--count and --mfu are for --accelerator" in r.stdout
+    for price in ("nan", "inf"):
+        with pytest.raises(PlanError, match="--price-per-hour must be a number >= 0"):
+            Budget.make(1, usd=10, price_per_hour=float(price))

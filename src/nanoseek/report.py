@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from nanoseek.config import ConfigError, load_toml
-from nanoseek.cost.energy import Tariff
+from nanoseek.cost.energy import Tariff, energy_scope
 from nanoseek.data.shards import read_index
 from nanoseek.data.tokenizer import DataError
 from nanoseek.io import write_atomic
@@ -277,14 +277,16 @@ def _reproduce(run: RunRecords) -> list[str]:
 def _figures(run: RunRecords) -> dict[str, Any]:
     """summary.json's figures; for a run still going (or killed), the same figures from its records so far."""
     last, metered = run.train[-1], run.train + run.final
-    prices = Tariff.of(run.cfg.cost)
+    machines = last.get("machines")  # absent from records written before it was logged: then ranks are all we know
+    prices = Tariff.of(run.cfg.cost, machines or 1)
     seconds = last.get("elapsed", 0.0)
     so_far = {"cost_basis": prices.basis, "carbon_intensity_g_per_kwh": prices.grid.g_per_kwh,
               "carbon_intensity_source": prices.grid.source, "stop_reason": "none yet: still running, or killed",
               "steps": last["step"], "tokens": last["tokens"], "train_seconds": seconds,
               "tokens_per_s": last["tokens"] / seconds if seconds else last["tokens_per_s"],  # the run's, not the
               "final_train_loss": last["loss"], "mfu_mean": mean_mfu(run.train),               # last interval's
-              "energy_scope": "this machine" if last.get("ranks", 1) == 1 else "rank 0's machine only",
+              "energy_scope": energy_scope(machines) if machines else
+                              "this machine" if last.get("ranks", 1) == 1 else "rank 0's machine only",
               **{k: interval_total(metered, k) for k in ("energy_kwh", "cost_usd", "co2_kg")},
               **{k: last.get(k) for k in ("peak_flops", "peak_source", "energy_source", "energy_method")}}
     if last.get("flops_per_token"):

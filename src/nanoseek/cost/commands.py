@@ -12,9 +12,11 @@ from nanoseek.cost.hardware import ACCELERATORS
 from nanoseek.cost.model import fmt_bytes
 from nanoseek.cost.plan import (
     GPU_MFU,
+    GPUS_PER_MACHINE,
     Budget,
     Plan,
     PlanError,
+    check_plan_args,
     cpu_hardware,
     gpu_hardware,
     make_cpu_plan,
@@ -68,7 +70,8 @@ def plan_table(plan: Plan) -> Table:
               f"{fmt_bytes(m.saved_activations)}", "per device; activations of one micro-batch")
     t.add_section()
     t.add_row("step time (predicted)", f"{plan.step_seconds:.3g} s", "")
-    t.add_row("wall time", f"{plan.hours:.3g} h", "")
+    t.add_row("training time", f"{plan.hours:.3g} h", "evaluations and checkpoints not included; the config "
+              "stops training at the budget's hours (train.max_time)")
     t.add_row("energy (estimated)", f"{plan.kwh:.3g} kWh", f"{hw.watts:g} W x {hw.count} ({hw.watts_source})")
     t.add_row("cost", f"${plan.cost_usd:,.2f}" if plan.budget.price_per_hour else "-",
               f"${plan.budget.price_per_hour:g} per device-hour" if plan.budget.price_per_hour else "no price given")
@@ -81,6 +84,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise PlanError("choose the hardware: --accelerator NAME [--count N], or --cpu for this machine")
     seq_len = args.seq_len if args.seq_len is not None else 256 if args.cpu else 2048  # 0 reaches the checks
     vocab = args.vocab_size if args.vocab_size is not None else 8192 if args.cpu else 32768
+    check_plan_args(seq_len, vocab, args.country)  # before a CPU plan's minutes of measuring
+    if args.cpu and (args.count != 1 or args.mfu != GPU_MFU):
+        raise PlanError("--count and --mfu are for --accelerator: a --cpu plan is this one machine, at the "
+                        "utilisation it measures")
     if args.cpu:
         budget = Budget.make(1, usd=args.budget_usd, price_per_hour=args.price_per_hour, hours=args.hours)
         console.print("measuring this CPU (matmul probe, a few training steps of the demo and the planned model) ...")
@@ -96,8 +103,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = run_config(plan, data_path=args.data, out_dir=args.run_dir)
     header = (f"# written by `nanoseek plan`: {plan.budget.why} on {hw.count} x {hw.name}\n"
               f"# {plan.law.name} scaling laws ({plan.law.source}): C = {plan.compute:.3g} FLOPs, "
-              f"{plan.tokens:,} tokens, predicted {plan.hours:.3g} h\n"
+              f"{plan.tokens:,} tokens, predicted {plan.hours:.3g} h at MFU {plan.hardware.mfu:.1%} "
+              f"({plan.hardware.mfu_source})\n"
               f"# set data.path to a prepared folder whose tokenizer has {plan.config.vocab_size} tokens\n")
+    if hw.device != "cpu" and plan.budget.price_per_hour:
+        header += f"# cost.price_per_hour is per machine of {min(hw.count, GPUS_PER_MACHINE)} devices\n"
     write_atomic(Path(args.out), header + to_toml(cfg.to_dict()))
     console.print(f"run config: {args.out}  (nanoseek train {args.out} --dry-run)")
     return 0

@@ -84,16 +84,18 @@ class Tariff:
     price_per_kwh: float
     price_per_hour: float
     grid: GridIntensity
+    machines: int = 1  # the hourly price is paid for each machine of the job
 
     @classmethod
-    def of(cls, cost: CostConfig) -> Tariff:
-        """The tariff a run's (or server's) `[cost]` settings describe."""
-        return cls(cost.price_per_kwh, cost.price_per_hour, grid_intensity(cost.country, cost.carbon_intensity))
+    def of(cls, cost: CostConfig, machines: int = 1) -> Tariff:
+        """The tariff a run's (or server's) `[cost]` settings describe, for a job on `machines` machines."""
+        return cls(cost.price_per_kwh, cost.price_per_hour, grid_intensity(cost.country, cost.carbon_intensity),
+                   machines)
 
     def cost_usd(self, kwh: float | None, seconds: float) -> float | None:
         """A rented machine's hourly price includes its power, so it replaces the per-kWh price when set."""
         if self.price_per_hour > 0:
-            return seconds / 3600 * self.price_per_hour
+            return seconds / 3600 * self.price_per_hour * self.machines
         return None if kwh is None else kwh * self.price_per_kwh
 
     def co2_kg(self, kwh: float | None) -> float | None:
@@ -102,8 +104,14 @@ class Tariff:
     @property
     def basis(self) -> str:
         if self.price_per_hour > 0:
-            return f"{self.price_per_hour:g} USD per machine-hour"
+            return f"{self.price_per_hour:g} USD per machine-hour" + (
+                f" x {self.machines} machines" if self.machines > 1 else "")
         return f"{self.price_per_kwh:g} USD per kWh"
+
+
+def energy_scope(machines: int) -> str:
+    """What a run's energy figures cover: the meter runs on rank 0's machine only."""
+    return "this machine" if machines == 1 else f"rank 0's machine only, 1 of {machines}: the others are not metered"
 
 
 # ---- the meter ---------------------------------------------------------------------------------------------

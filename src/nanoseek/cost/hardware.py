@@ -74,7 +74,11 @@ def accelerator(name: str) -> Accelerator:
 
 
 def match_device_name(device_name: str) -> Accelerator | None:
-    """The table entry a CUDA device name ("NVIDIA A100-SXM4-80GB", "Tesla T4", ...) belongs to, if any."""
+    """The table entry a CUDA device name ("NVIDIA A100-SXM4-80GB", "Tesla T4", ...) belongs to, if any. None for
+    a MIG slice (a fraction of the card), a laptop part, a Grace-Hopper superchip or an NVL card, whose peaks and
+    power differ from the table's: their MFU is then measured against a matmul probe."""
+    if re.search(r"\bMIG\b|Laptop|Mobile|GH200|\bNVL\b", device_name, re.IGNORECASE):
+        return None
     for acc in ACCELERATORS.values():  # order matters: A100-80GB is tried before the catch-all A100
         if re.search(acc.pattern, device_name, re.IGNORECASE):
             return acc

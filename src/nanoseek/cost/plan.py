@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
@@ -106,9 +107,13 @@ class Hardware:
 
 # A GPU's usable memory is less than its label: the CUDA context, the allocator's fragmentation and NCCL buffers.
 GPU_USABLE = 0.9
-# Model FLOPs utilisation assumed on GPUs: bf16 training of models this size with FSDP/DDP typically reaches
-# 30-50% (PaLM, arXiv 2204.02311, Table 3: 46% at 540B; smaller models and single nodes sit lower).
-GPU_MFU = 0.35
+# Model FLOPs utilisation assumed on GPUs: what nanoseek itself measured, the small preset (hidden 768, 12 layers)
+# in bf16 on one H200: 5.2-6.4% (docs/LOG.md, 2026-11-29 session 8). Large dense models on tuned stacks reach
+# 30-50% (PaLM, arXiv 2204.02311, Table 3), but a plan that assumed that here would run ~6x over its time and
+# money: measure yours (a short run's `mfu` column) and pass it as --mfu.
+GPU_MFU = 0.06
+# accelerators per machine, to turn a per-device price into the per-machine price a run's config holds
+GPUS_PER_MACHINE = 8
 
 
 def _power(watts: float | None, default: float, source: str) -> dict[str, Any]:
@@ -131,7 +136,9 @@ def gpu_hardware(name: str, count: int, mfu: float = GPU_MFU, dtype: str = "auto
     dtype = ("bf16" if acc.bf16 is not None else "fp32") if dtype == "auto" else dtype
     peak, label = table_peak(acc, dtype)
     return Hardware(name=acc.name, count=count, device="cuda", dtype=dtype, peak=peak, peak_source=label, mfu=mfu,
-                    mfu_source="assumed (--mfu)", memory=acc.memory_gb * 1e9 * GPU_USABLE,
+                    mfu_source="given (--mfu)" if mfu != GPU_MFU else
+                    "assumed: nanoseek's own, small preset on an H200; --mfu sets yours",
+                    memory=acc.memory_gb * 1e9 * GPU_USABLE,
                     memory_source=f"{acc.memory_gb:g} GB datasheet, {GPU_USABLE:.0%} usable",
                     **_power(watts, acc.tdp_w, f"{acc.name} board power (datasheet)"))
 
@@ -231,8 +238,8 @@ class Budget:
             raise PlanError(f"--hours must be positive, got {hours}")
         if usd is not None and not price_per_hour:
             raise PlanError("--budget-usd needs --price-per-hour (USD per device-hour) to turn dollars into hours")
-        if price_per_hour is not None and price_per_hour < 0:
-            raise PlanError(f"--price-per-hour must be >= 0, got {price_per_hour}")
+        if price_per_hour is not None and not 0 <= price_per_hour < math.inf:
+            raise PlanError(f"--price-per-hour must be a number >= 0 (USD per device-hour), got {price_per_hour}")
         price = price_per_hour or 0.0
         options = []
         if usd is not None:
@@ -300,9 +307,19 @@ def family(vocab_size: int, seq_len: int) -> tuple[Candidate, ...]:
     return tuple(sorted(out, key=lambda c: c.m))
 
 
+def _ranking(cands: tuple[Candidate, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(log M, aspect penalty) of each shape: what `closest` ranks them by."""
+    return (np.log([c.m for c in cands]), 0.05 * np.abs(np.log([c.hidden / c.layers / 64 for c in cands])))
+
+
+def _closest_index(ranking: tuple[np.ndarray, np.ndarray], m_opt: float) -> int:
+    log_m, penalty = ranking
+    return int(np.argmin(np.abs(log_m - math.log(m_opt)) + penalty))
+
+
 def closest(cands: tuple[Candidate, ...], m_opt: float) -> Candidate:
     """The shape whose M is closest to M_opt (in ratio), preferring hidden/layers near 64 among near-ties."""
-    return min(cands, key=lambda c: abs(math.log(c.m / m_opt)) + 0.05 * abs(math.log(c.hidden / c.layers / 64)))
+    return cands[_closest_index(_ranking(cands), m_opt)]
 
 
 # ---- parallelism and memory ------------------------------------------------------------------------------------
@@ -398,18 +415,31 @@ MIN_MINUTES = 10
 
 def _affordable(law: ScalingLaw, cands: tuple[Candidate, ...], available: float) -> float:
     """The largest C whose optimal run (D_opt(C) tokens of the shape closest to M_opt(C)) costs <= available
-    FLOPs, by bisection on log C (the cost grows with C: more tokens of a larger model)."""
+    FLOPs. The cost grows with C except where the closest shape changes to one with fewer FLOPs per token, so a
+    bisection on log C finds *a* crossing; the largest one is then looked for on a fine grid above it."""
+    ranking = _ranking(cands)  # once: the same numbers `closest` computes, so both pick the same shape
+
     def cost(log_c: float) -> float:
         c = math.exp(log_c)
-        return law.d_opt(c) * closest(cands, law.m_opt(c)).flops
+        return law.d_opt(c) * cands[_closest_index(ranking, law.m_opt(c))].flops
+
+    def bisect(lo: float, hi: float) -> float:  # from a lo that fits: the returned point always fits
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost(mid) <= available else (lo, mid)
+        return lo
 
     lo, hi = math.log(1.0), math.log(max(available, 2.0))
     if cost(hi) <= available:
         return math.exp(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= available else (lo, mid)
-    return math.exp(lo)
+    found = bisect(lo, hi)
+    # above it, C up to 1.5x (near-tied shapes differ by less in FLOPs per token): the last grid point that fits,
+    # refined towards the next one
+    step = math.log(1.5) / 200
+    later = [x for x in (found + step * i for i in range(1, 201)) if x < hi and cost(x) <= available]
+    if later:
+        found = bisect(later[-1], min(later[-1] + step, hi))
+    return math.exp(found)
 
 
 def _largest_fitting(cands: tuple[Candidate, ...], hw: Hardware, seq_len: int, vocab_size: int) -> Candidate | None:
@@ -438,14 +468,18 @@ def _hours_for(flops: float, hw: Hardware) -> float:
     return flops / hw.flops_per_second / 3600
 
 
-def make_plan(budget: Budget, hw: Hardware, seq_len: int, vocab_size: int, country: str = "world",
-              law: ScalingLaw = DEEPSEEK_LLM) -> Plan:
-    """The compute-optimal run for a budget on some hardware, or a PlanError saying why there is none."""
+def check_plan_args(seq_len: int, vocab_size: int, country: str) -> None:
     grid_intensity(country)  # an unknown country fails now, not after the plan
     if seq_len < 16:
         raise PlanError(f"--seq-len must be >= 16, got {seq_len}")
     if vocab_size < 256:
         raise PlanError(f"--vocab-size must be >= 256 (a byte-level tokenizer's 256 bytes), got {vocab_size}")
+
+
+def make_plan(budget: Budget, hw: Hardware, seq_len: int, vocab_size: int, country: str = "world",
+              law: ScalingLaw = DEEPSEEK_LLM) -> Plan:
+    """The compute-optimal run for a budget on some hardware, or a PlanError saying why there is none."""
+    check_plan_args(seq_len, vocab_size, country)
     cands = family(vocab_size, seq_len)
     available = hw.flops_per_second * budget.hours * 3600
     bought = f"{budget.hours:.3g} h of {hw.count} x {hw.name} = {_fmt_flops(available)}"
@@ -539,6 +573,9 @@ def run_config(plan: Plan, data_path: str = "", out_dir: str = "runs/planned") -
     cfg.eval.every = max(1, plan.steps // 10)
     cfg.checkpoint.every = max(1, plan.steps // 10)
     cfg.cost.country = plan.country  # the run's own cost columns use the same grid and price
-    cfg.cost.price_per_hour = plan.budget.price_per_hour * plan.hardware.count
+    # the run counts machine-hours (x its machines); on GPUs, GPUS_PER_MACHINE devices make a machine
+    per_machine = 1 if plan.hardware.device == "cpu" else min(plan.hardware.count, GPUS_PER_MACHINE)
+    cfg.cost.price_per_hour = plan.budget.price_per_hour * per_machine
+    t.max_time = plan.budget.hours * 3600  # a hard stop at the budget, whatever the real speed turns out to be
     cfg.validate()
     return cfg

@@ -197,9 +197,10 @@ class RunConfig:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
         c = self.cost
-        if min(c.price_per_kwh, c.price_per_hour, c.carbon_intensity, c.peak_flops) < 0:
+        if not all(0 <= v < math.inf for v in (c.price_per_kwh, c.price_per_hour, c.carbon_intensity,
+                                                c.peak_flops)):  # NaN too
             raise ConfigError("cost.price_per_kwh, cost.price_per_hour, cost.carbon_intensity and cost.peak_flops "
-                              "must be >= 0 (0: unused or automatic)")
+                              "must be numbers >= 0 (0: unused or automatic)")
         if c.carbon_intensity == 0:
             from nanoseek.cost.energy import grid_intensity
 

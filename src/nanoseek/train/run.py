@@ -28,7 +28,7 @@ from torch.distributed import DistError
 
 from nanoseek import __version__
 from nanoseek.config import ConfigError
-from nanoseek.cost.energy import EnergyMeter, Tariff
+from nanoseek.cost.energy import EnergyMeter, Tariff, energy_scope
 from nanoseek.cost.flops import train_flops_per_token
 from nanoseek.cost.hardware import peak_flops
 from nanoseek.device import pick_device, pick_dtype
@@ -348,7 +348,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=cfg.model.num_nextn_predict_layers > 0)
     peak, peak_source = _peak(cfg, device) if world.is_main else (0.0, "")
-    meter = EnergyMeter(Tariff.of(cfg.cost), device, measure=cfg.cost.energy, whole_machine=world.size > 1) \
+    meter = EnergyMeter(Tariff.of(cfg.cost, _machines(world)), device, measure=cfg.cost.energy,
+                        whole_machine=world.size > 1) \
         if world.is_main else None
     # tokens/s and MFU over the steps' own time (state.elapsed): evaluations and checkpoints are not training
     window: dict[str, float] = {"elapsed": state.elapsed, "tokens": state.tokens}
@@ -367,7 +368,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
         record = {"kind": "train", "step": s.step, "tokens": s.tokens, "loss": r.loss, "mtp_loss": r.mtp_loss,
                   "balance_loss": r.balance_loss, "lr": r.lr, "batch_size": r.batch_size, "grad_norm": r.grad_norm,
                   "tokens_per_s": tps, "expert_load_max_over_mean": r.expert_load, "skipped": r.skipped,
-                  "elapsed": s.elapsed, "ranks": world.size}
+                  "elapsed": s.elapsed, "ranks": world.size, "machines": _machines(world)}
         if meter is not None:  # rank 0, once per log interval
             record.update(mfu=tps * flops_per_token / (peak * world.size), flops_per_token=flops_per_token,
                           peak_flops=peak, peak_source=peak_source, **meter.interval())
@@ -415,7 +416,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
     train_records = log.records("train")
     metered = train_records + log.records("final")
     sources = {r["energy_source"] for r in metered if "energy_source" in r}
-    prices = Tariff.of(cfg.cost)
+    prices = Tariff.of(cfg.cost, machines)
     return {
         "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
         "mfu_mean": mean_mfu(train_records),
@@ -424,8 +425,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
         "energy_kwh": interval_total(metered, "energy_kwh"),
         "energy_source": "measured" if sources == {"measured"} else "estimated" if "estimated" in sources else "off",
         "energy_method": " | ".join(dict.fromkeys(r["energy_method"] for r in metered if r.get("energy_method"))),
-        "energy_scope": "this machine" if machines == 1 else
-                        f"rank 0's machine only, 1 of {machines}: the others are not metered",
+        "energy_scope": energy_scope(machines),
         "cost_usd": interval_total(metered, "cost_usd"), "cost_basis": prices.basis,
         "co2_kg": interval_total(metered, "co2_kg"), "carbon_intensity_g_per_kwh": prices.grid.g_per_kwh,
         "carbon_intensity_source": prices.grid.source,
