@@ -231,3 +231,12 @@ def test_small_slips_get_answers(data_dir, tmp_path, capsys):
     for argv in (["train", "--resume", str(run)], ["export", str(run), "--out", str(tmp_path / "e")]):
         assert main(argv) == 2, argv
         assert "trainer_state.json is damaged" in capsys.readouterr().out, argv
+
+
+def test_demo_refuses_a_cached_tokenizer_of_another_size(data_dir, tmp_path, capsys):
+    """`nanoseek demo --vocab-size N` over a folder whose tokenizer has another size: a clear error, not a model
+    whose vocabulary contradicts its tokenizer."""
+    shutil.copytree(data_dir, tmp_path / "tokenizer")  # holds tokenizer.json (512 tokens)
+    assert main(["demo", "--out", str(tmp_path), "--vocab-size", "1024", "--minutes", "1"]) == 2
+    err = capsys.readouterr()
+    assert "holds a 512-token tokenizer from an earlier demo and --vocab-size is 1024" in err.out + err.err

@@ -109,10 +109,12 @@ def test_sources_report_every_skipped_file(corpus):
     report = Report()
     docs = list(iter_documents(corpus["sources"], report=report))
     skipped = {Path(p.split(":")[0]).name + (":" + p.split(":")[1] if ":" in p else ""): r for p, r in report.skipped}
-    assert set(skipped) == {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5"}
-    assert "UTF-8" in skipped["latin1.txt"] and skipped["empty.txt"] == "empty"
+    assert set(skipped) == {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5", "image.png"}
+    assert "UTF-8" in skipped["latin1.txt"] and "iconv -f latin1 -t utf-8" in skipped["latin1.txt"]
+    assert skipped["empty.txt"] == "empty"
     assert skipped["blank.md"] == "only whitespace" and "invalid JSON" in skipped["extra.jsonl:3"]
-    assert "'text'" in skipped["extra.jsonl:5"]
+    assert "no string field 'text' (it has 'body'): --text-field" in skipped["extra.jsonl:5"]
+    assert skipped["image.png"].startswith("not a .txt, .md or .jsonl file: convert it to .jsonl")
     assert len(docs) == 40 + 1 + 1 + 5 == report.documents  # 40 docs, notes.md, dup.txt, 5 jsonl lines
     assert [d.text for d in docs if d.source.startswith(str(corpus["root"] / "extra.jsonl"))] == corpus["jsonl"]
     assert not any("secret" in d.source or "image" in d.source for d in docs)
@@ -125,6 +127,80 @@ def test_a_single_text_file_and_a_jsonl_field(corpus, tmp_path):
     assert [(d.source, d.text) for d in one] == [(str(corpus["docs"] / "notes.md"), corpus["md"])]
     (tmp_path / "c.jsonl").write_text(json.dumps({"content": "abc"}) + "\n", encoding="utf-8")
     assert [d.text for d in iter_documents([str(tmp_path / "c.jsonl")], text_field="content")] == ["abc"]
+
+
+def test_text_chunks_cut_at_blank_lines_and_lose_nothing():
+    from nanoseek.data.corpora import text_chunks
+
+    paragraphs = [f"paragraph {i}: " + "word " * (i % 40 + 5) + "\nsecond line\n" for i in range(400)]
+    text = "\n".join(paragraphs)
+    pieces = list(text_chunks(text, size=2000))
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert all(len(p) <= 2000 for p in pieces) and all(p.endswith("\n\n") for p in pieces[:-1])
+    no_blank = "line\n" * 1000  # no blank line: cut after a line end
+    assert all(p.endswith("line\n") for p in text_chunks(no_blank, size=333))
+    assert "".join(text_chunks("x" * 1000, size=300)) == "x" * 1000  # no line end at all: cut anywhere
+    assert list(text_chunks("short", size=300)) == ["short"]
+
+
+def test_one_big_text_file_becomes_many_documents_with_a_validation_share(corpus, tmp_path):
+    """A whole corpus in one .txt file: documents of bounded size, so memory stays bounded and the validation
+    split holds about val_fraction of the text, not 0 (or all) of it."""
+    rng = random.Random(1)
+    big = tmp_path / "corpus.txt"
+    big.write_text("\n".join(_text(rng, 60) for _ in range(2000)), encoding="utf-8")
+    docs = list(iter_documents([str(big)]))
+    assert len(docs) > 4 and "".join(d.text for d in docs) == big.read_text(encoding="utf-8")
+    assert docs[0].source == f"{big}#0" and all(len(d.text) <= 1 << 16 for d in docs)
+    s = prepare([str(big)], corpus["tok_dir"], tmp_path / "out", val_fraction=0.2, progress=False)
+    val, train = s.index["splits"]["val"], s.index["splits"]["train"]
+    assert val["documents"] >= 1 and 0.1 < val["bytes"] / (val["bytes"] + train["bytes"]) < 0.3
+    text_tokens = train["tokens"] - 2 * train["documents"]  # BOS and EOS are not text
+    row = next(r for r in zip(*(c.cells for c in s.table().columns)) if r[0] == "train")
+    assert row[4] == f"{text_tokens / train['bytes']:.3f}"
+
+
+def test_folders_read_any_letter_case_follow_links_and_name_what_they_cannot_read(tmp_path):
+    src = tmp_path / "src"
+    (src / "inner").mkdir(parents=True)
+    (src / "UPPER.TXT").write_text("upper case suffix", encoding="utf-8")
+    (src / "table.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    (src / "inner" / "a.md").write_text("inside a linked folder", encoding="utf-8")
+    (src / "inner" / "loop").symlink_to(src, target_is_directory=True)  # a link back up: read once, no loop
+    report = Report()
+    assert sorted(d.text for d in iter_documents([str(src)], report=report)) == ["inside a linked folder",
+                                                                                "upper case suffix"]
+    assert [(Path(p).name, r.split(":")[0]) for p, r in report.skipped] == [("table.csv", "not a .txt, .md or "
+                                                                              ".jsonl file")]
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(src / "inner", target_is_directory=True)
+    assert next(d.text for d in iter_documents([str(root)])) == "inside a linked folder"
+    with pytest.raises(DataError, match=r"data.json: a .json file is not plain text.*convert it to .jsonl"):
+        (tmp_path / "data.json").write_text('{"text": "x"}', encoding="utf-8")
+        list(iter_documents([str(tmp_path / "data.json")]))
+
+
+def test_copies_that_differ_in_line_endings_are_duplicates(corpus, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"one line\ntwo lines\n")
+    (src / "a_crlf.txt").write_bytes(b"one line\r\ntwo lines\r\n\n")
+    (src / "b.txt").write_bytes(b"another text\n")
+    s = prepare([str(src)], corpus["tok_dir"], tmp_path / "out", val_fraction=0.5, progress=False)
+    assert s.index["duplicates_removed"] == 1
+    assert s.index["splits"]["train"]["documents"] + s.index["splits"]["val"]["documents"] == 2
+
+
+def test_the_index_lists_the_first_skipped_files_and_counts_all(corpus, tmp_path, monkeypatch):
+    from nanoseek.data import shards
+
+    monkeypatch.setattr(shards, "MAX_SKIPPED_LISTED", 2)
+    lines = [json.dumps({"body": f"no text {i}"}) for i in range(5)] + [json.dumps({"text": "kept"})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    s = prepare([str(tmp_path / "d.jsonl")], corpus["tok_dir"], tmp_path / "out", progress=False)
+    assert len(s.index["skipped"]) == 2 and s.index["skipped_total"] == 5
+    assert "5 files skipped" in s.table().caption
 
 
 def test_unknown_source_names_it_and_lists_builtins():
@@ -171,7 +247,10 @@ def test_prepare_index_counts_match_the_encoded_documents(corpus, prepared):
     assert index["duplicates_removed"] == 1
     splits = index["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(unique)
-    assert splits["val"]["documents"] == round(0.1 * len(unique)) == 5
+    # validation holds ~10% of the bytes: within half the largest document of the target
+    total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+    largest = max(len(t.encode()) for t in unique)
+    assert abs(splits["val"]["bytes"] - 0.1 * total_bytes) <= largest / 2 and splits["val"]["documents"] >= 1
     total = sum(len(ids) + 2 for ids in tok.encode_batch(unique))  # + BOS and EOS each
     assert splits["train"]["tokens"] + splits["val"]["tokens"] == total
     assert splits["train"]["bytes"] + splits["val"]["bytes"] == sum(len(t.encode()) for t in unique)
@@ -181,7 +260,8 @@ def test_prepare_index_counts_match_the_encoded_documents(corpus, prepared):
     assert Tokenizer.load(prepared).vocab_size == 400  # the data folder is self-contained
     assert index["sources"] == corpus["sources"]
     reasons = {Path(s["path"]).name: s["reason"] for s in index["skipped"]}
-    assert {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5"} == set(reasons)
+    assert {"latin1.txt", "empty.txt", "blank.md", "extra.jsonl:3", "extra.jsonl:5", "image.png"} == set(reasons)
+    assert index["skipped_total"] == 6
     for split in ("train", "val"):
         shards = splits[split]["shards"]
         assert sum(s["tokens"] for s in shards) == splits[split]["tokens"]

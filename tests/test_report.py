@@ -63,6 +63,12 @@ def test_report_card_from_a_short_run(data_dir, tmp_path, capsys):
     said = " ".join(str(w.message) for w in caught)
     assert "not a JSON record, skipped" in said and "summary.json is not a JSON object" in said
     assert "scope: this machine" in report.read_text()
+    # an earlier session's summary.json, the run resumed and then killed: the records win, the card says so
+    (run / "summary.json").write_text(json.dumps({**s, "steps": 3, "stop_reason": "time"}))
+    with pytest.warns(UserWarning, match="summary.json is from step 3 but the records go to step 5"):
+        assert main(["report", str(run)]) == 0
+    card = report.read_text()
+    assert "The run has not finished" in card and "| stop reason | time |" not in card and "None" not in card
 
 
 def test_data_folder_is_found_from_the_run_when_not_from_the_working_directory(tmp_path, monkeypatch):

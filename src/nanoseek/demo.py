@@ -25,7 +25,7 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def run_demo(args: argparse.Namespace) -> int:
     from nanoseek.data.corpora import iter_documents
     from nanoseek.data.shards import prepare
-    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
     from nanoseek.infer.text import terminal_safe
     from nanoseek.report import print_report, write_report
     from nanoseek.train.config import load_run_config
@@ -43,6 +43,10 @@ def run_demo(args: argparse.Namespace) -> int:
         console.rule("1/4 tokenizer: byte-level BPE on the Python standard library")
         train_tokenizer((d.text for d in iter_documents(["python-stdlib"])), args.vocab_size, tok_dir)
     else:
+        cached = Tokenizer.load(tok_dir).vocab_size
+        if cached != args.vocab_size:
+            raise ConfigError(f"{tok_dir} holds a {cached}-token tokenizer from an earlier demo and --vocab-size is "
+                              f"{args.vocab_size}: give another --out folder, or delete {tok_dir} and {data_dir}")
         console.print(f"1/4 tokenizer: reusing {tok_dir}")
     if not (data_dir / "index.json").is_file():
         console.rule("2/4 data: token shards and a validation split")

@@ -63,6 +63,11 @@ class RunRecords:
                               "(train.log_every steps) has passed")
         summary_path = run_dir / "summary.json"
         summary = _json_object(summary_path) if summary_path.is_file() else {}
+        last_step = max(r.get("step", 0) for r in kind("train") + kind("final"))
+        if summary and summary.get("steps") != last_step:  # an earlier session's, and a later one was cut short
+            warnings.warn(f"{summary_path} is from step {summary.get('steps')} but the records go to step "
+                          f"{last_step}: the report is made from the records", stacklevel=2)
+            summary = {}
         return cls(run_dir, run_config_from_dict(load_toml(run_dir / "run.toml")), kind("train"),
                    [r for r in kind("eval") if "val_loss" in r], kind("final"), kind("plan"), summary)
 
@@ -131,6 +136,8 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
 
     tr = run.train
     x = [r["tokens"] for r in tr]
+    dots = {"marker": "o"} if len(tr) < 2 else {}  # a line through one point draws nothing
+    figures = _figures(run)  # summary.json's, or the records' so far
     paths = []
 
     def panels(n: int, width: float = 6.0) -> tuple[Any, list[Any]]:
@@ -153,10 +160,10 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray", wrap=True)
 
     fig, (loss, bpb) = panels(2)
-    loss.plot(x, [r["loss"] for r in tr], label="train (next token)", color="tab:blue")
+    loss.plot(x, [r["loss"] for r in tr], label="train (next token)", color="tab:blue", **dots)
     mtp = [(r["tokens"], r["mtp_loss"]) for r in tr if r.get("mtp_loss") is not None]
     if mtp:
-        loss.plot(*zip(*mtp), label="train (MTP, token after next)", color="tab:cyan", alpha=0.8)
+        loss.plot(*zip(*mtp), label="train (MTP, token after next)", color="tab:cyan", alpha=0.8, **dots)
     if run.evals:
         loss.plot([e["tokens"] for e in run.evals], [e["val_loss"] for e in run.evals], "o-", color="tab:red",
                   label="validation (next token)")
@@ -171,7 +178,7 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     save(fig, "loss")
 
     fig, (lr, bs) = panels(2)
-    lr.plot(x, [r["lr"] for r in tr], color="tab:blue")
+    lr.plot(x, [r["lr"] for r in tr], color="tab:blue", **dots)
     lr.set(title=f"Learning rate ({run.cfg.optim.schedule} schedule)", ylabel="learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     bs.step(x, [r["batch_size"] for r in tr], where="post", color="tab:orange")
@@ -179,13 +186,13 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     save(fig, "schedule")
 
     fig, (tps, mfu) = panels(2)
-    tps.plot(x, [r["tokens_per_s"] for r in tr], color="tab:green")
+    tps.plot(x, [r["tokens_per_s"] for r in tr], color="tab:green", **dots)
     ranks = tr[-1].get("ranks", 1)
     tps.set(title="Throughput" + (f", {ranks} ranks together" if ranks > 1 else ""), ylabel="tokens per second",
             ylim=(0, None))
     mfu_points = [(r["tokens"], 100 * r["mfu"]) for r in tr if r.get("mfu") is not None]
     if mfu_points:
-        mfu.plot(*zip(*mfu_points), color="tab:purple")
+        mfu.plot(*zip(*mfu_points), color="tab:purple", **dots)
         mfu.set(ylim=(0, None))
     else:
         empty(mfu, "MFU not recorded by this run")
@@ -201,7 +208,7 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
                  for i in range(n)]
         colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, n))
         for i in range(n):
-            ax.plot([t for t, _ in loads], [v[i] for _, v in loads], color=colors[i], label=names[i])
+            ax.plot([t for t, _ in loads], [v[i] for _, v in loads], color=colors[i], label=names[i], **dots)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="perfect balance")
         ax.legend(ncol=max(1, math.ceil((n + 1) / 8)), fontsize="small", loc="upper right")
         ax.set(ylim=(0, None))
@@ -215,7 +222,7 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     points = [(0, 0.0, 0.0, 0.0)] + [(r["tokens"], r["energy_kwh"], r.get("cost_usd") or 0.0, r.get("co2_kg") or 0.0)
                                      for r in metered if r.get("energy_kwh") is not None]
     if len(points) > 1:
-        source = run.summary.get("energy_source", metered[-1].get("energy_source", ""))
+        source = figures.get("energy_source") or metered[-1].get("energy_source", "")
         xs = [p[0] for p in points]
         cum = lambda i, scale: np.cumsum([p[i] for p in points]) * scale
         kwh = sum(p[1] for p in points) >= 1
@@ -230,8 +237,8 @@ def _plots(run: RunRecords, out: Path) -> list[Path]:
     else:
         for ax in (en, money, co2):
             empty(ax, "energy not measured\n(cost.energy = false)")
-    money.set(title=f"Cumulative cost at {run.summary.get('cost_basis', 'cost.price_per_kwh')}", ylabel="cost (USD)")
-    co2.set(title=f"Cumulative CO2 at {run.summary.get('carbon_intensity_g_per_kwh', 0):.4g} gCO2e/kWh")
+    money.set(title=f"Cumulative cost at {figures.get('cost_basis') or 'n/a'}", ylabel="cost (USD)")
+    co2.set(title=f"Cumulative CO2 at {figures.get('carbon_intensity_g_per_kwh') or 0:.4g} gCO2e/kWh")
     save(fig, "energy")
     return paths
 
@@ -326,11 +333,11 @@ def _card(run: RunRecords, plots: list[Path]) -> tuple[str, list[str]]:
         ("stop reason", s["stop_reason"]), ("optimizer steps", f"{s['steps']:,}"), ("tokens", f"{tokens:,}"),
         ("training time", _seconds(seconds)), ("tokens / s", f"{s['tokens_per_s']:,.0f}"),
         ("total training FLOPs", f"{s['total_flops']:.3g}" if s.get("total_flops") else "n/a"),
-        ("mean MFU", f"{mfu} of {s.get('peak_flops') or 0:.3g} FLOP/s per rank ({s.get('peak_source', 'n/a')})"),
-        ("energy", f"{energy}: {s.get('energy_method', 'n/a')}; scope: {s.get('energy_scope', 'n/a')}"),
-        ("cost", f"{_usd(s.get('cost_usd'))} at {s.get('cost_basis', 'n/a')}"),
-        ("CO2", f"{_co2(s.get('co2_kg'))} at {s.get('carbon_intensity_g_per_kwh', 0):.4g} gCO2e/kWh "
-                f"({s.get('carbon_intensity_source', 'n/a')})"),
+        ("mean MFU", f"{mfu} of {s.get('peak_flops') or 0:.3g} FLOP/s per rank ({s.get('peak_source') or 'n/a'})"),
+        ("energy", f"{energy}: {s.get('energy_method') or 'n/a'}; scope: {s.get('energy_scope') or 'n/a'}"),
+        ("cost", f"{_usd(s.get('cost_usd'))} at {s.get('cost_basis') or 'n/a'}"),
+        ("CO2", f"{_co2(s.get('co2_kg'))} at {s.get('carbon_intensity_g_per_kwh') or 0:.4g} gCO2e/kWh "
+                f"({s.get('carbon_intensity_source') or 'n/a'})"),
         ("final train loss", _val(s, "final_train_loss")),
         ("validation loss", _val(final_eval, "val_loss")), ("validation bits per byte", _val(final_eval, "val_bpb")),
     ]

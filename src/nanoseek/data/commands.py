@@ -55,14 +55,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_data_prepare)
 
 
-def _skipped_table(skipped: list[tuple[str, str]], limit: int = 20) -> Table:
-    t = Table(title=f"{len(skipped)} skipped")
+def _skipped_table(skipped: list[tuple[str, str]], limit: int = 20, total: int | None = None) -> Table:
+    total = len(skipped) if total is None else total
+    t = Table(title=f"{total} skipped")
     t.add_column("file", overflow="fold")  # a path is worth more than a tidy table
     t.add_column("reason")
     for path, reason in skipped[:limit]:
         t.add_row(path, reason)
-    if len(skipped) > limit:
-        t.add_row(f"... and {len(skipped) - limit} more", "")
+    if total > limit:
+        t.add_row(f"... and {total - limit} more", "")
     return t
 
 
@@ -126,5 +127,5 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     console.print(summary.table())
     skipped = [(s["path"], s["reason"]) for s in summary.index["skipped"]]
     if skipped:
-        console.print(_skipped_table(skipped))
+        console.print(_skipped_table(skipped, total=summary.index["skipped_total"]))
     return 0

@@ -1,8 +1,11 @@
 """Document sources: text files, folders, JSON Lines, and two built-in corpora that ship with the install.
 
 A source is one of
-    a file            one document (`.jsonl`: one document per line, the `text_field` key of each object)
-    a folder          every `.txt`, `.md` and `.jsonl` file below it, in sorted path order (hidden entries skipped)
+    a file            a text file, cut into documents of up to ~64K characters at blank lines (a book or a whole
+                      corpus in one .txt file still gets a validation share and bounded memory); `.jsonl`: one
+                      document per line, the `text_field` key of each object
+    a folder          every `.txt`, `.md` and `.jsonl` file below it (any letter case; links followed), in sorted
+                      path order (hidden entries skipped; files of other types listed as skipped)
     python-stdlib     the running Python's standard library, one `.py` file per document (tests, idlelib,
                       lib2to3, turtledemo and site-packages left out: code a learner would write)
     chatterbot        the chatterbot-corpus dialogues, one conversation per document, turns on separate lines;
@@ -26,6 +29,11 @@ from nanoseek.data.tokenizer import DataError
 
 TEXT_SUFFIXES = {".txt", ".md"}
 FOLDER_SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
+# formats that are not plain text: refused when named directly, listed as skipped in a folder
+NOT_TEXT = {".json", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zip", ".bz2", ".xz", ".zst", ".pdf", ".docx",
+            ".epub"}
+_CONVERT = "convert it to .jsonl (one {\"text\": ...} object per line) or to UTF-8 .txt files"
+TEXT_CHUNK_CHARS = 1 << 16  # a text file longer than this becomes several documents, cut at blank lines
 BUILTINS = {
     "python-stdlib": "the .py files of this Python's standard library (no tests)",
     "chatterbot": "chatterbot-corpus dialogues in ~28 languages; chatterbot:LANG[,LANG] to choose",
@@ -65,7 +73,10 @@ def _iter_source(src: str, text_field: str, report: Report) -> Iterator[Document
     if path.is_dir():
         yield from _iter_folder(path, text_field, report)
     elif path.is_file():
-        yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+        if path.suffix.lower() in NOT_TEXT:
+            raise DataError(f"{path}: a {path.suffix} file is not plain text, and nanoseek reads .txt, .md and "
+                            f".jsonl: {_CONVERT}")
+        yield from _iter_file(path, text_field, report)
     elif src == "python-stdlib":
         yield from _iter_stdlib(report)
     elif src == "chatterbot" or src.startswith("chatterbot:"):
@@ -76,21 +87,59 @@ def _iter_source(src: str, text_field: str, report: Report) -> Iterator[Document
                         f"[{builtins}]")
 
 
-def _walk(root: Path, suffixes: set[str], skip_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
-    """Files under root with those suffixes, in sorted order, hidden entries and skip_dirs left out."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, suffixes: set[str], skip_dirs: frozenset[str] = frozenset(),
+          report: Report | None = None) -> Iterator[Path]:
+    """Files under root whose suffix (any case) is one of `suffixes`, in sorted order, hidden entries and skip_dirs
+    left out; linked folders are followed once each. Other files go to `report` as skipped, when given."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back to a folder already read: a loop, or the same files twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix in suffixes:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in suffixes:
                 yield Path(dirpath) / name
+            elif report is not None:
+                report.skip(Path(dirpath) / name, f"not a .txt, .md or .jsonl file: {_CONVERT}")
 
 
 def _iter_folder(root: Path, text_field: str, report: Report) -> Iterator[Document]:
-    for path in _walk(root, FOLDER_SUFFIXES):
+    for path in _walk(root, FOLDER_SUFFIXES, report=report):
         try:
-            yield from _iter_jsonl(path, text_field, report) if path.suffix == ".jsonl" else _iter_text(path, report)
+            yield from _iter_file(path, text_field, report)
         except OSError as e:  # a dangling link, a file without read permission: one file, not the whole folder
             report.skip(path, f"cannot be read ({e.strerror})")
+
+
+def _iter_file(path: Path, text_field: str, report: Report) -> Iterator[Document]:
+    if path.suffix.lower() == ".jsonl":
+        yield from _iter_jsonl(path, text_field, report)
+        return
+    text = _decode(path.read_bytes(), path, report)
+    if text is None:
+        return
+    parts = [part for part in text_chunks(text) if part.strip()]
+    for i, part in enumerate(parts):
+        yield Document(str(path) if len(parts) == 1 else f"{path}#{i}", part)
+
+
+def text_chunks(text: str, size: int = TEXT_CHUNK_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most ~`size` characters, cut after a blank line where there is one in
+    the second half of the piece, else after a line end, else at `size`: their concatenation is `text`."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind("\n\n", start + size // 2, end)
+        cut = cut + 2 if cut >= 0 else text.rfind("\n", start + size // 2, end) + 1 or end
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
 
 
 def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
@@ -100,7 +149,8 @@ def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as e:
-        report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
+                           "utf-8 FILE > NEW` (name its real encoding: latin1, cp1252, cp1251, gb18030, ...)")
         return None
     if "\x00" in text:  # UTF-16 without a byte-order mark is valid UTF-8 byte for byte, with a NUL every other byte
         report.skip(where, "holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text")
@@ -120,10 +170,11 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _iter_text(path: Path, report: Report, name: str | None = None) -> Iterator[Document]:
+def _iter_text(path: Path, report: Report, name: str) -> Iterator[Document]:
+    """A built-in corpus's file as one document."""
     text = _decode(path.read_bytes(), path, report)
     if text is not None:
-        yield Document(name or str(path), text)
+        yield Document(name, text)
 
 
 def _iter_jsonl(path: Path, text_field: str, report: Report) -> Iterator[Document]:
@@ -142,7 +193,9 @@ def _iter_jsonl(path: Path, text_field: str, report: Report) -> Iterator[Documen
                 continue
             text = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                report.skip(where, f"no string field {text_field!r}")
+                keys = ", ".join(map(repr, list(obj)[:8])) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+                report.skip(where, f"no string field {text_field!r} (it has {keys or 'no keys'}): --text-field "
+                                   "names the one that holds the text")
             elif not text.strip():
                 report.skip(where, f"field {text_field!r} is empty")
             else:

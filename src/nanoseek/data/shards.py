@@ -8,7 +8,9 @@ A prepared data folder is self-contained:
 
 Each document becomes [BOS] + its tokens + [EOS] and the documents are concatenated (packed) into one stream: the
 model learns where a text starts and where it ends, so its generations stop at EOS instead of running on into
-another document. The validation split is a seeded choice of whole documents, so no text is in both splits.
+another document. The validation split is a seeded choice of whole documents holding about `val_fraction` of the
+text's bytes, so no text is in both splits. Duplicates are found on the text with line endings and surrounding
+whitespace normalised, so a CRLF copy of a file does not land in the other split.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB of uint16 per file
 _BATCH_CHARS = 1 << 22  # characters per encode_batch call: big enough to keep every tokenizer thread busy
 _RERUN = "re-run `nanoseek data prepare`"
+MAX_SKIPPED_LISTED = 1000
 
 console = Console()
 
@@ -88,10 +91,11 @@ class Summary:
         for col in ("split", "documents", "tokens", "text bytes", "tokens / byte", "shards"):
             t.add_column(col, justify="left" if col == "split" else "right")
         for split, s in self.index["splits"].items():
-            text_tokens = s["tokens"] - s["documents"]  # BOS carries no text
+            text_tokens = s["tokens"] - 2 * s["documents"]  # BOS and EOS carry no text
             t.add_row(split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}",
                       f"{text_tokens / s['bytes']:.3f}" if s["bytes"] else "-", str(len(s["shards"])))
-        t.caption = (f"{len(self.index['skipped'])} files skipped, {self.index['duplicates_removed']} duplicate "
+        skipped = self.index.get("skipped_total", len(self.index["skipped"]))
+        t.caption = (f"{skipped} files skipped, {self.index['duplicates_removed']} duplicate "
                      f"documents removed, {self.index['dtype']}, {self.seconds:.1f}s")
         return t
 
@@ -111,11 +115,27 @@ def _batches(docs: Iterator[tuple[Document, bool]]) -> Iterator[list[tuple[Docum
 def _unique(docs: Iterator[Document], dedup: bool, seen: set[bytes]) -> Iterator[Document]:
     for doc in docs:
         if dedup:
-            key = hashlib.blake2b(doc.text.encode(), digest_size=16).digest()
+            normal = doc.text.replace("\r\n", "\n").replace("\r", "\n").strip()
+            key = hashlib.blake2b(normal.encode(), digest_size=16).digest()
             if key in seen:
                 continue
             seen.add(key)
         yield doc
+
+
+def _choose_val(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
+    """Documents for validation, in a seeded random order until they hold `val_fraction` of the bytes: at least
+    one and never all (when there are two or more), whatever their sizes."""
+    if val_fraction == 0 or len(sizes) < 2:
+        return set()
+    order = np.random.default_rng(seed).permutation(len(sizes)).tolist()
+    target, held, chosen = val_fraction * sum(sizes), 0, []
+    for i in order[:-1]:
+        if chosen and held + sizes[i] / 2 > target:  # stop where adding this one would overshoot more
+            break
+        chosen.append(i)
+        held += sizes[i]
+    return set(chosen)
 
 
 def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.01,
@@ -136,19 +156,19 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
     with bar:
         # Pass 1: count unique documents and record what was skipped.
-        report, n_docs = Report(), 0
+        report, sizes = Report(), []
         reading = bar.add_task("reading", total=None)
-        for _ in _unique(iter_documents(sources, text_field, report), dedup, set()):
-            n_docs += 1
+        for doc in _unique(iter_documents(sources, text_field, report), dedup, set()):
+            sizes.append(len(doc.text.encode()))
             bar.advance(reading)
+        n_docs = len(sizes)
         bar.update(reading, total=n_docs)
         duplicates = report.documents - n_docs
         if n_docs == 0:
             why = "; ".join(f"{where}: {reason}" for where, reason in report.skipped[:3])
             raise DataError(f"no documents in {sources} (inputs are .txt, .md and .jsonl files, folders of them, or "
                             f"a built-in corpus){'; skipped: ' + why if why else ''}")
-        n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(n_docs * val_fraction)), n_docs - 1)
-        val_docs = set(np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False).tolist())
+        val_docs = _choose_val(sizes, val_fraction, seed)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "index.json").unlink(missing_ok=True)  # until the new one is written, the folder is not usable
 
@@ -183,7 +203,10 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
         "eos_id": tok.eos_id,
         "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json"),  # the copy this folder carries
         "splits": {s: w.close() for s, w in writers.items()},
-        "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+        # the first skipped files with their reasons (all of them are counted): a folder of 100k unusable lines
+        # would otherwise make an index that every run re-reads
+        "skipped": [{"path": p, "reason": r} for p, r in report.skipped[:MAX_SKIPPED_LISTED]],
+        "skipped_total": len(report.skipped),
         "duplicates_removed": duplicates,
         "sources": list(sources),
         "seed": seed,

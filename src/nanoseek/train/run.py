@@ -307,6 +307,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
             log.truncate_after(state.step)
             console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
             _record_overrides(cfg, run_dir)
+            (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier session's: this one writes its own
     elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "run.toml", to_toml(cfg.to_dict()))
