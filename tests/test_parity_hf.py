@@ -12,6 +12,9 @@ import torch
 import nanoseek
 from nanoseek.model.hf import SINGLE_FILE
 
+# transformers initialises the 0-wide shared experts of n_shared_experts=0 and torch warns that this does nothing
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from transformers.modeling_layers import MtpModel  # noqa: E402
