@@ -95,6 +95,8 @@ def test_toml_and_overrides(tmp_path):
         load_toml(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match=r"'model' is a section, not a setting: .*model.preset=tiny"):
         apply_overrides({"model": {"preset": "demo"}}, ["model=tiny"])
+    with pytest.raises(ConfigError, match=r"settings are SECTION.NAME=value \(e.g. train.steps=100"):
+        apply_overrides({"train": {}}, ["steps=10"])
 
 
 def test_schedule_and_fraction_settings_are_checked_before_training(tmp_path):

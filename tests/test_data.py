@@ -190,6 +190,28 @@ def test_copies_that_differ_in_line_endings_are_duplicates(corpus, tmp_path):
     s = prepare([str(src)], corpus["tok_dir"], tmp_path / "out", val_fraction=0.5, progress=False)
     assert s.index["duplicates_removed"] == 1
     assert s.index["splits"]["train"]["documents"] + s.index["splits"]["val"]["documents"] == 2
+    # a long one too: it is cut into documents at the same places as its LF original, so every piece is a duplicate
+    rng = random.Random(2)
+    long = "\n".join(_text(rng, 60) for _ in range(400))
+    assert len(long) > 2 * (1 << 16)
+    (src / "long.txt").write_bytes(long.encode())
+    (src / "long_crlf.txt").write_bytes(long.replace("\n", "\r\n").encode())
+    pieces = len(list(iter_documents([str(src / "long.txt")])))
+    s = prepare([str(src)], corpus["tok_dir"], tmp_path / "out2", val_fraction=0.5, progress=False)
+    assert pieces > 2 and s.index["duplicates_removed"] == 1 + pieces
+
+
+def test_validation_holds_its_share_of_bytes_and_never_one_huge_document():
+    from nanoseek.data.shards import _choose_val
+
+    sizes = [1000] * 200
+    for seed in range(3):
+        chosen = _choose_val(sizes, 0.05, seed)
+        assert len(chosen) == 10  # 5% of the bytes
+    for seed in range(20):  # the small ones, never the one with 99.998% of the bytes
+        assert _choose_val([10**6, 10, 12], 0.01, seed) in ({1}, {2}, {1, 2})
+        assert len(_choose_val([5, 5], 0.9, seed)) == 1  # never every document
+    assert _choose_val([7], 0.5, 0) == set() and _choose_val([1, 2], 0.0, 0) == set()
 
 
 def test_the_index_lists_the_first_skipped_files_and_counts_all(corpus, tmp_path, monkeypatch):

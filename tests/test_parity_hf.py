@@ -57,6 +57,7 @@ CONFIGS = {
         first_k_dense_replace=3),
     # every main layer dense, the MTP block still MoE (transformers' MtpModel: "MTP layers always use MoE")
     "mtp1_plain-q_all-dense-main": dict(num_nextn_predict_layers=1, first_k_dense_replace=5),
+    "mtp1_plain-q_no-shared-experts": dict(num_nextn_predict_layers=1, n_shared_experts=0),
 }
 
 

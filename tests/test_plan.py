@@ -10,6 +10,7 @@ import pytest
 from nanoseek.cost.plan import (
     DEEPSEEK_LLM,
     GPU_MFU,
+    PLANNED_SHARE,
     Budget,
     PlanError,
     _affordable,
@@ -39,7 +40,7 @@ def check_constraints(plan, budget: Budget) -> None:
     hw, lay = plan.hardware, plan.layout
     assert plan.estimate.memory.peak <= hw.memory  # fits each device
     assert plan.train_flops <= plan.available * (1 + 1e-9)  # the compute the hardware delivers in the budget
-    assert plan.hours <= budget.hours * (1 + 1e-9)
+    assert plan.hours <= budget.hours * PLANNED_SHARE * (1 + 1e-9)  # the rest: start-up, evals, a slower speed
     if budget.usd is not None:
         assert plan.cost_usd <= budget.usd * (1 + 1e-9)
     assert plan.tokens == pytest.approx(plan.d_opt, rel=0.03)  # the law's optimum, up to whole steps
@@ -180,6 +181,14 @@ def test_affordable_compute_is_the_largest_that_fits():
         assert cost(c) <= available
         grid = (math.exp(math.log(available) * k / 4000) for k in range(1, 4001))
         assert c >= max(x for x in grid if cost(x) <= available)
+
+
+def test_a_multi_machine_plan_prices_each_machine():
+    """12 devices make 2 machines of 6: the run's 2 machines x the per-machine price = the plan's 12 devices."""
+    plan = make_plan(Budget.make(12, usd=2000, price_per_hour=2.0), gpu_hardware("H100-SXM", 12), 2048, 32768)
+    cfg = run_config(plan)
+    assert cfg.cost.price_per_hour == pytest.approx(12.0) and cfg.train.max_time == pytest.approx(
+        plan.budget.hours * 3600)
 
 
 def test_plan_arguments_fail_before_measuring():

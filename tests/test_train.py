@@ -24,7 +24,7 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import load_run_config, run_config_from_dict
 from nanoseek.train.loop import NonFiniteLossError, Trainer, World, batch_ramp, make_optimizer, update_routing_bias
-from nanoseek.train.run import MetricsLog, train
+from nanoseek.train.run import MetricsLog, describe_plan, train
 from nanoseek.train.schedule import BatchRamp, LRSchedule, piecewise, plan_length
 from tests.tasks import ReverseTask
 
@@ -378,9 +378,12 @@ def test_resume_with_a_larger_batch_keeps_the_token_budget(tmp_path):
     state = read_state(latest_checkpoint(run))["state"]
     assert state["tokens"] == state["total_tokens"] == 8 * per_step
     assert [r["batch_size"] for r in MetricsLog(run / "metrics.jsonl").records("train")] == [32] * 4 + [64] * 2
-    # the plan from where a run is: 2 more steps of 64 (not 4 from scratch)
+    # the plan from where a run is: 2 more steps of 64 (not 4 from scratch), as --dry-run on a resume shows it
     assert plan_length(BatchRamp(end=64), task.seq_len, tokens=8 * per_step, start=(4, 4 * per_step)) == (
         6, 8 * per_step)
+    cfg64 = _cfg(tmp_path, task, train={"steps": 0, "tokens": 8 * per_step, "batch_size": 64})
+    rows = dict(zip(*(c.cells for c in describe_plan(cfg64, start=(4, 4 * per_step)).columns)))
+    assert rows["optimizer steps"] == "6" and rows["resumed from"] == f"step 4, {4 * per_step:,} tokens"
 
 
 def test_resume_with_a_longer_time_budget_trains_longer(tmp_path):

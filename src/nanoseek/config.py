@@ -415,10 +415,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
-        if len(parts) == 1 or isinstance(node.get(parts[-1]), dict):
+        if isinstance(node.get(parts[-1]), dict):
+            example = "model.preset=tiny" if key.strip() == "model" else f"{key.strip()}.FIELD={raw.strip()}"
             raise ConfigError(f"override {item!r}: {key.strip()!r} is a section, not a setting: set one of its "
-                              f"fields, e.g. {key.strip()}.preset={raw.strip()} (model) or "
-                              f"{key.strip()}.FIELD={raw.strip()}")
+                              f"fields, e.g. {example}")
+        if len(parts) == 1:
+            raise ConfigError(f"override {item!r}: settings are SECTION.NAME=value (e.g. train.steps=100, "
+                              f"model.preset=tiny); {key.strip()!r} has no section")
         node[parts[-1]] = Override(raw.strip())
     return out
 

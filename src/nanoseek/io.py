@@ -45,11 +45,15 @@ def sha256_file(path: str | Path) -> str:
 
 
 def fsync_dir(d: Path) -> None:
-    """Flush every file of a folder and its subfolders to disk before it is renamed into place."""
+    """Flush every file of a folder and its subfolders, and their folder entries, to disk before the folder is
+    renamed into place."""
     for f in d.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():
+            fsync_entries(f)
+    fsync_entries(d)
 
 
 def fsync_entries(d: Path) -> None:

@@ -107,7 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"({plan.hardware.mfu_source})\n"
               f"# set data.path to a prepared folder whose tokenizer has {plan.config.vocab_size} tokens\n")
     if hw.device != "cpu" and plan.budget.price_per_hour:
-        header += f"# cost.price_per_hour is per machine of {min(hw.count, GPUS_PER_MACHINE)} devices\n"
+        machines = -(-hw.count // GPUS_PER_MACHINE)
+        header += f"# cost.price_per_hour is per machine: {machines} machine(s) of {hw.count / machines:g} devices\n"
     write_atomic(Path(args.out), header + to_toml(cfg.to_dict()))
     console.print(f"run config: {args.out}  (nanoseek train {args.out} --dry-run)")
     return 0

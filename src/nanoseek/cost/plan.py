@@ -409,6 +409,9 @@ class Plan:
         return self.kwh * grid_intensity(self.country).g_per_kwh / 1000
 
 
+# The share of the budget's hours the training steps are planned to fill: the rest is for start-up, evaluations,
+# checkpoints and a speed below the estimate, so that the run ends its schedule before `train.max_time` stops it.
+PLANNED_SHARE = 0.9
 # Shorter than this, a run is mostly start-up, evaluations and checkpoints: not a plan worth writing.
 MIN_MINUTES = 10
 
@@ -481,7 +484,7 @@ def make_plan(budget: Budget, hw: Hardware, seq_len: int, vocab_size: int, count
     """The compute-optimal run for a budget on some hardware, or a PlanError saying why there is none."""
     check_plan_args(seq_len, vocab_size, country)
     cands = family(vocab_size, seq_len)
-    available = hw.flops_per_second * budget.hours * 3600
+    available = hw.flops_per_second * budget.hours * 3600 * PLANNED_SHARE
     bought = f"{budget.hours:.3g} h of {hw.count} x {hw.name} = {_fmt_flops(available)}"
     afford = bought if budget.usd is None else f"{budget.why} buys {bought}"
     if budget.hours * 60 < MIN_MINUTES:
@@ -573,8 +576,9 @@ def run_config(plan: Plan, data_path: str = "", out_dir: str = "runs/planned") -
     cfg.eval.every = max(1, plan.steps // 10)
     cfg.checkpoint.every = max(1, plan.steps // 10)
     cfg.cost.country = plan.country  # the run's own cost columns use the same grid and price
-    # the run counts machine-hours (x its machines); on GPUs, GPUS_PER_MACHINE devices make a machine
-    per_machine = 1 if plan.hardware.device == "cpu" else min(plan.hardware.count, GPUS_PER_MACHINE)
+    # the run counts machine-hours (x its machines); on GPUs, machines of up to GPUS_PER_MACHINE devices
+    count = plan.hardware.count
+    per_machine = 1 if plan.hardware.device == "cpu" else count / math.ceil(count / GPUS_PER_MACHINE)
     cfg.cost.price_per_hour = plan.budget.price_per_hour * per_machine
     t.max_time = plan.budget.hours * 3600  # a hard stop at the budget, whatever the real speed turns out to be
     cfg.validate()

@@ -46,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--input", action="extend", nargs="+", required=True, metavar="SRC", help=_SOURCES_HELP)
     pr.add_argument("--tokenizer", required=True, help="a tokenizer folder (copied into --out)")
     pr.add_argument("--out", required=True, help="the data folder to write")
-    pr.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (min 1)")
+    pr.add_argument("--val-fraction", type=float, default=0.01,
+                    help="share of the text's bytes held out for validation, as whole documents (at least one)")
     pr.add_argument("--seed", type=int, default=0, help="seeds the choice of validation documents")
     pr.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
     pr.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")

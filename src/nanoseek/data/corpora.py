@@ -1,9 +1,10 @@
 """Document sources: text files, folders, JSON Lines, and two built-in corpora that ship with the install.
 
 A source is one of
-    a file            a text file, cut into documents of up to ~64K characters at blank lines (a book or a whole
-                      corpus in one .txt file still gets a validation share and bounded memory); `.jsonl`: one
-                      document per line, the `text_field` key of each object
+    a file            a text file (line endings made LF), cut into documents of up to ~64K characters at blank
+                      lines: a book or a whole corpus in one .txt file still gets a validation share, and the
+                      tokenizer works on bounded pieces (the file itself is read whole); `.jsonl`: one document
+                      per line, the `text_field` key of each object
     a folder          every `.txt`, `.md` and `.jsonl` file below it (any letter case; links followed), in sorted
                       path order (hidden entries skipped; files of other types listed as skipped)
     python-stdlib     the running Python's standard library, one `.py` file per document (tests, idlelib,
@@ -123,9 +124,14 @@ def _iter_file(path: Path, text_field: str, report: Report) -> Iterator[Document
     text = _decode(path.read_bytes(), path, report)
     if text is None:
         return
-    parts = [part for part in text_chunks(text) if part.strip()]
-    for i, part in enumerate(parts):
-        yield Document(str(path) if len(parts) == 1 else f"{path}#{i}", part)
+    # line endings as LF: the cuts then fall at the same places in a CRLF copy, which deduplication can find
+    text = text.replace("\r\n", "\n")
+    if len(text) <= TEXT_CHUNK_CHARS:
+        yield Document(str(path), text)
+        return
+    for i, part in enumerate(text_chunks(text)):
+        if part.strip():
+            yield Document(f"{path}#{i}", part)
 
 
 def text_chunks(text: str, size: int = TEXT_CHUNK_CHARS) -> Iterator[str]:

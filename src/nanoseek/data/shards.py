@@ -15,6 +15,7 @@ whitespace normalised, so a CRLF copy of a file does not land in the other split
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
@@ -123,19 +124,20 @@ def _unique(docs: Iterator[Document], dedup: bool, seen: set[bytes]) -> Iterator
         yield doc
 
 
-def _choose_val(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
+def _choose_val(sizes: array.array | list[int], val_fraction: float, seed: int) -> set[int]:
     """Documents for validation, in a seeded random order until they hold `val_fraction` of the bytes: at least
     one and never all (when there are two or more), whatever their sizes."""
-    if val_fraction == 0 or len(sizes) < 2:
+    n = len(sizes)
+    if val_fraction == 0 or n < 2:
         return set()
-    order = np.random.default_rng(seed).permutation(len(sizes)).tolist()
-    target, held, chosen = val_fraction * sum(sizes), 0, []
-    for i in order[:-1]:
-        if chosen and held + sizes[i] / 2 > target:  # stop where adding this one would overshoot more
-            break
-        chosen.append(i)
-        held += sizes[i]
-    return set(chosen)
+    size = np.asarray(sizes, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(n)
+    # the longest prefix of the order whose bytes reach the target by no more than half its last document
+    held_before_half = np.cumsum(size[order]) - size[order] / 2
+    k = min(int(np.searchsorted(held_before_half, val_fraction * size.sum(), side="right")), n - 1)
+    if k == 0:  # even the first is over: the smallest document, never a large one
+        return {int(np.argmin(size))}
+    return set(order[:k].tolist())
 
 
 def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.01,
@@ -156,7 +158,7 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
     with bar:
         # Pass 1: count unique documents and record what was skipped.
-        report, sizes = Report(), []
+        report, sizes = Report(), array.array("q")  # 8 bytes a document
         reading = bar.add_task("reading", total=None)
         for doc in _unique(iter_documents(sources, text_field, report), dedup, set()):
             sizes.append(len(doc.text.encode()))

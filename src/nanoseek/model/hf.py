@@ -84,7 +84,7 @@ def _empty_shared_experts(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
         return {}
     H = cfg.hidden_size
     return {f"model.layers.{i}.mlp.shared_experts.{proj}.weight": (H, 0) if proj == "down_proj" else (0, H)
-            for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)
+            for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers) if cfg.is_moe_layer(i)
             for proj in ("gate_proj", "up_proj", "down_proj")}
 
 

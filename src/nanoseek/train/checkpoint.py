@@ -114,6 +114,7 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
             meta = {"state": asdict(state), "param_groups": osd["param_groups"],
                     "param_names": [n for n, _ in module.named_parameters()]}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks a complete folder
+        fsync_dir(tmp)  # this rank's files (on a multi-node run, only their own node can make them durable)
         _barrier()
         if rank == 0:
             fsync_dir(tmp)  # every rank's files are written now (sharded state, RNG states, the export)

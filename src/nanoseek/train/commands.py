@@ -68,15 +68,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume and config is None:
         raise ConfigError("give a config file: nanoseek train CONFIG.toml [key=value ...]")
     cfg = resumed_config(Path(args.resume), overrides) if args.resume else load_run_config(config, overrides)
+    state = _resume_state(Path(args.resume)) if args.resume else None
     if args.dry_run:
-        console.print(describe_plan(cfg))
+        console.print(describe_plan(cfg, start=(state["step"], state["tokens"]) if state else (0, 0)))
         if args.plot:
             plot = Path(args.plot)
             plot = plot if plot.suffix else plot.with_name(plot.name + ".png")  # what matplotlib writes
             plot_schedule(cfg, plot)
             console.print(f"schedule plot: {plot}", soft_wrap=True)
         return 0
-    start = _resume_step(Path(args.resume)) if args.resume else None
+    start = state["step"] if state else None
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary for the job, not one per rank
         console.print(summary_table(result.summary))
@@ -88,11 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.stop_reason in ("done", "time", "signal") else 1
 
 
-def _resume_step(run: Path) -> int | None:
+def _resume_state(run: Path) -> dict | None:
     from nanoseek.train.checkpoint import latest_checkpoint, read_state
 
     ckpt = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    return None if ckpt is None else read_state(ckpt)["state"]["step"]
+    return None if ckpt is None else read_state(ckpt)["state"]
 
 
 def resolve_model_dir(path: Path) -> Path:

@@ -75,14 +75,17 @@ class MetricsLog:
         return out
 
 
-def describe_plan(cfg: RunConfig, world_size: int = 1) -> Table:
-    """The dry-run table: length, batch, accumulation, and the schedules at a few points."""
+def describe_plan(cfg: RunConfig, world_size: int = 1, start: tuple[int, int] = (0, 0)) -> Table:
+    """The dry-run table: length, batch, accumulation, and the schedules at a few points. `start`: the (steps,
+    tokens) a resumed run has done."""
     t = cfg.train
     ramp = batch_ramp(cfg, world_size)
-    steps, tokens = plan_length(ramp, cfg.data.seq_len, t.steps, t.tokens) if t.steps or t.tokens else (0, 0)
+    steps, tokens = plan_length(ramp, cfg.data.seq_len, t.steps, t.tokens, start) if t.steps or t.tokens else (0, 0)
     table = Table(title="training plan")
     table.add_column("item")
     table.add_column("value", justify="right")
+    if start[0]:
+        table.add_row("resumed from", f"step {start[0]:,}, {start[1]:,} tokens")
     if steps:
         table.add_row("optimizer steps", f"{steps:,}")
         table.add_row("tokens", f"{tokens:,}")
