@@ -540,3 +540,27 @@ def test_cli_train_report_prepare(corpus, tmp_path, capsys):
     with pytest.raises(DataError, match="the inputs held no documents"):
         _cli(["tokenizer", "train", "--input", str(corpus["docs"] / "latin1.txt"), "--out", str(tmp_path / "t2")])
     assert "not valid UTF-8" in capsys.readouterr().out  # why: the skipped file and its reason
+
+
+def test_one_rank_per_machine_hashes_the_shards(prepared, tmp_path, monkeypatch):
+    """Training opens the splits with sha256 checks on local rank 0 only: the other ranks of a machine read the
+    same files, and hashing them all again on every rank only delays the start. Sizes are checked by every rank."""
+    import shutil
+
+    from nanoseek.train.config import run_config_from_dict
+    from nanoseek.train.loop import World
+    from nanoseek.train.run import _data
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = data / read_index(data)["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 1  # same size, other content
+    shard.write_bytes(bytes(raw))
+    cfg = run_config_from_dict({"model": {"preset": "tiny", "vocab_size": 400}, "data": {"path": str(data),
+                                "seq_len": 16}, "train": {"steps": 1, "batch_size": 2, "micro_batch_size": 2}})
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _data(cfg, World(), tmp_path / "run")  # not hashed here
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(DataError, match="does not match its sha256"):
+        _data(cfg, World(), tmp_path / "run")

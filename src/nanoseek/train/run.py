@@ -150,7 +150,7 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     if not cfg.data.path or not (path / "index.json").is_file():
         raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
                           "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
-    from nanoseek.data.shards import read_index
+    from nanoseek.data.shards import TokenStream, read_index
     from nanoseek.io import sha256_file
 
     made_with = read_index(path).get("tokenizer_sha256")
@@ -158,13 +158,15 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
         raise DataError(f"{path / 'tokenizer.json'} is not the tokenizer the shards of {path} were made with (its "
                         "checksum differs from index.json's): put that one back, or prepare the data again with "
                         "this one")
-    train = Batches(path, split="train", seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=world.rank,
-                    world_size=world.size)
+    # one rank per machine checks the shards' sha256 (the others read the same files; sizes are checked by all)
+    verify = os.environ.get("LOCAL_RANK", "0") == "0"
+    train = Batches(TokenStream(path, "train", verify), split="train", seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+                    rank=world.rank, world_size=world.size)
     val: list[tuple[torch.Tensor, torch.Tensor]] = []
     if cfg.eval.batches:
         try:
-            val = eval_batches(path, split="val", seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                               max_batches=cfg.eval.batches)
+            val = eval_batches(TokenStream(path, "val", verify), split="val", seq_len=cfg.data.seq_len,
+                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.eval.batches)
         except DataError as e:  # e.g. prepared with --val-fraction 0, or one short held-out document
             warnings.warn(f"no validation loss in this run: {e}. Prepare the data with a larger --val-fraction "
                           "for one, or set eval.batches=0 to silence this", stacklevel=2)
