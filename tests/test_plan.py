@@ -191,11 +191,14 @@ def test_a_multi_machine_plan_prices_each_machine():
         plan.budget.hours * 3600)
 
 
-def test_plan_arguments_fail_before_measuring():
-    r = nanoseek("plan", "--cpu", "--hours", "1", "--seq-len", "0")
-    assert r.returncode == 2 and "--seq-len must be >= 16" in r.stdout and "measuring" not in r.stdout
-    r = nanoseek("plan", "--cpu", "--hours", "1", "--count", "4")
-    assert r.returncode == 2 and "--count and --mfu are for --accelerator" in r.stdout
+def test_plan_arguments_fail_before_measuring(capsys):
+    from nanoseek.cli import main
+
+    assert main(["plan", "--cpu", "--hours", "1", "--seq-len", "0"]) == 2
+    out = capsys.readouterr().out
+    assert "--seq-len must be >= 16" in out and "measuring" not in out
+    assert main(["plan", "--cpu", "--hours", "1", "--count", "4"]) == 2
+    assert "--count and --mfu are for --accelerator" in capsys.readouterr().out
     for price in ("nan", "inf"):
         with pytest.raises(PlanError, match="--price-per-hour must be a number >= 0"):
             Budget.make(1, usd=10, price_per_hour=float(price))
