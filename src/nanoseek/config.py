@@ -123,7 +123,7 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         """MTP blocks (index >= num_hidden_layers) are MoE blocks whatever first_k_dense_replace says, as in
         DeepSeek-V3's layout."""
-        return layer_idx >= min(self.first_k_dense_replace, self.num_hidden_layers)
+        return layer_idx >= self.num_dense_layers
 
     @property
     def softmax_scale(self) -> float:

@@ -484,8 +484,9 @@ def make_plan(budget: Budget, hw: Hardware, seq_len: int, vocab_size: int, count
     """The compute-optimal run for a budget on some hardware, or a PlanError saying why there is none."""
     check_plan_args(seq_len, vocab_size, country)
     cands = family(vocab_size, seq_len)
-    available = hw.flops_per_second * budget.hours * 3600 * PLANNED_SHARE
-    bought = f"{budget.hours:.3g} h of {hw.count} x {hw.name} = {_fmt_flops(available)}"
+    delivered = hw.flops_per_second * budget.hours * 3600
+    available = delivered * PLANNED_SHARE
+    bought = f"{budget.hours:.3g} h of {hw.count} x {hw.name} = {_fmt_flops(delivered)}"
     afford = bought if budget.usd is None else f"{budget.why} buys {bought}"
     if budget.hours * 60 < MIN_MINUTES:
         price = f" (${MIN_MINUTES / 60 * hw.count * budget.price_per_hour:,.2f})" if budget.price_per_hour else ""
