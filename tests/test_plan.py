@@ -202,3 +202,17 @@ def test_plan_arguments_fail_before_measuring(capsys):
     for price in ("nan", "inf"):
         with pytest.raises(PlanError, match="--price-per-hour must be a number >= 0"):
             Budget.make(1, usd=10, price_per_hour=float(price))
+
+
+def test_plan_for_prepared_data_takes_its_vocabulary_and_counts_its_passes(data_dir, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    out = tmp_path / "p.toml"
+    assert main(["plan", "--accelerator", "H100-SXM", "--hours", "2", "--data", str(data_dir), "--out", str(out)]) == 0
+    said = capsys.readouterr().out.replace("\n", " ")
+    cfg = load_run_config(out)
+    assert cfg.model.vocab_size == 512 and cfg.data.path == str(data_dir)  # the data's tokenizer's size
+    assert "passes over the same text" in said and "set data.path" not in out.read_text()
+    assert main(["plan", "--accelerator", "H100-SXM", "--hours", "2", "--data", str(data_dir), "--vocab-size",
+                 "8192", "--out", str(out)]) == 2
+    assert "the tokenizer of" in capsys.readouterr().out

@@ -378,6 +378,13 @@ def test_resume_with_a_larger_batch_keeps_the_token_budget(tmp_path):
     state = read_state(latest_checkpoint(run))["state"]
     assert state["tokens"] == state["total_tokens"] == 8 * per_step
     assert [r["batch_size"] for r in MetricsLog(run / "metrics.jsonl").records("train")] == [32] * 4 + [64] * 2
+    # the change is on record, and the report says that run.toml alone no longer reproduces the run
+    (resume,) = MetricsLog(run / "metrics.jsonl").records("resume")
+    assert resume["step"] == 4 and "train.batch_size=64" in resume["changed"]
+    from nanoseek.report import RunRecords, _reproduce
+
+    said = " ".join(_reproduce(RunRecords.load(run)))
+    assert "resumed with changed settings (at step 4: " in said and "train.batch_size=64" in said
     # the plan from where a run is: 2 more steps of 64 (not 4 from scratch), as --dry-run on a resume shows it
     assert plan_length(BatchRamp(end=64), task.seq_len, tokens=8 * per_step, start=(4, 4 * per_step)) == (
         6, 8 * per_step)

@@ -49,6 +49,7 @@ class RunRecords:
     final: list[dict[str, Any]]
     plans: list[dict[str, Any]]
     summary: dict[str, Any]
+    resumes: list[dict[str, Any]]  # resumes that changed settings
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunRecords:
@@ -69,7 +70,8 @@ class RunRecords:
                           f"{last_step}: the report is made from the records", stacklevel=2)
             summary = {}
         return cls(run_dir, run_config_from_dict(load_toml(run_dir / "run.toml")), kind("train"),
-                   [r for r in kind("eval") if "val_loss" in r], kind("final"), kind("plan"), summary)
+                   [r for r in kind("eval") if "val_loss" in r], kind("final"), kind("plan"), summary,
+                   kind("resume"))
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -276,6 +278,11 @@ def _reproduce(run: RunRecords) -> list[str]:
                      "on, which the command pins so that the schedule is the same"
                      + (f" (the run itself stopped at step {run.summary['steps']} when its time ran out)."
                         if run.summary.get("stop_reason") == "time" else "."))
+    if run.resumes:
+        changes = "; ".join(f"at step {r['step']:,}: {', '.join(r['changed'])}" for r in run.resumes)
+        lines.append(f"The run was resumed with changed settings ({changes}). run.toml holds the last of them, so "
+                     "the command above trains with those from the start: to repeat this run, train with the first "
+                     "settings and resume with the same changes at the same steps.")
     if run.summary.get("software"):
         lines.append(f"Software: {run.summary['software']}.")
     return lines

@@ -23,6 +23,7 @@ from nanoseek.cost.plan import (
     make_plan,
     run_config,
 )
+from nanoseek.data.shards import read_index
 from nanoseek.io import write_atomic
 from nanoseek.train.config import to_toml
 
@@ -83,7 +84,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.cpu == bool(args.accelerator):
         raise PlanError("choose the hardware: --accelerator NAME [--count N], or --cpu for this machine")
     seq_len = args.seq_len if args.seq_len is not None else 256 if args.cpu else 2048  # 0 reaches the checks
-    vocab = args.vocab_size if args.vocab_size is not None else 8192 if args.cpu else 32768
+    index = read_index(args.data) if args.data else None  # the model's vocabulary is the data's tokenizer's
+    if index is not None and args.vocab_size is not None and args.vocab_size != index["vocab_size"]:
+        raise PlanError(f"--vocab-size {args.vocab_size} but the tokenizer of {args.data} has {index['vocab_size']} "
+                        "tokens: leave --vocab-size out (the data's is taken)")
+    vocab = index["vocab_size"] if index is not None else args.vocab_size if args.vocab_size is not None else \
+        8192 if args.cpu else 32768
     check_plan_args(seq_len, vocab, args.country)  # before a CPU plan's minutes of measuring
     if args.cpu and (args.count != 1 or args.mfu != GPU_MFU):
         raise PlanError("--count and --mfu are for --accelerator: a --cpu plan is this one machine, at the "
@@ -98,14 +104,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budget = Budget.make(hw.count, usd=args.budget_usd, price_per_hour=args.price_per_hour, hours=args.hours)
         plan = make_plan(budget, hw, seq_len, vocab, country=args.country)
     console.print(plan_table(plan))
-    for note in plan.notes:
-        console.print(f"note: {note}")
+    notes = list(plan.notes)
+    if index is not None and plan.tokens > 4 * index["splits"]["train"]["tokens"]:
+        have = index["splits"]["train"]["tokens"]
+        notes.append(f"the plan trains on {plan.tokens:,} tokens and {args.data} holds {have:,}: "
+                     f"{plan.tokens / have:.0f} passes over the same text, past the ~4 that still help (Muennighoff "
+                     "et al. 2023): more data, or a smaller budget")
+    for note in notes:
+        console.print(f"note: {note}", soft_wrap=True)
     cfg = run_config(plan, data_path=args.data, out_dir=args.run_dir)
     header = (f"# written by `nanoseek plan`: {plan.budget.why} on {hw.count} x {hw.name}\n"
               f"# {plan.law.name} scaling laws ({plan.law.source}): C = {plan.compute:.3g} FLOPs, "
               f"{plan.tokens:,} tokens, predicted {plan.hours:.3g} h at MFU {plan.hardware.mfu:.1%} "
               f"({plan.hardware.mfu_source})\n"
-              f"# set data.path to a prepared folder whose tokenizer has {plan.config.vocab_size} tokens\n")
+              + ("" if index is not None else
+                 f"# set data.path to a prepared folder whose tokenizer has {plan.config.vocab_size} tokens\n"))
     if hw.device != "cpu" and plan.budget.price_per_hour:
         machines = -(-hw.count // GPUS_PER_MACHINE)
         header += f"# cost.price_per_hour is per machine: {machines} machine(s) of {hw.count / machines:g} devices\n"

@@ -153,7 +153,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "trainer_state.json").is_file():
         which = f"checkpoint step {args.step}" if args.step else "complete checkpoint"
-        raise ConfigError(f"no {which} in {run}{runs_inside(run)}")
+        kept = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*")
+                      if (p / "trainer_state.json").is_file() and p.name.removeprefix("step_").isdigit()) \
+            if (run / "checkpoints").is_dir() else []
+        there = f" (it keeps steps {', '.join(map(str, kept))})" if kept else ""
+        raise ConfigError(f"no {which} in {run}{there}{runs_inside(run)}")
     export_checkpoint(ckpt, Path(args.out))
     console.print(f"exported {ckpt} -> {args.out} (HF deepseek_v3 layout)")
     return 0

@@ -162,7 +162,8 @@ class RunConfig:
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9,0.95]")
         if (t.tokens > 0 and t.steps > 0) or not (t.tokens > 0 or t.steps > 0 or t.max_time > 0):
-            raise ConfigError("set the run's length: train.tokens or train.steps (one of them), or only "
+            raise ConfigError("set the run's length: train.tokens or train.steps (one of them: to use tokens with "
+                              "a config that sets steps, add train.steps=0), or only "
                               "train.max_time (seconds; the steps are then fixed after timing the first ones)")
         if t.dtype not in ("fp32", "bf16", "auto"):
             raise ConfigError(f"train.dtype={t.dtype!r}: use 'fp32', 'bf16' or 'auto'")

@@ -218,8 +218,9 @@ def resumed_config(run_dir: Path, overrides: list[str] | None = None) -> RunConf
     return load_run_config(run_dir / "run.toml", overrides)
 
 
-def _record_overrides(cfg: RunConfig, run_dir: Path) -> None:
-    """Settings changed on resume go into run.toml, so that the next resume (a requeued job) continues with them."""
+def _record_overrides(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """Settings changed on resume go into run.toml, so that the next resume (a requeued job) continues with them.
+    Returns them ("section.key=value")."""
     old = load_run_config(run_dir / "run.toml").to_dict()
     new = cfg.to_dict()
     new["train"]["out_dir"] = old["train"]["out_dir"]  # where it was started from; the run is where run.toml is
@@ -228,6 +229,7 @@ def _record_overrides(cfg: RunConfig, run_dir: Path) -> None:
     if changed:
         write_atomic(run_dir / "run.toml", to_toml(new))
         console.print(f"run.toml now records {', '.join(changed)}", highlight=False)
+    return changed
 
 
 def runs_inside(path: Path) -> str:
@@ -311,7 +313,9 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
         if world.is_main:
             log.truncate_after(state.step)
             console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
-            _record_overrides(cfg, run_dir)
+            changed = _record_overrides(cfg, run_dir)
+            if changed:  # the report says that run.toml alone no longer reproduces the run
+                log({"kind": "resume", "step": state.step, "tokens": state.tokens, "changed": changed})
             (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier session's: this one writes its own
     elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
