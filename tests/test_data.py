@@ -564,3 +564,19 @@ def test_one_rank_per_machine_hashes_the_shards(prepared, tmp_path, monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(DataError, match="does not match its sha256"):
         _data(cfg, World(), tmp_path / "run")
+
+
+def test_an_input_that_gives_nothing_is_an_error_and_skipped_lines_are_grouped(corpus, tmp_path):
+    """A .jsonl named on purpose whose lines all lack the field (a forgotten --text-field) stops prepare, instead
+    of leaving that file out with exit code 0; the table shows its lines as one row."""
+    from nanoseek.data.commands import _skipped_table
+
+    bad = tmp_path / "more.jsonl"
+    bad.write_text("".join(json.dumps({"id": i, "body": f"text {i}"}) + "\n" for i in range(5)), encoding="utf-8")
+    with pytest.raises(DataError, match=r"more.jsonl gave no documents \(no string field 'text' \(it has 'id', "
+                                        r"'body'\): --text-field"):
+        prepare([str(corpus["docs"]), str(bad)], corpus["tok_dir"], tmp_path / "out", progress=False)
+    report = Report()
+    list(iter_documents([str(bad)], report=report))
+    table = _skipped_table(report.skipped)
+    assert table.row_count == 1 and next(iter(table.columns[0].cells)) == f"{bad} (5 lines: 1-5)"

@@ -55,6 +55,7 @@ class Report:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or path:line, reason)
     documents: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)  # documents each source gave
 
     def skip(self, where: str | Path, reason: str) -> None:
         self.skipped.append((str(where), reason))
@@ -64,8 +65,10 @@ def iter_documents(sources: list[str], text_field: str = "text", report: Report 
     """Yield the documents of each source in order; unusable files go to `report.skipped`."""
     report = report if report is not None else Report()
     for src in sources:
+        report.per_source.setdefault(src, 0)
         for doc in _iter_source(src, text_field, report):
             report.documents += 1
+            report.per_source[src] += 1
             yield doc
 
 

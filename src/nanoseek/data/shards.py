@@ -170,6 +170,11 @@ def prepare(sources: list[str], tokenizer_dir: str | Path, out_dir: str | Path, 
             why = "; ".join(f"{where}: {reason}" for where, reason in report.skipped[:3])
             raise DataError(f"no documents in {sources} (inputs are .txt, .md and .jsonl files, folders of them, or "
                             f"a built-in corpus){'; skipped: ' + why if why else ''}")
+        for src, count in report.per_source.items():  # an input named on purpose that gave nothing is a mistake
+            if count == 0:
+                why = next((r for where, r in report.skipped if where.startswith(str(Path(src).expanduser()))),
+                           "nothing readable in it")
+                raise DataError(f"{src} gave no documents ({why}); the other inputs did: fix it or leave it out")
         val_docs = _choose_val(sizes, val_fraction, seed)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "index.json").unlink(missing_ok=True)  # until the new one is written, the folder is not usable
