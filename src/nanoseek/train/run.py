@@ -173,6 +173,24 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     return train, val, path
 
 
+def _note_data_use(cfg: RunConfig, world: World, data_tokens: int, vocab: int) -> None:
+    """Say when a run will read its data many times over, or carries far more vocabulary than its tokenizer."""
+    t = cfg.train
+    if not world.is_main:
+        return
+    if t.steps or t.tokens:
+        _, planned = plan_length(batch_ramp(cfg, world.size), cfg.data.seq_len, t.steps, t.tokens)
+        if planned > 4 * data_tokens:
+            console.print(f"note: {planned:,} tokens of training on {data_tokens:,} of data: "
+                          f"{planned / data_tokens:.0f} passes over the same text (past ~4 the model memorises more "
+                          "than it learns)",
+                          highlight=False, soft_wrap=True)
+    if cfg.model.vocab_size > 2 * vocab:
+        console.print(f"note: model.vocab_size={cfg.model.vocab_size} for a {vocab}-token tokenizer: set "
+                      f"model.vocab_size={vocab} (the extra rows are parameters that never see a token)",
+                      highlight=False, soft_wrap=True)
+
+
 def _sampler(cfg: RunConfig, tokenizer: Any, device: torch.device, val: list) -> Any:
     prompts = list(cfg.eval.prompts)
     if not prompts and val:  # the start of validation windows
@@ -288,6 +306,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
             raise ConfigError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
         token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+        _note_data_use(cfg, world, len(batches.stream), tokenizer.vocab_size)
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
