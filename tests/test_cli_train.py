@@ -33,6 +33,16 @@ def test_dry_run_prints_plan_and_plot(data_dir, tmp_path, capsys):
     assert "optimizer steps" in out and "24" in out and "cosine" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    # it checks what the run would check first: the data, the vocabulary, the run folder
+    args = _args(data_dir, tmp_path / "r")
+    assert main(["train", *args, f"data.path={tmp_path / 'nodata'}", "--dry-run"]) == 2
+    assert "is not a prepared data folder" in capsys.readouterr().out
+    assert main(["train", *args, "model.vocab_size=256", "--dry-run"]) == 2
+    assert "set model.vocab_size=512" in capsys.readouterr().out
+    (tmp_path / "r" / "checkpoints" / "step_000001").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "step_000001" / "trainer_state.json").write_text("{}")
+    assert main(["train", *args, "--dry-run"]) == 2
+    assert "already holds a run" in capsys.readouterr().out
 
 
 def test_kill9_then_resume_matches_uninterrupted(data_dir, tmp_path):

@@ -434,13 +434,13 @@ def test_activation_checkpointing_in_one_process_recomputes_blocks_with_the_same
 
 
 def test_a_run_that_reads_its_data_many_times_says_so(capsys):
-    from nanoseek.train.run import _note_data_use
+    from nanoseek.train.run import note_data_use
 
     cfg = run_config_from_dict({"model": {"preset": "tiny", "vocab_size": 4096}, "data": {"seq_len": 64},
                                 "train": {"steps": 100, "batch_size": 8, "micro_batch_size": 8}})
-    _note_data_use(cfg, World(), data_tokens=10_000, vocab=512)  # 100 x 8 x 64 = 51,200 tokens planned
+    note_data_use(cfg, World(), data_tokens=10_000, vocab=512)  # 100 x 8 x 64 = 51,200 tokens planned
     said = capsys.readouterr().out.replace("\n", " ")
     assert "51,200 tokens of training on 10,000 of data: 5 passes" in said
     assert "model.vocab_size=4096 for a 512-token tokenizer: set model.vocab_size=512" in said
-    _note_data_use(cfg, World(), data_tokens=100_000, vocab=4096)
+    note_data_use(cfg, World(), data_tokens=100_000, vocab=4096)
     assert "note" not in capsys.readouterr().out

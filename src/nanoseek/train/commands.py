@@ -57,8 +57,10 @@ def plot_schedule(cfg, path: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.data.shards import read_index
     from nanoseek.train.config import load_run_config
-    from nanoseek.train.run import describe_plan, resumed_config, summary_table, train
+    from nanoseek.train.loop import World
+    from nanoseek.train.run import check_run, describe_plan, note_data_use, resumed_config, summary_table, train
 
     config, overrides = split_config_and_overrides(args.items)
     if args.plot and not args.dry_run:
@@ -70,7 +72,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resumed_config(Path(args.resume), overrides) if args.resume else load_run_config(config, overrides)
     state = _resume_state(Path(args.resume)) if args.resume else None
     if args.dry_run:
+        # the checks the run makes first (a config from `nanoseek plan` may not name its data yet)
+        data_dir = check_run(cfg, Path(args.resume or cfg.train.out_dir), resuming=bool(args.resume),
+                             data=bool(cfg.data.path))
         console.print(describe_plan(cfg, start=(state["step"], state["tokens"]) if state else (0, 0)))
+        if cfg.data.path:
+            index = read_index(data_dir)
+            note_data_use(cfg, World(), index["splits"]["train"]["tokens"], index["vocab_size"])
+        else:
+            console.print("note: data.path is not set: the run itself needs a prepared data folder")
         if args.plot:
             plot = Path(args.plot)
             plot = plot if plot.suffix else plot.with_name(plot.name + ".png")  # what matplotlib writes

@@ -108,7 +108,11 @@ def describe_plan(cfg: RunConfig, world_size: int = 1, start: tuple[int, int] = 
                   if cfg.model.num_nextn_predict_layers else "no MTP modules")
     table.add_row("bias update γ", f"{cfg.balance.bias_update_speed} until {cfg.balance.bias_freeze_at:.0%}")
     table.add_row("balance loss α", str(cfg.balance.seq_aux_alpha))
-    table.add_row("dtype / device", f"{t.dtype} / {t.device}")
+    try:
+        device = pick_device(t.device)
+        table.add_row("dtype / device", f"{pick_dtype(t.dtype, device)} / {device}")
+    except ConfigError:  # a config for another machine (a GPU plan checked on a laptop)
+        table.add_row("dtype / device", f"{t.dtype} / {t.device} (not on this machine)")
     return table
 
 
@@ -132,6 +136,27 @@ class RunResult:
     summary: dict[str, Any]
 
 
+def check_run(cfg: RunConfig, run_dir: Path, resuming: bool, data: bool = True) -> Path:
+    """What a run checks before it builds anything, and `--dry-run` with it: a new run's folder holds no run; the
+    data folder is prepared and its tokenizer fits model.vocab_size. Returns the data folder."""
+    if not resuming and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run: continue it with `nanoseek train --resume {run_dir}` "
+                          "or choose another train.out_dir")
+    path = data_folder(cfg, run_dir)
+    if not data:
+        return path
+    if not cfg.data.path or not (path / "index.json").is_file():
+        raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
+                          "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
+    from nanoseek.data.shards import read_index
+
+    vocab = read_index(path).get("vocab_size") or 0
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set model.vocab_size={vocab}")
+    return path
+
+
 def data_folder(cfg: RunConfig, run_dir: Path) -> Path:
     """data.path as given (from the working directory), or else from a folder above the run, where `nanoseek demo`
     keeps it: a report or a resume started from another directory still finds the data."""
@@ -146,10 +171,7 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     from nanoseek.data.loader import Batches, eval_batches
     from nanoseek.data.tokenizer import DataError
 
-    path = data_folder(cfg, run_dir)
-    if not cfg.data.path or not (path / "index.json").is_file():
-        raise ConfigError(f"data.path={cfg.data.path!r} is not a prepared data folder (no index.json): run "
-                          "`nanoseek data prepare --input ... --tokenizer ... --out DIR` and set data.path=DIR")
+    path = check_run(cfg, run_dir, resuming=True)  # (the run folder was checked before)
     from nanoseek.data.shards import TokenStream, read_index
     from nanoseek.io import sha256_file
 
@@ -173,7 +195,7 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     return train, val, path
 
 
-def _note_data_use(cfg: RunConfig, world: World, data_tokens: int, vocab: int) -> None:
+def note_data_use(cfg: RunConfig, world: World, data_tokens: int, vocab: int) -> None:
     """Say when a run will read its data many times over, or carries far more vocabulary than its tokenizer."""
     t = cfg.train
     if not world.is_main:
@@ -270,9 +292,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, overri
     elif cfg is None:
         raise ConfigError("train() needs a config or a run folder to resume")
     run_dir = Path(cfg.train.out_dir) if resume is None else Path(resume)
-    if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run: continue it with `nanoseek train --resume {run_dir}` "
-                          "or choose another train.out_dir")
+    check_run(cfg, run_dir, resuming=resume is not None, data=False)
     own_world = world is None
     world = world or init_world(cfg.parallel)
     try:
@@ -302,11 +322,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
 
         tokenizer = Tokenizer.load(data_dir)
         tokenizer_dir = run_dir / "tokenizer"
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                              f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
         token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
-        _note_data_use(cfg, world, len(batches.stream), tokenizer.vocab_size)
+        note_data_use(cfg, world, len(batches.stream), tokenizer.vocab_size)
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
