@@ -61,18 +61,19 @@ def _skipped_table(skipped: list[tuple[str, str]], limit: int = 20, total: int |
     t = Table(title=f"{total} skipped")
     t.add_column("file", overflow="fold")  # a path is worth more than a tidy table
     t.add_column("reason")
-    # the lines of one JSON Lines file skipped for one reason: one row
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}  # the lines of one JSON Lines file skipped for one reason: a row
     for path, reason in skipped:
-        file, sep, line = path.rpartition(":")
-        key = (file, reason) if sep and line.isdigit() else (path, reason)
-        groups.setdefault(key, []).append(line if sep and line.isdigit() else "")
-    rows = [(f"{path} ({len(lines)} lines: {lines[0]}-{lines[-1]})" if lines[0] and len(lines) > 1 else
-             path if not lines[0] else f"{path}:{lines[0]}", reason) for (path, reason), lines in groups.items()]
-    for path, reason in rows[:limit]:
-        t.add_row(path, reason)
-    if len(rows) > limit or total > len(skipped):
-        t.add_row(f"... and {total - sum(len(v) for v in list(groups.values())[:limit])} more", "")
+        file, _, line = path.rpartition(":")
+        if not line.isdigit():  # a whole file, not a line of one
+            file, line = path, ""
+        groups.setdefault((file, reason), []).append(line)
+    for (file, reason), lines in list(groups.items())[:limit]:
+        where = (file if not lines[0] else f"{file}:{lines[0]}" if len(lines) == 1 else
+                 f"{file} ({len(lines)} lines: {lines[0]}-{lines[-1]})")
+        t.add_row(where, reason)
+    more = total - sum(len(lines) for lines in list(groups.values())[:limit])
+    if more:
+        t.add_row(f"... and {more} more", "")
     return t
 
 
