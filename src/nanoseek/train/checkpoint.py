@@ -219,6 +219,11 @@ def _step_of(folder: Path) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's complete checkpoints, in order."""
+    return sorted(_step_of(p) for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The folder LATEST names, or (if LATEST is missing or names a broken folder) the newest complete one."""
     root = Path(run_dir) / "checkpoints"

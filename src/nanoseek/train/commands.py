@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nanoseek.train.checkpoint import STATE_FILE, export_checkpoint, latest_checkpoint
+    from nanoseek.train.checkpoint import STATE_FILE, checkpoint_steps, export_checkpoint, latest_checkpoint
     from nanoseek.train.run import runs_inside
 
     run = Path(args.run)
@@ -161,11 +161,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         ckpt: Path | None = run
     else:
         ckpt = run / "checkpoints" / f"step_{args.step:06d}" if args.step else latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+    if ckpt is None or not (ckpt / STATE_FILE).is_file():
         which = f"checkpoint step {args.step}" if args.step else "complete checkpoint"
-        kept = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*")
-                      if (p / "trainer_state.json").is_file() and p.name.removeprefix("step_").isdigit()) \
-            if (run / "checkpoints").is_dir() else []
+        kept = checkpoint_steps(run)
         there = f" (it keeps steps {', '.join(map(str, kept))})" if kept else ""
         raise ConfigError(f"no {which} in {run}{there}{runs_inside(run)}")
     export_checkpoint(ckpt, Path(args.out))
