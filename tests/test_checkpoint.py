@@ -204,7 +204,7 @@ def test_missing_mtp_layers_load_without_mtp(model, tmp_path):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint folder .*nope does not exist"):
         nanoseek.from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         nanoseek.from_pretrained(tmp_path)

@@ -262,6 +262,38 @@ def test_rendezvous_timeout_is_a_clear_error(data_dir, tmp_path):
     assert "did not all join within parallel.timeout=5s" in " ".join(r.stdout.split())
 
 
+def test_a_cpu_rank_takes_its_share_of_the_cores_or_nanoseek_threads(monkeypatch):
+    """torchrun starts every rank with OMP_NUM_THREADS=1: on CPU a rank takes cores / local ranks threads instead,
+    or NANOSEEK_THREADS where set (README, "Scaling out")."""
+    from nanoseek.train.config import ParallelConfig
+    from nanoseek.train.parallel import DistWorld, init_world, shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var, value in (("TORCHELASTIC_RUN_ID", "t"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(var, value)
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        for local_ranks, threads, expected in (("1", None, cores), (str(cores), None, 1), ("1", "1", 1),
+                                               ("1", "3", 3)):
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+            if threads is None:
+                monkeypatch.delenv("NANOSEEK_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("NANOSEEK_THREADS", threads)
+            torch.set_num_threads(7)
+            world = init_world(ParallelConfig())
+            try:
+                assert isinstance(world, DistWorld) and torch.get_num_threads() == expected, (local_ranks, threads)
+            finally:
+                shutdown(world)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fsdp_gathers_the_routers_in_fp32_under_bf16():
     """FSDP2's bf16 policy gathers a block's weights in bf16; the routers are units of their own, gathered in fp32
     (routing stays fp32, V3 §3.3.2)."""

@@ -3,10 +3,14 @@ torch.compile."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 import nanoseek
+from nanoseek.config import PRESETS
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.model.moe import MoE
 
@@ -199,17 +203,39 @@ def test_parameter_counts_match_closed_form():
     active = model.num_parameters(active=True)
     assert total - active == routed_total - cfg.num_moe_layers * cfg.num_experts_per_tok * 3 * H * inter
     assert model.num_parameters(mtp=True) == sum(p.numel() for p in model.parameters())
-    assert 18e6 < total < 24e6  # the demo preset is ~20M parameters
     tied = nanoseek.NanoSeek(nanoseek.preset("tiny", tie_word_embeddings=True))
     assert tied.num_parameters() == nanoseek.NanoSeek(nanoseek.preset("tiny")).num_parameters() - 256 * 64
     assert V == 8192
 
 
-def test_small_preset_size():
-    with torch.device("meta"):
-        model = nanoseek.NanoSeek(nanoseek.preset("small"))
-    assert 0.4e9 < model.num_parameters() < 0.6e9
-    assert 0.08e9 < model.num_parameters(active=True) < 0.14e9
+def _readme_count(text: str) -> tuple[float, float]:
+    """'22.4M' -> (22.4e6, 0.05e6): the value and half its last printed digit."""
+    digits, unit = text[:-1], {"M": 1e6, "B": 1e9}[text[-1]]
+    decimals = len(digits.partition(".")[2])
+    return float(digits) * unit, 0.5 * 10.0 ** -decimals * unit
+
+
+def test_readme_preset_table_matches_the_presets():
+    """The README's preset table is what people pick a model from: its counts and shapes must be the presets'."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([\d.]+[MB]) \| ([\d.]+[MB]) \| ([^|]+) \|$", readme, re.M)
+    assert [r[0] for r in rows] == list(PRESETS)
+    for name, total_text, active_text, shape in rows:
+        cfg = nanoseek.preset(name)
+        with torch.device("meta"):
+            model = nanoseek.NanoSeek(cfg)
+        for text, count in ((total_text, model.num_parameters()), (active_text, model.num_parameters(active=True))):
+            value, half_digit = _readme_count(text)
+            assert abs(count - value) <= half_digit, (name, text, count)
+        m = re.fullmatch(r"(\d+) layers, (\d+) experts \(top-(\d+)\)(?: \+ (\d+) shared)?(, q-LoRA)?(?:, MTP (\d+))?",
+                         shape.strip())
+        assert m, shape
+        layers, experts, top, shared, q_lora, mtp = m.groups()
+        assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok) == \
+            (int(layers), int(experts), int(top)), name
+        assert cfg.n_shared_experts == int(shared or 0), name
+        assert (cfg.q_lora_rank is not None) == bool(q_lora), name
+        assert cfg.num_nextn_predict_layers == int(mtp or 0), name
 
 
 def test_torch_compile_cpu_matches_eager():

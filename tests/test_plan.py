@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from nanoseek.cost.energy import grid_intensity
 from nanoseek.cost.plan import (
     DEEPSEEK_LLM,
     GPU_MFU,
@@ -50,6 +51,9 @@ def check_constraints(plan, budget: Budget) -> None:
     assert plan.estimate.train_flops_per_token * lay.global_batch * plan.seq_len == pytest.approx(
         plan.step_seconds * hw.flops_per_second)
     assert plan.kwh == pytest.approx(hw.watts * hw.count * plan.hours / 1000)
+    # every device of the job is paid for, and the grid's g/kWh turns energy into CO2
+    assert plan.cost_usd == pytest.approx(plan.hours * hw.count * (budget.price_per_hour or 0))
+    assert plan.co2_kg == pytest.approx(plan.kwh * grid_intensity(plan.country).g_per_kwh / 1000)
 
 
 @pytest.mark.parametrize(("acc", "count", "usd", "price", "hours"), [

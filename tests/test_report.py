@@ -88,3 +88,13 @@ def test_data_folder_is_found_from_the_run_when_not_from_the_working_directory(t
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a training run folder" in capsys.readouterr().out
+
+
+def test_report_units_written_out():
+    """The card's units, literally (the card test above formats its expectations with these same helpers)."""
+    assert [_energy(k) for k in (None, 2.5e-4, 0.0123, 0.9996, 1.0, 1234.6)] == \
+        ["not measured", "0.25 Wh", "12.3 Wh", "1,000 Wh", "1 kWh", "1,235 kWh"]  # a large run: no e-notation
+    assert [_co2(k) for k in (None, 0.0042, 0.5, 3.21, 45_678.9)] == \
+        ["not computed (no energy)", "4.2 g CO2e", "500 g CO2e", "3.21 kg CO2e", "45,679 kg CO2e"]
+    assert [_usd(x) for x in (None, 0.0123, 0.999, 1.0, 1234.567)] == \
+        ["not computed", "0.012 USD", "1 USD", "1.00 USD", "1,234.57 USD"]

@@ -260,11 +260,21 @@ def test_token_tax_report_needs_english(tok_dir, tmp_path):
 
 
 def test_token_tax_report_on_a_small_folder(tok_dir, tmp_path):
-    (tmp_path / "eng.txt").write_text("All human beings are born free and equal.", encoding="utf-8")
-    (tmp_path / "fra.txt").write_text("Tous les êtres humains naissent libres et égaux.", encoding="utf-8")
+    texts = {"eng": "All human beings are born free and equal.",
+             "fra": "Tous les êtres humains naissent libres et égaux.",
+             "amh": "የሰው ልጅ ሁሉ ሲወለድ ነጻና በክብርና በመብትም እኩልነት ያለው ነው።"}  # a script the tokenizer never saw
+    for lang, text in texts.items():
+        (tmp_path / f"{lang}.txt").write_text(text, encoding="utf-8")
     rows = token_tax_report(tok_dir, tmp_path, None)
-    assert [r.language for r in rows] == ["eng", "fra"]
-    assert rows[0].premium == 1.0 and rows[1].premium > 1.0
+    assert [r.language for r in rows] == ["eng", "fra", "amh"]  # by premium, not by name
+    tok = Tokenizer.load(tok_dir)
+    english = len(tok.encode(texts["eng"]))
+    for r in rows:
+        text = texts[r.language]
+        assert (r.chars, r.bytes, r.tokens) == (len(text), len(text.encode()), len(tok.encode(text)))
+        assert (r.premium, r.tokens_per_char) == (pytest.approx(r.tokens / english), pytest.approx(r.tokens / r.chars))
+    assert rows[0].premium == 1.0 < rows[1].premium < rows[2].premium
+    (tmp_path / "amh.txt").unlink()
     # files are read as training reads them: a byte-order mark is no text, CRLF stays two characters
     (tmp_path / "eng.txt").write_bytes(b"\xef\xbb\xbfAll human beings\r\nare born free and equal.")
     assert token_tax_report(tok_dir, tmp_path, None)[0].chars == len("All human beings\r\nare born free and equal.")

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from nanoseek.config import ConfigError, load_toml
 from nanoseek.cost.energy import Tariff, energy_scope
+from nanoseek.cost.model import fmt_figure
 from nanoseek.data.shards import read_index
 from nanoseek.data.tokenizer import DataError
 from nanoseek.io import write_atomic
@@ -104,13 +105,13 @@ def _count(n: float) -> str:
 def _energy(kwh: float | None) -> str:
     if kwh is None:
         return "not measured"
-    return f"{kwh:.3g} kWh" if kwh >= 1 else f"{kwh * 1000:.3g} Wh"
+    return f"{fmt_figure(kwh)} kWh" if kwh >= 1 else f"{fmt_figure(kwh * 1000)} Wh"
 
 
 def _co2(kg: float | None) -> str:
     if kg is None:
         return "not computed (no energy)"
-    return f"{kg:.3g} kg CO2e" if kg >= 1 else f"{kg * 1000:.3g} g CO2e"
+    return f"{fmt_figure(kg)} kg CO2e" if kg >= 1 else f"{fmt_figure(kg * 1000)} g CO2e"
 
 
 def _usd(x: float | None) -> str:

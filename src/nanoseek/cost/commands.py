@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nanoseek.cost.hardware import ACCELERATORS
-from nanoseek.cost.model import fmt_bytes
+from nanoseek.cost.model import fmt_bytes, fmt_figure
 from nanoseek.cost.plan import (
     GPU_MFU,
     GPUS_PER_MACHINE,
@@ -70,13 +70,13 @@ def plan_table(plan: Plan) -> Table:
     t.add_row("  weights + grads + AdamW / activations", f"{fmt_bytes(m.weights + m.grads + m.optimizer)} / "
               f"{fmt_bytes(m.saved_activations)}", "per device; activations of one micro-batch")
     t.add_section()
-    t.add_row("step time (predicted)", f"{plan.step_seconds:.3g} s", "")
-    t.add_row("training time", f"{plan.hours:.3g} h", "evaluations and checkpoints not included; the config "
+    t.add_row("step time (predicted)", f"{fmt_figure(plan.step_seconds)} s", "")
+    t.add_row("training time", f"{fmt_figure(plan.hours)} h", "evaluations and checkpoints not included; the config "
               "stops training at the budget's hours (train.max_time)")
-    t.add_row("energy (estimated)", f"{plan.kwh:.3g} kWh", f"{hw.watts:g} W x {hw.count} ({hw.watts_source})")
+    t.add_row("energy (estimated)", f"{fmt_figure(plan.kwh)} kWh", f"{hw.watts:g} W x {hw.count} ({hw.watts_source})")
     t.add_row("cost", f"${plan.cost_usd:,.2f}" if plan.budget.price_per_hour else "-",
               f"${plan.budget.price_per_hour:g} per device-hour" if plan.budget.price_per_hour else "no price given")
-    t.add_row("CO2 (estimated)", f"{plan.co2_kg:.3g} kg", f"grid: {plan.country}")
+    t.add_row("CO2 (estimated)", f"{fmt_figure(plan.co2_kg)} kg", f"grid: {plan.country}")
     return t
 
 

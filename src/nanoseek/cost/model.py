@@ -318,6 +318,11 @@ def estimate(config: ModelConfig, seq_len: int, micro_batch: int, dtype: str = "
                     nonembedding_flops_per_token=nonembedding_flops_per_token(c, seq_len), memory=memory)
 
 
+def fmt_figure(x: float) -> str:
+    """Three significant digits, never in e-notation for a large figure: 0.25, 12.3, 1,235."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def fmt_bytes(n: float) -> str:
     """1536 -> '1.5 KiB': binary units, as torch and nvidia-smi report memory."""
     if n < 1024:
