@@ -1,12 +1,13 @@
 """Decode speed of nanoseek's engine vs transformers' `generate` on the same model, and the KV cache it keeps.
 
 Same checkpoint (the `demo` preset with its MTP module, random weights: speed does not depend on them), same
-prompts, greedy, a fixed number of new tokens (EOS ignored), fp32, the same threads, each off the main thread.
-transformers runs its DynamicCache (per-head keys and values) with SDPA attention; nanoseek its latent cache with
-absorbed MLA.
-The two alternate in rounds and the median ratio counts (this machine is noisy). Also checks that both
-produced the same tokens, and measures the cache: bytes per token against the formula and against a
-multi-head cache of the same model.
+prompts, greedy, a fixed number of new tokens (EOS ignored), fp32, the same threads, each off the main thread with
+denormals flushed. transformers 5 also caches the compressed latents (c_kv and the rotary key), but expands them
+through kv_b_proj into per-head keys and values for SDPA at every step, over the whole cache; nanoseek folds kv_b_proj
+into the query and output (absorbed MLA). transformers' experts implementation is screened per batch size and
+the fastest is kept. The two alternate in rounds and the median of the paired ratios counts (this machine is noisy).
+Also checks that both produced the same tokens, and measures the caches: bytes per token of transformers' cache
+after a generate and of nanoseek's, against the formula and against a multi-head cache of the same model.
 
     python bench/decode_vs_hf.py                    # batch 1 and 16, 64 new tokens
     python bench/decode_vs_hf.py --speculative      # also nanoseek with MTP self-speculation (batch 1)
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -47,22 +49,34 @@ def nanoseek_run(engine: Engine, prompts: torch.Tensor, n: int) -> tuple[float, 
     return time.perf_counter() - t, [[e.token_id for e in evs] for evs in outs]
 
 
-def hf_run(hf, prompts: torch.Tensor, n: int) -> tuple[float, list]:
+def hf_run(hf, prompts: torch.Tensor, n: int) -> tuple[float, list, Any]:
     """In a fresh thread, like nanoseek's engine: on a loaded machine the main thread's OpenMP team decodes up to
     20x slower (docs/LOG.md), which would flatter nanoseek."""
     result: list = []
 
     def run() -> None:
+        torch.set_flush_denormal(True)  # as the engine's thread does
         t = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-        result.extend((time.perf_counter() - t, out[:, prompts.shape[1]:].tolist()))
+            out = generate(hf, prompts, n)
+        result.extend((time.perf_counter() - t, out.sequences[:, prompts.shape[1]:].tolist(), out.past_key_values))
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
-    return result[0], result[1]
+    return result[0], result[1], result[2]
+
+
+def generate(hf, prompts: torch.Tensor, n: int):
+    """Exactly n new tokens: no EOS (generation_config.eos_token_id is None), so nothing is suppressed either."""
+    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, do_sample=False,
+                       pad_token_id=0, return_dict_in_generate=True)
+
+
+def cache_bytes_per_token(cache, batch: int) -> float:
+    """What transformers' cache holds after a generate, per token of one sequence."""
+    held = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    return held / (batch * cache.get_seq_length())
 
 
 def main() -> None:
@@ -91,17 +105,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as ckpt:
         nanoseek.NanoSeek(config).save_pretrained(ckpt)
         ours = nanoseek.from_pretrained(ckpt).to(device, dtype).eval()
-        hf = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+        impls = {impl: DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype,
+                                                             experts_implementation=impl).to(device).eval()
+                 for impl in ("grouped_mm", "eager", "batched_mm")}
+        for model in impls.values():
+            model.generation_config.eos_token_id = None
         table = Table(title=f"greedy decode, {args.preset} preset, prompt {args.prompt} + {args.new} new tokens, "
                             f"{args.dtype}, {device.type}"
                             f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}, nanoseek "
                             f"{'eager' if args.eager else 'compiled'}")
-        for col in ("batch", "nanoseek tok/s", "transformers tok/s", "ratio", "same tokens"):
+        for col in ("batch", "nanoseek tok/s", "transformers tok/s", "experts (screened)",
+                    "ratio (median of pairs)", "same tokens"):
             table.add_column(col, justify="right")
         for batch in map(int, args.batches.split(",")):
             prompts = torch.randint(5, config.vocab_size, (batch, args.prompt)).to(device)
             runs = [("plain", False)] + ([("MTP speculative", True)] if args.speculative and batch == 1 else [])
-            hf_run(hf, prompts, 4)  # warm-up
+            screen = {impl: min(hf_run(m, prompts, 8)[0] for _ in range(2)) for impl, m in impls.items()}
+            impl = min(screen, key=screen.get)
+            hf = impls[impl]
             for name, spec in runs:
                 engine = Engine(ours, IdText(), max_batch=batch, speculative="mtp" if spec else None,
                                 compile=not args.eager)
@@ -109,23 +130,26 @@ def main() -> None:
                 t_ours, t_hf, ratios, same = [], [], [], True
                 for _ in range(args.rounds):
                     a, toks_a = nanoseek_run(engine, prompts, args.new)
-                    b, toks_b = hf_run(hf, prompts, args.new)
+                    b, toks_b, hf_cache = hf_run(hf, prompts, args.new)
                     t_ours.append(a)
                     t_hf.append(b)
                     ratios.append(b / a)
                     same &= toks_a == toks_b
                 total = batch * args.new
                 table.add_row(f"{batch} ({name})", f"{total / statistics.median(t_ours):,.0f}",
-                              f"{total / statistics.median(t_hf):,.0f}", f"{statistics.median(ratios):.2f}x",
+                              f"{total / statistics.median(t_hf):,.0f}", impl, f"{statistics.median(ratios):.2f}x",
                               "yes" if same else "no")
         console.print(table)
+        console.print(f"transformers' cache after its last generate: {cache_bytes_per_token(hf_cache, batch):,.0f} "
+                      f"bytes/token ({str(dtype).removeprefix('torch.')})")
 
         for dtype in (torch.float32, torch.bfloat16):
             cache = LatentCache(config, slots=4, max_len=256, device=torch.device("cpu"), dtype=dtype)
             measured = cache.nbytes / (4 * 256)
             formula = LatentCache.bytes_per_token(config, dtype)
             mha = LatentCache.mha_bytes_per_token(config, dtype)
-            console.print(f"KV cache {str(dtype).removeprefix('torch.')}: {measured:,.0f} bytes/token measured, "
+            console.print(f"nanoseek's KV cache {str(dtype).removeprefix('torch.')}: {measured:,.0f} bytes/token "
+                          "allocated, "
                           f"{formula:,} by the formula layers x (kv_lora_rank + qk_rope_head_dim) x bytes; a "
                           f"multi-head cache of the same model: {mha:,} bytes/token ({mha / measured:.1f}x more)")
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +45,21 @@ def run(name: str, cmd: list[str], timeout: float, logs: Path) -> tuple[int, str
         return 125, ""
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.perf_counter()
+    # A session of its own, so that a timeout stops the whole step: SIGTERM to its process group (torchrun then
+    # stops its ranks, which run in sessions of their own; serve_load.py stops its server), SIGKILL if that hangs.
+    # Otherwise a stopped step's processes would keep the GPU busy while the next steps are timed.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        rc, out = r.returncode, r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
-        parts = [p.decode(errors="replace") if isinstance(p, bytes) else p or "" for p in (e.stdout, e.stderr)]
-        rc, out = 124, "".join(parts) + f"\n[stopped after {timeout:g} s]"
+        out, rc = proc.communicate(timeout=timeout)[0], proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = proc.communicate()[0]
+        rc, out = 124, out + f"\n[stopped after {timeout:g} s]"
     (logs / f"{name}.log").write_text(out)
     tail = "\n".join(out.rstrip().splitlines()[-14:])
     print(f"{tail}\n--- {name}: exit {rc} in {time.perf_counter() - t:.0f} s", flush=True)

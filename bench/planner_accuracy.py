@@ -3,9 +3,11 @@
 For a few small budgets: plan (the planner measures the matmul probe and a few demo-preset steps, plans, then times
 a few steps of the planned model itself and re-plans at that utilisation: `make_cpu_plan`), then train the planned
 config for a few steps in-process with nanoseek.train.run.train on random tokens (the step time does not depend on
-the text), and compare with the median step after warm-up. The goal is a ratio within 0.7-1.3. Since the planner
-has timed the planned model's forward and backward, the ratio checks what its own timing leaves out (gradient
-accumulation, the optimizer, the training loop's work) and the machine's drift between the two measurements.
+the text), and compare with the median step after warm-up. The goal is a ratio within 0.7-1.3. The planner times
+one micro-batch of the planned model (forward, backward and an AdamW update) and multiplies by the accumulation, so
+with accumulation it counts the update once per micro-batch where a run makes it once per step (a few % of a step
+here); the ratio checks that, what its timing leaves out (the training loop's work) and the machine's drift between
+the two measurements.
 
     python bench/planner_accuracy.py                    # budgets of 0.25, 1 and 4 hours
     python bench/planner_accuracy.py --hours 0.5 2 --steps 8

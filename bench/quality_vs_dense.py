@@ -1,8 +1,9 @@
 """Quality per compute: the demo MoE+MLA model against a dense model of the same active FLOPs per token.
 
 Same prepared data, same run config (configs/demo.toml: batch, schedule, seed), one run after the other on this
-machine: the MoE and its dense twin for the same wall-clock budget, then the dense twin for the MoE's number of
-tokens (the same training FLOPs, since the active FLOPs per token are equal). The twin is the same code with
+machine: the MoE for a wall-clock budget, the dense twin for the seconds the MoE actually trained (a run plans its
+steps from its first steps' speed, so it ends near its budget, not at it), then the dense twin for the MoE's number
+of tokens (the same training FLOPs, since the active FLOPs per token are equal). The twin is the same code with
 every layer dense (first_k_dense_replace = num_hidden_layers) and the MLP width that matches the MoE's active
 FLOPs per token; MTP is off in both so that only the feed-forward design differs. DeepSeek's claim is that, at
 equal compute, the MoE wins.
@@ -57,8 +58,9 @@ def main() -> None:
         dense_model = dense_twin(moe_cfg.model, moe_cfg.data.seq_len)
         runs = [("MoE + MLA (demo)", moe_cfg), ("dense, same wall-clock", None), ("dense, same tokens", None)]
         for i, (name, cfg) in enumerate(runs):
-            if name == "dense, same wall-clock":
-                cfg = load_run_config(args.config, [*timed, f"train.out_dir={tmp}/dense_time"])
+            if name == "dense, same wall-clock":  # the MoE's training seconds, not its budget
+                cfg = load_run_config(args.config, [*base, f"train.max_time={rows[0][6]:.1f}",
+                                                    f"train.out_dir={tmp}/dense_time"])
             elif name == "dense, same tokens":  # equal tokens x equal FLOPs/token = equal training compute
                 cfg = load_run_config(args.config, [*base, f"train.tokens={rows[0][4]}", "train.max_time=0",
                                                     f"train.out_dir={tmp}/dt"])  # no time limit from the config
@@ -68,6 +70,9 @@ def main() -> None:
             s = train(cfg, progress=False).summary
             if name == "dense, same tokens" and s["tokens"] < rows[0][4]:
                 raise SystemExit(f"the dense run stopped at {s['tokens']:,} tokens, short of the MoE's {rows[0][4]:,}")
+            if name == "dense, same wall-clock" and abs(s["train_seconds"] / rows[0][6] - 1) > 0.05:
+                console.print(f"[yellow]the dense run trained {s['train_seconds']:.0f} s against the MoE's "
+                              f"{rows[0][6]:.0f} s: not the same wall-clock within 5%; run again[/yellow]")
             rows.append((name, s["parameters"], s["active_parameters"], forward_flops_per_token(cfg.model,
                          cfg.data.seq_len), s["tokens"], s["tokens_per_s"], s["train_seconds"], s["val_loss"],
                          s["val_bpb"]))
@@ -82,8 +87,17 @@ def main() -> None:
     console.print(table)
     moe, time_dense, token_dense = rows[0][8], rows[1][8], rows[2][8]
     console.print(f"bits per byte — MoE {moe:.3f}; dense at the same wall-clock {time_dense:.3f} "
-                  f"({'MoE' if moe < time_dense else 'dense'} better); dense at the same tokens and FLOPs "
-                  f"{token_dense:.3f} ({'MoE' if moe < token_dense else 'dense'} better)")
+                  f"({verdict(moe, time_dense)}); dense at the same tokens and FLOPs {token_dense:.3f} "
+                  f"({verdict(moe, token_dense)})")
+
+
+TIE = 0.03  # bits per byte: two runs of each model differed by up to this much (docs/LOG.md, 2026-11-29)
+
+
+def verdict(moe: float, dense: float) -> str:
+    if abs(moe - dense) < TIE:
+        return f"a tie: within {TIE} bits/byte"
+    return "MoE better" if moe < dense else "dense better"
 
 
 if __name__ == "__main__":

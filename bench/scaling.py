@@ -3,7 +3,8 @@
 The cores are split evenly (1 process × N threads vs 2 processes × N/2 threads), so perfect scaling is a ratio of
 1.0: the question is what DDP's all-reduce, FSDP2's all-gather/reduce-scatter and expert parallelism's all_to_all
 cost over gloo. Same model (the demo preset), data, global batch and steps; tokens/s is the median over the
-second half of the steps (after warm-up).
+second half of the steps (after warm-up). `--repeats N` runs every setup once a round for N rounds and prints the
+medians and each round's efficiency (this machine drifts by 10-30% from minute to minute).
 
 Expert parallelism removes the routed experts from DDP's gradient all-reduce but exchanges token rows in every MoE
 layer, forward and backward; which costs less depends on how much of the model the experts are. `--ep-sweep` runs
@@ -150,7 +151,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / "runs" / "bench-data"), help="tokenizer and data go here")
     p.add_argument("--ep-sweep", default="", help="routed-expert counts for DDP vs DDP + EP 2, e.g. 32,64,128 "
                                                  "(skips the main table)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of each setup in --ep-sweep (median)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the setups, alternated (median)")
     p.add_argument("--warm-steps", type=int, default=0, help="time every setup after this many steps of one-process "
                                                              "training (routing balanced); 0: from initialisation")
     args = p.parse_args()
@@ -161,24 +162,30 @@ def main() -> None:
     if args.ep_sweep:
         ep_sweep([int(e) for e in args.ep_sweep.split(",")], max(1, cores // 2), data, args)
         return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        warm = warm_run(preset("demo").n_routed_experts, data, args) if args.warm_steps else None
-        base, _ = run(1, cores, [], data, Path(tmp) / "one", args, warm)
-        rows.append(("1 process", f"{cores} threads", base, 1.0))
+    setups = [("1 process", 1, cores, [])] + [
+        (f"2 processes, {name}", 2, max(1, cores // 2), extra)
         for name, extra in (("DDP", ["parallel.dp=ddp"]), ("FSDP2", ["parallel.dp=fsdp"]),
                             ("DDP + EP 2 (experts split)", ["parallel.dp=ddp", "parallel.ep=2"]),
-                            ("FSDP2 + EP 2", ["parallel.dp=fsdp", "parallel.ep=2"])):
-            tps, _ = run(2, max(1, cores // 2), extra, data, Path(tmp) / name.replace(" ", "_"), args, warm)
-            rows.append((f"2 processes, {name}", f"{max(1, cores // 2)} threads each", tps, tps / base))
+                            ("FSDP2 + EP 2", ["parallel.dp=fsdp", "parallel.ep=2"]))]
+    tps: dict[str, list[float]] = {name: [] for name, *_ in setups}
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = warm_run(preset("demo").n_routed_experts, data, args) if args.warm_steps else None
+        for i in range(args.repeats):  # every setup once a round: drift of a noisy machine hits all alike
+            for name, ranks, threads, extra in setups:
+                t, _ = run(ranks, threads, extra, data, Path(tmp) / f"{name.replace(' ', '_')}{i}", args, warm)
+                tps[name].append(t)
+                console.print(f"round {i + 1}, {name}: {t:,.0f} tokens/s")
     table = Table(title=f"training tokens/s, demo preset, batch {args.batch} x 256, {cores} cores, gloo, timed "
-                        f"{timed_from(args)}")
-    for col in ("setup", "threads", "tokens/s", "scaling efficiency"):
+                        f"{timed_from(args)}, median of {args.repeats} round(s)")
+    for col in ("setup", "threads", "tokens/s", "scaling efficiency", "efficiency per round"):
         table.add_column(col, justify="left" if col == "setup" else "right")
-    for name, threads, tps, eff in rows:
-        table.add_row(name, threads, f"{tps:,.0f}", f"{eff:.2f}")
+    one = tps["1 process"]
+    for name, ranks, threads, _ in setups:
+        per_round = [t / b for t, b in zip(tps[name], one)]
+        median = statistics.median(tps[name])
+        table.add_row(name, f"{threads} thread(s)" + (" each" if ranks > 1 else ""), f"{median:,.0f}",
+                      f"{median / statistics.median(one):.2f}", " / ".join(f"{r:.2f}" for r in per_round))
     console.print(table)
-
 
 if __name__ == "__main__":
     main()

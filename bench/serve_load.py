@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -200,6 +201,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own default)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still stop the server below
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         model_dir = Path(args.model) if args.model else demo_model(Path(tmp))
