@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import traceback
 import weakref
 
 import pytest
@@ -425,6 +426,26 @@ def test_no_queue_still_fills_free_slots():
         Engine(tiny(), IdText(), max_queue=-1)
 
 
+def test_wait_policy_holds_requests_until_a_slot_frees():
+    """queue_policy="wait" with one slot and no waiting line: the requests that find it taken wait for it (instead
+    of QueueFull) and each still gets its own greedy answer."""
+    model = tiny()
+    engine = Engine(model, IdText(), max_batch=1, max_queue=0, queue_policy="wait")
+    engine.start()
+
+    async def run() -> list[list[int]]:
+        async def collect(prompt: list[int]) -> list[int]:
+            return [e.token_id async for e in engine.stream(prompt, GREEDY)]
+
+        return await asyncio.wait_for(asyncio.gather(*(collect(p) for p in PROMPTS[:3])), 120)
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert got == [greedy_reference(model, p, 10) for p in PROMPTS[:3]]
+
+
 def test_shutdown_tells_unfinished_requests_and_drops_them():
     """Requests still running or waiting when the engine stops get an error, and a restarted engine does not run
     them for callers that are gone."""
@@ -588,11 +609,28 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
 
 
 def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
-    """Where the kernel is not built (or does not cover the model), decoding takes torch's path: same tokens."""
+    """Where the kernel is not built (or does not cover the model), decoding takes torch's path: same tokens.
+    Where it is built, the engine's decode steps do call it (a dispatch that never picks it would pass the rest)."""
+    from nanoseek.model.moe import MoE
+
     model = tiny()
+    decoded = []  # token rows of each kernel call made inside a decode step
+    real = kernels.routed_experts
+
+    def spy(x, *rest):
+        if any(f.name == "_decode" for f in traceback.extract_stack()):
+            decoded.append(len(x))
+        return real(x, *rest)
+
+    monkeypatch.setattr(kernels, "routed_experts", spy)
     with_kernel = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+    if kernels.load():  # each MoE layer, once per step, for the 9 tokens after each prompt's first
+        moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
+        assert sum(decoded) == len(PROMPTS) * 9 * moe_layers and max(decoded) <= 3, decoded
     monkeypatch.setattr(kernels, "covers", lambda *tensors: False)
+    calls = len(decoded)
     without = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+    assert len(decoded) == calls  # torch's path only
     assert [[e.token_id for e in evs] for evs in with_kernel] == [[e.token_id for e in evs] for evs in without]
 
 

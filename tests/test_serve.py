@@ -106,6 +106,16 @@ def engine_text(engine: Engine, ids: list[int], **params) -> str:
     return "".join(ev.text for ev in engine.generate([ids], SamplingParams(**params))[0])
 
 
+def scrape(text: str) -> dict[str, float]:
+    """/metrics exposition text -> {sample name with labels: value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
 def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -191,11 +201,12 @@ def test_stop_strings(client):
     chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=24, **GREEDY)
     text = chat.choices[0].message.content
-    piece = re.search(r"(?<=.{3})[A-Za-z]{2}", text)
-    if piece:  # the same through chat, when its answer has a letter pair to stop on
-        again = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=24, stop=piece.group(), **GREEDY)
-        assert again.choices[0].message.content == text[:text.index(piece.group())]
+    piece = re.search(r"(?<=.{3})[A-Za-z]{2}", text)  # the same through chat (the fixed model's answer has one)
+    assert piece, f"no ASCII letters to stop on in {text!r}"
+    again = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=24, stop=piece.group(), **GREEDY)
+    assert again.choices[0].message.content == text[:text.index(piece.group())]
+    assert again.choices[0].finish_reason == "stop"
 
 
 def test_seed_reproducible(client):
@@ -207,6 +218,21 @@ def test_seed_reproducible(client):
     streamed = "".join(ch.choices[0].delta.content or ""
                        for ch in client.chat.completions.create(**kw, seed=1234, stream=True))
     assert a == b == streamed and a != c
+
+
+def test_top_k_and_top_p_reach_the_engine(client):
+    """top_k=1 or a tiny top_p leaves one token to sample: the greedy answer, whatever the temperature and seed.
+    Without them the same seed samples something else, so a server that dropped either option would show it."""
+    kw = dict(model="tiny-chat", messages=[{"role": "user", "content": "Surprise me"}], max_tokens=8)
+
+    def answer(**options) -> str:
+        return client.chat.completions.create(**kw, **options).choices[0].message.content
+
+    greedy = answer(**GREEDY)
+    sampled = dict(temperature=1.0, seed=1234)
+    assert answer(**sampled, extra_body={"ignore_eos": True}) != greedy
+    assert answer(**sampled, extra_body={"ignore_eos": True, "top_k": 1}) == greedy
+    assert answer(**sampled, top_p=1e-6, extra_body={"ignore_eos": True}) == greedy
 
 
 def test_logprobs(client, tok):
@@ -277,9 +303,17 @@ def test_speculative_mtp_server(model_dir, tok, client):
             oa = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
             fast = oa.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, **GREEDY)
             assert fast.choices[0].message.content == plain.choices[0].message.content
-            rate = re.search(r"^nanoseek_speculative_acceptance_rate ([\d.e+-]+)$", httpx.get(f"{base}/metrics").text,
-                             re.M)
-            assert rate and 0 <= float(rate.group(1)) <= 1
+
+            def rate() -> float:
+                return scrape(httpx.get(f"{base}/metrics").text)["nanoseek_speculative_acceptance_rate"]
+
+            # 12 tokens: one from the prefill, then a draft checked per step, which yields 2 where it was right
+            assert 1 + mtp.drafts_proposed + mtp.drafts_accepted == 12
+            assert rate() == mtp.stats()["acceptance_rate"] == mtp.drafts_accepted / mtp.drafts_proposed
+            # this untrained model's drafts all miss (0 of 11): with counts a trained one would have, the gauge
+            # still reads the engine's share
+            mtp.drafts_accepted, mtp.drafts_proposed = 3, 8
+            assert rate() == 3 / 8
     finally:
         mtp.shutdown()
 
@@ -507,22 +541,20 @@ def test_model_without_chat_template(model_dir, engine, tmp_path):
 
 # ---- metrics and the page -------------------------------------------------------------------------------------
 
-def test_metrics(url, http, client):
-    list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "m"}],
-                                        max_tokens=4, stream=True, **GREEDY))
+def test_metrics(url, http, client, tok):
+    messages = [{"role": "user", "content": "m"}]
+    before = scrape(http.get("/metrics").text)
+    list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, stream=True, **GREEDY))
     assert_error(httpx.get(f"{url}/metrics"), 401)  # the key guards metrics too
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    values = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    values = scrape(r.text)
     assert values['nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
-    assert values["nanoseek_prompt_tokens_total"] > 0 and values["nanoseek_generation_tokens_total"] >= 4
-    assert values["nanoseek_time_to_first_token_seconds_count"] >= 1
-    assert values["nanoseek_inter_token_latency_seconds_count"] >= 3
-    assert values["nanoseek_request_latency_seconds_count"] >= 1
+    # that one request, exactly: its prompt, its 4 tokens, one first token and 3 gaps between tokens
+    want = {"nanoseek_prompt_tokens_total": len(chat_ids(tok, messages)), "nanoseek_generation_tokens_total": 4,
+            "nanoseek_time_to_first_token_seconds_count": 1, "nanoseek_inter_token_latency_seconds_count": 3,
+            "nanoseek_request_latency_seconds_count": 1}
+    assert {name: values[name] - before[name] for name in want} == want
     assert values["nanoseek_batch_size"] == 0 and values["nanoseek_queue_depth"] == 0
     # energy per generated token: this VM has no readable RAPL counters, so codecarbon's estimate, labelled so
     energy = {k: v for k, v in values.items() if k.startswith("nanoseek_energy")}
@@ -580,11 +612,35 @@ def test_serve_command(model_dir):
     assert r.returncode == 2 and "top_p must be in (0, 1], got 2.0" in r.stdout + r.stderr
 
 
+def test_chat_command_keeps_the_conversation(model_dir, tok, monkeypatch, capsys):
+    """In process, to see each turn's prompt: the system prompt, then every earlier exchange with the answer the
+    model gave, then the new line; /reset forgets the exchanges (not the system prompt)."""
+    from nanoseek.cli import main
+    from nanoseek.serve import commands
+
+    lines = iter(["Hello there", "And again", "/reset", "Once more", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    turns: list[tuple[list[int], str]] = []  # (prompt ids, answer) of each turn
+    answer = commands._answer
+
+    async def recorded(engine, ids, params):
+        turns.append((ids, await answer(engine, ids, params)))
+        return turns[-1][1]
+
+    monkeypatch.setattr(commands, "_answer", recorded)
+    assert main(["chat", str(model_dir), "--max-tokens", "3", "--temperature", "0", "--device", "cpu",
+                 "--system", "Be brief."]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 3 and "(conversation cleared)" in out
+    system, (first, second, third) = {"role": "system", "content": "Be brief."}, turns
+    assert first[0] == chat_ids(tok, [system, {"role": "user", "content": "Hello there"}])
+    assert second[0] == chat_ids(tok, [system, {"role": "user", "content": "Hello there"},
+                                       {"role": "assistant", "content": first[1]},
+                                       {"role": "user", "content": "And again"}])
+    assert third[0] == chat_ids(tok, [system, {"role": "user", "content": "Once more"}])
+
+
 def test_chat_command(model_dir, tmp_path):
-    r = nanoseek("chat", str(model_dir), "--max-tokens", "6", "--temperature", "0", "--device", "cpu",
-                 input="Hello there\n/reset\nAnd again\n/exit\n", timeout=120)
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert r.stdout.count("model> ") == 2 and "(conversation cleared)" in r.stdout
     # a line in another encoding (Latin-1 "café") is skipped with the reason; the conversation goes on
     r = subprocess.run([sys.executable, "-m", "nanoseek", "chat", str(model_dir), "--max-tokens", "4", "--device",
                         "cpu"], input=b"caf\xe9\nHello\n/exit\n", capture_output=True, timeout=120, cwd=ROOT)

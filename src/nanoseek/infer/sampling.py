@@ -64,6 +64,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [vocab] (fp32) -> one token id."""
     if params.greedy:
         return int(logits.argmax())
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (not greedy) request draws from, on the CPU: softmax(logits / temperature), then
+    top-k, then top-p over what is left, renormalised (temperature first, as vLLM and transformers apply them)."""
     logits = logits.cpu()  # the generator is a CPU one: the same draw on any device
     # Relative to the largest logit, and at least MIN_TEMPERATURE: logits / 1e-40 overflow to inf (and 1e-40 is a
     # float32 subnormal, which the engine's thread flushes to 0), making the softmax NaN. Below ~1e-4 sampling
@@ -78,7 +84,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    return logits.softmax(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
