@@ -143,6 +143,54 @@ def test_text_chunks_cut_at_blank_lines_and_lose_nothing():
     assert list(text_chunks("short", size=300)) == ["short"]
 
 
+def test_a_text_file_is_read_in_blocks_as_if_whole(tmp_path, monkeypatch):
+    """Blocks of 7 bytes split characters, CRLFs and the byte-order mark: the documents are those of the whole text,
+    and a bad byte anywhere (even after many documents) skips the whole file, naming its offset."""
+    from nanoseek.data import corpora
+    from nanoseek.data.corpora import text_chunks
+
+    rng = random.Random(3)
+    text = "\r\n\r\n".join(_text(rng, 30) + " é中😀\r\nnext line" for _ in range(1500))
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    whole = [(d.source, d.text) for d in iter_documents([str(path)])]
+    monkeypatch.setattr(corpora, "READ_BLOCK", 7)
+    assert [(d.source, d.text) for d in iter_documents([str(path)])] == whole
+    assert [t for _, t in whole] == [t for t in text_chunks(text.replace("\r\n", "\n")) if t.strip()]
+    assert len(whole) > 2 and whole[1][0] == f"{path}#1"
+    path.write_bytes(text.encode() + b"\xff")  # bad after many documents' worth of text: none of them is used
+    report = Report()
+    assert list(iter_documents([str(path)], report=report)) == [] and "at byte" in report.skipped[0][1]
+    # a character cut short, at every position in a block: the offset Python names for the whole file
+    for k in range(7):
+        raw = text.encode()[:1000 + k] + "中".encode()[:2] + b"A then more text"
+        path.write_bytes(raw)
+        report = Report()
+        assert list(iter_documents([str(path)], report=report)) == []
+        with pytest.raises(UnicodeDecodeError) as whole_file:
+            raw.decode("utf-8")
+        assert report.skipped[0][1].startswith(f"not valid UTF-8 ({whole_file.value.reason} at byte "
+                                               f"{whole_file.value.start})"), (k, report.skipped)
+
+
+def test_reading_a_large_text_file_holds_a_block_not_the_file(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    line = "All human beings are born free and equal in dignity and rights.\n"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(40):
+            f.write((line * 32 + "\n") * 200)  # 40 x 420 KB: 16.8 MB
+    tracemalloc.start()
+    try:
+        chars = sum(len(d.text) for d in iter_documents([str(path)]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chars == path.stat().st_size
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB held while reading a {chars / 1e6:.1f} MB file"
+
+
 def test_one_big_text_file_becomes_many_documents_with_a_validation_share(corpus, tmp_path):
     """A whole corpus in one .txt file: documents of bounded size, so memory stays bounded and the validation
     split holds about val_fraction of the text, not 0 (or all) of it."""

@@ -3,7 +3,7 @@
 A source is one of
     a file            a text file (line endings made LF), cut into documents of up to ~64K characters at blank
                       lines: a book or a whole corpus in one .txt file still gets a validation share, and the
-                      tokenizer works on bounded pieces (the file itself is read whole); `.jsonl`: one document
+                      tokenizer works on bounded pieces (the file is read in blocks); `.jsonl`: one document
                       per line, the `text_field` key of each object
     a folder          every `.txt`, `.md` and `.jsonl` file below it (any letter case; links followed), in sorted
                       path order (hidden entries skipped; files of other types listed as skipped)
@@ -19,10 +19,12 @@ silently.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,50 +126,100 @@ def _iter_file(path: Path, text_field: str, report: Report) -> Iterator[Document
     if path.suffix.lower() == ".jsonl":
         yield from _iter_jsonl(path, text_field, report)
         return
-    text = _decode(path.read_bytes(), path, report)
-    if text is None:
+    # Read in blocks, twice: first to check the whole file (a file is used whole or skipped whole, with the reason),
+    # then to cut it into documents. Memory stays at a block and a document however large the file is.
+    try:
+        for _ in _text(_read_blocks(path), path, report):
+            pass
+    except _Unusable:
         return
-    # line endings as LF: the cuts then fall at the same places in a CRLF copy, which deduplication can find
-    text = text.replace("\r\n", "\n")
-    if len(text) <= TEXT_CHUNK_CHARS:
-        yield Document(str(path), text)
+    parts = text_chunks(_lf(_text(_read_blocks(path), path, Report())))
+    first, second = next(parts), next(parts, None)
+    if second is None:
+        yield Document(str(path), first)
         return
-    for i, part in enumerate(text_chunks(text)):
+    for i, part in enumerate(itertools.chain((first, second), parts)):
         if part.strip():
             yield Document(f"{path}#{i}", part)
 
 
-def text_chunks(text: str, size: int = TEXT_CHUNK_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most ~`size` characters, cut after a blank line where there is one in
-    the second half of the piece, else after a line end, else at `size`: their concatenation is `text`."""
-    start = 0
-    while len(text) - start > size:
-        end = start + size
-        cut = text.rfind("\n\n", start + size // 2, end)
-        cut = cut + 2 if cut >= 0 else text.rfind("\n", start + size // 2, end) + 1 or end
-        yield text[start:cut]
-        start = cut
-    if start < len(text):
-        yield text[start:]
+READ_BLOCK = 1 << 20  # bytes
+
+
+def _read_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(READ_BLOCK):
+            yield block
+
+
+class _Unusable(Exception):
+    """The text was skipped; the reason is in the report."""
+
+
+def _text(blocks: Iterable[bytes], where: str | Path, report: Report) -> Iterator[str]:
+    """The text of consecutive byte blocks (a character may straddle two), checked as it goes: UTF-8 (a byte-order
+    mark is dropped), no NUL, not only whitespace. Otherwise the reason goes to `report` and _Unusable is raised."""
+    def skip(reason: str) -> _Unusable:
+        report.skip(where, reason)
+        return _Unusable()
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    offset, chars, text_seen = 0, 0, False  # offset: bytes before this block
+    for block in itertools.chain(blocks, [b""]):
+        if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise skip("UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8")
+        held = len(decoder.getstate()[0])  # bytes of a character that the last block began
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            raise skip(f"not valid UTF-8 ({e.reason} at byte {offset - held + e.start}): convert it, e.g. `iconv -f "
+                       "latin1 -t utf-8 FILE > NEW` (name its real encoding: latin1, cp1252, cp1251, gb18030, ...)"
+                       ) from None
+        if "\x00" in text:  # UTF-16 without a byte-order mark is valid UTF-8 byte for byte, a NUL every other byte
+            raise skip("holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text")
+        offset, chars = offset + len(block), chars + len(text)
+        text_seen = text_seen or (text != "" and not text.isspace())
+        yield text
+    if not text_seen:
+        raise skip("empty" if not chars else "only whitespace")
+
+
+def _lf(pieces: Iterable[str]) -> Iterator[str]:
+    """Line endings as LF (a CRLF may straddle two pieces): the cuts then fall at the same places in a CRLF copy,
+    which deduplication can find."""
+    held = ""
+    for piece in pieces:
+        piece = (held + piece).replace("\r\n", "\n")
+        held = "\r" if piece.endswith("\r") else ""
+        yield piece[:len(piece) - len(held)]
+    yield held
+
+
+def text_chunks(pieces: str | Iterable[str], size: int = TEXT_CHUNK_CHARS) -> Iterator[str]:
+    """The text (a string, or consecutive pieces of one) in pieces of at most ~`size` characters, cut after a blank
+    line where there is one in the second half of the piece, else after a line end, else at `size`: their
+    concatenation is the text. At least one piece ("" for no text)."""
+    buffer, cut_before = "", False
+    for piece in [pieces] if isinstance(pieces, str) else pieces:
+        buffer += piece
+        start = 0
+        while len(buffer) - start > size:
+            end = start + size
+            cut = buffer.rfind("\n\n", start + size // 2, end)
+            cut = cut + 2 if cut >= 0 else buffer.rfind("\n", start + size // 2, end) + 1 or end
+            yield buffer[start:cut]
+            start, cut_before = cut, True
+        buffer = buffer[start:]
+    if buffer or not cut_before:
+        yield buffer
 
 
 def _decode(raw: bytes, where: str | Path, report: Report) -> str | None:
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        report.skip(where, "UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8")
-        return None
+    """`raw` as text, or None with the reason in `report` (see `_text`)."""
     try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
-    except UnicodeDecodeError as e:
-        report.skip(where, f"not valid UTF-8 ({e.reason} at byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
-                           "utf-8 FILE > NEW` (name its real encoding: latin1, cp1252, cp1251, gb18030, ...)")
+        return "".join(_text([raw], where, report))
+    except _Unusable:
         return None
-    if "\x00" in text:  # UTF-16 without a byte-order mark is valid UTF-8 byte for byte, with a NUL every other byte
-        report.skip(where, "holds NUL bytes: UTF-16 without a byte-order mark (convert it to UTF-8), or not text")
-        return None
-    if not text.strip():
-        report.skip(where, "empty" if not text else "only whitespace")
-        return None
-    return text
 
 
 def read_text(path: Path) -> str:
