@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from nanoseek.cli import main
 from nanoseek.cost.energy import grid_intensity
 from nanoseek.cost.plan import (
     DEEPSEEK_LLM,
@@ -145,22 +146,21 @@ def test_bad_hardware():
     assert r.returncode == 2 and "--seq-len must be >= 16, got 0" in r.stdout
 
 
-def test_cli_writes_a_config_that_train_accepts(tmp_path):
+def test_cli_writes_a_config_that_train_accepts(tmp_path, capsys):
     out = tmp_path / "plan.toml"
-    r = nanoseek("plan", "--budget-usd", "500", "--accelerator", "A100-80GB", "--count", "8", "--price-per-hour",
-                 "1.2", "--mfu", "0.35", "--out", str(out))
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert "DeepSeek LLM" in r.stdout and "fsdp" in r.stdout
+    assert main(["plan", "--budget-usd", "500", "--accelerator", "A100-80GB", "--count", "8", "--price-per-hour",
+                 "1.2", "--mfu", "0.35", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "DeepSeek LLM" in printed and "fsdp" in printed
     cfg = load_run_config(out)
     assert cfg.train.tokens > 0 and cfg.parallel.dp == "fsdp" and cfg.train.dtype == "bf16"
     # a hard stop at the budget's hours ($500 / ($1.2 x 8)), and the price of one machine of 8 devices
     assert cfg.train.max_time == pytest.approx(500 / 9.6 * 3600) and cfg.cost.price_per_hour == pytest.approx(9.6)
     assert "at MFU 35.0% (given (--mfu))" in out.read_text()
-    r = nanoseek("train", str(out), "--dry-run")
-    assert r.returncode == 0, r.stderr + r.stdout
-    r = nanoseek("plan", "--budget-usd", "0.01", "--accelerator", "H100-SXM", "--price-per-hour", "2",
-                 "--out", str(tmp_path / "none.toml"))
-    assert r.returncode == 2 and "budget too small" in r.stdout and not (tmp_path / "none.toml").exists()
+    assert main(["train", str(out), "--dry-run"]) == 0
+    assert main(["plan", "--budget-usd", "0.01", "--accelerator", "H100-SXM", "--price-per-hour", "2",
+                 "--out", str(tmp_path / "none.toml")]) == 2
+    assert "budget too small" in capsys.readouterr().out and not (tmp_path / "none.toml").exists()
 
 
 def test_default_gpu_utilisation_is_nanoseeks_own_measurement():
@@ -196,7 +196,6 @@ def test_a_multi_machine_plan_prices_each_machine():
 
 
 def test_plan_arguments_fail_before_measuring(capsys):
-    from nanoseek.cli import main
 
     assert main(["plan", "--cpu", "--hours", "1", "--seq-len", "0"]) == 2
     out = capsys.readouterr().out
@@ -209,7 +208,6 @@ def test_plan_arguments_fail_before_measuring(capsys):
 
 
 def test_plan_for_prepared_data_takes_its_vocabulary_and_counts_its_passes(data_dir, tmp_path, capsys):
-    from nanoseek.cli import main
 
     out = tmp_path / "p.toml"
     assert main(["plan", "--accelerator", "H100-SXM", "--hours", "2", "--data", str(data_dir), "--out", str(out)]) == 0

@@ -602,14 +602,19 @@ def test_serve_command(model_dir):
     assert f"http://127.0.0.1:{port}/" in out and "with an API key" in out
     threads = max(1, torch.get_num_threads() - 1)  # the default leaves the event loop a core
     assert f"{threads} model thread{'s' * (threads > 1)}" in out, out
-    r = nanoseek("serve", str(model_dir), "--threads", "0", timeout=120)
-    assert r.returncode == 2 and "--threads must be at least 1" in r.stdout + r.stderr
-    for flags, said in [(["--port", "70000"], "--port must be in 1-65535, got 70000"),
-                        (["--max-queue", "-1"], "--max-queue (-1) at least 0")]:  # -1 would answer 429 to all
-        r = nanoseek("serve", str(model_dir), *flags, timeout=120)
-        assert r.returncode == 2 and said in r.stdout + r.stderr, flags
-    r = nanoseek("chat", str(model_dir), "--top-p", "2", timeout=120)  # before the model loads and a line is typed
-    assert r.returncode == 2 and "top_p must be in (0, 1], got 2.0" in r.stdout + r.stderr
+
+
+def test_serve_and_chat_refuse_bad_flags_before_loading(model_dir, capsys):
+    from nanoseek.cli import main
+
+    for command, flags, said in [
+            ("serve", ["--threads", "0"], "--threads must be at least 1"),
+            ("serve", ["--port", "70000"], "--port must be in 1-65535, got 70000"),
+            ("serve", ["--max-queue", "-1"], "--max-queue (-1) at least 0"),  # -1 would answer 429 to all
+            ("chat", ["--top-p", "2"], "top_p must be in (0, 1], got 2.0")]:  # before a line is typed
+        assert main([command, str(model_dir), *flags]) == 2, flags
+        out = capsys.readouterr()
+        assert said in " ".join((out.out + out.err).split()), flags
 
 
 def test_chat_command_keeps_the_conversation(model_dir, tok, monkeypatch, capsys):
