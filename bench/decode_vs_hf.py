@@ -12,6 +12,7 @@ after a generate and of nanoseek's, against the formula and against a multi-head
     python bench/decode_vs_hf.py                    # batch 1 and 16, 64 new tokens
     python bench/decode_vs_hf.py --speculative      # also nanoseek with MTP self-speculation (batch 1)
     python bench/decode_vs_hf.py --eager            # nanoseek's decode step uncompiled (Engine(compile=False))
+    python bench/decode_vs_hf.py --threads 1        # both on one thread (`nanoseek serve`'s default on 2 cores)
     python bench/decode_vs_hf.py --device cuda --dtype bf16   # on a GPU
 """
 
@@ -32,6 +33,7 @@ from rich.table import Table
 import nanoseek
 from nanoseek.device import pick_device
 from nanoseek.infer import Engine, LatentCache, SamplingParams
+from nanoseek.infer.layout import choose_linear_layout
 
 warnings.filterwarnings("ignore")
 
@@ -90,7 +92,10 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="nanoseek's decode step uncompiled")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (both models on it)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both models' weights")
+    p.add_argument("--threads", type=int, help="CPU threads of both (default: torch's, one per core)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
@@ -105,6 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as ckpt:
         nanoseek.NanoSeek(config).save_pretrained(ckpt)
         ours = nanoseek.from_pretrained(ckpt).to(device, dtype).eval()
+        console.print(f"nanoseek: {choose_linear_layout(ours)}")  # what its loader does for serve and generate
         impls = {impl: DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype,
                                                              experts_implementation=impl).to(device).eval()
                  for impl in ("grouped_mm", "eager", "batched_mm")}

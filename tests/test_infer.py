@@ -694,3 +694,36 @@ def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):
         mp.setenv("NANOSEEK_KERNELS", "0")
         mp.setenv("NANOSEEK_CACHE", str(tmp_path / "off"))
         assert kernels.load.__wrapped__() is False and not (tmp_path / "off").exists()
+
+
+def test_linear_weights_stored_transposed_decode_the_same():
+    """infer/layout.py: where this CPU's BLAS is faster on Wᵀ, the engine's loader stores the wide Linear weights
+    transposed. Same shapes and values, views of the new layout; the same logits (to rounding) and greedy tokens;
+    kv_b_proj (read through a view), narrow layers and an lm_head tied to the embedding keep their layout."""
+    from torch import nn
+
+    from nanoseek.infer import layout
+
+    model = tiny()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    want = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        logits = model(ids)
+    assert layout.transpose_linears(model) == len(layout.eligible(model)) > 0
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    moved = {name for name, m in linears.items() if not m.weight.is_contiguous()}
+    assert "lm_head" in moved and not any(name.endswith("kv_b_proj") for name in moved)
+    assert moved == {name for name, m in linears.items() if m.out_features >= m.in_features} - \
+        {name for name in linears if name.endswith("kv_b_proj")}
+    assert all(m.weight.t().is_contiguous() for name, m in linears.items() if name in moved)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), logits, rtol=1e-5, atol=1e-5)
+    got = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
+    assert got == want
+
+    tied = tiny(tie_word_embeddings=True)
+    assert "lm_head" not in {n for n, m in tied.named_modules() if m in layout.eligible(tied)}
+    assert layout.choose_linear_layout(tiny().to(torch.bfloat16)) == "linear weights as stored"  # CPU fp32 only
+

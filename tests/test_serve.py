@@ -657,3 +657,14 @@ def test_chat_command(model_dir, tmp_path):
     Tokenizer(base.hf, chat_template=None).save(plain)
     r = nanoseek("chat", str(plain), "--device", "cpu", input="hi\n", timeout=120)
     assert r.returncode == 2 and "no chat template" in r.stdout + r.stderr
+
+
+def test_the_loader_keeps_the_layout_the_timing_chose(monkeypatch, model_dir):
+    """load_for_inference transposes exactly when the timing says it is clearly faster, and says which it did."""
+    from nanoseek.infer import layout
+
+    for faster, contiguous in ((True, False), (False, True)):
+        monkeypatch.setattr(layout, "transposed_is_faster", lambda *shape, f=faster: f)
+        model, _ = load_for_inference(model_dir)
+        assert model.lm_head.weight.is_contiguous() == contiguous
+        assert ("stored transposed" in model.linear_layout) == faster

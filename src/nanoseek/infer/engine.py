@@ -31,6 +31,7 @@ import torch
 
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.forward import Batch, LatentCache, decode_step, forward_cached, mtp_cached
+from nanoseek.infer.layout import choose_linear_layout
 from nanoseek.infer.sampling import InferenceError, SamplingParams, generator_for, sample, token_logprobs
 from nanoseek.infer.text import TextStream
 from nanoseek.model.model import NanoSeek
@@ -488,7 +489,8 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     `expert_dtype` ("fp32", "bf16"; default: `dtype`): how the routed experts are stored (`--expert-dtype`). Most of
     a DeepSeekMoE model's parameters are routed experts, and a decode step on CPU costs what reading the chosen
     ones costs: bf16 halves both. With fp32 math, bf16 experts are widened exactly, so the model computes what an
-    fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing."""
+    fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing. On CPU in fp32, Linear
+    weights are stored in the layout this CPU's BLAS decodes faster (infer/layout.py)."""
     from nanoseek.device import pick_device, pick_dtype
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir
@@ -513,6 +515,7 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     if eos is not None:  # generation_config.json's end ids replace config.json's for generation (transformers)
         model.config.eos_token_id = eos
     model.name_or_path = Path(path).resolve().name
+    model.linear_layout = choose_linear_layout(model)  # said by `nanoseek serve` at start-up
     return model, tokenizer
 
 

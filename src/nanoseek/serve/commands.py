@@ -85,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     console.print(f"serving [bold]{escape(engine.model_name)}[/bold] (context {engine.max_context} tokens) at "
                   f"http://{shown}:{args.port}/ (web chat) and http://{shown}:{args.port}/v1 (OpenAI API)"
-                  + (" with an API key" if api_key else "") + f", {threads} model thread{'s' * (threads > 1)}",
+                  + (" with an API key" if api_key else "") + f", {threads} model thread{'s' * (threads > 1)}, "
+                  f"{model.linear_layout}",
                   highlight=False, soft_wrap=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal: make that a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
