@@ -174,8 +174,9 @@ def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     # the model's own experts only: a parallel wrapper (train/parallel.py) holds a shard and exchanges tokens
     if isinstance(mlp, MoE) and isinstance(mlp.experts, Experts):
         n, compiling = x.shape[0] * x.shape[1], torch.compiler.is_compiling()
-        # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode kernel
-        kernel = (n != 1 if compiling else n <= DECODE_ROWS) and kernels.covers(
+        # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode kernel;
+        # several rows: the decode kernel where this CPU has the registers for its tiles (kernels.beats_inductor)
+        kernel = (n != 1 and kernels.beats_inductor() if compiling else n <= DECODE_ROWS) and kernels.covers(
             x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
         if compiling or kernel:
             return h + decode_moe(mlp, x, kernel)

@@ -121,6 +121,16 @@ def built() -> bool:
     return load()
 
 
+@torch.compiler.assume_constant_result
+def beats_inductor() -> bool:
+    """Whether the kernel is the faster choice inside a compiled step (of several rows) on this CPU. Its tiles hold
+    16 accumulators of 16 floats: AVX-512's 32 registers keep them, AVX2's 16 cannot (each is two registers there),
+    and on this project's AVX2 machine (an AMD EPYC) the compiled batch-16 step was 0.82x as fast with the kernel as
+    with inductor's fused kernel (batch 4: 0.90x; `bench/decode_kernel.py`, docs/LOG.md, 2026-11-30). The eager
+    engine keeps the kernel there: it is 2-4.6x faster than the model's own path."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors: plain (not sharded DTensors) CPU tensors, x float32, the expert
     weights both float32 or both bfloat16, last sizes multiples of VECTOR; and it is built."""
