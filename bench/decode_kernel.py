@@ -9,6 +9,9 @@ to a whole compiled decode step.
    rounded weights in fp32, which it must equal exactly).
 2. The compiled decode step (`infer/forward.py: decode_step`, the engine's graph) with the kernel and with torch's
    path, alternated in one process.
+3. Every Linear layer a decode step runs (attention projections, shared experts, the dense layer, lm_head) at 1 / 4
+   / 16 rows, cold: the kernel's `linear_rows` vs the BLAS (F.linear) with the weights as stored and transposed
+   (the two layouts `infer/layout.py` chooses between).
 Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
 
     python bench/decode_kernel.py
@@ -154,6 +157,32 @@ def step_table(model: nanoseek.NanoSeek, console: Console) -> None:
     console.print(table)
 
 
+def linears_table(model: nanoseek.NanoSeek, console: Console) -> None:
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not name.startswith("mtp") and not name.endswith("kv_b_proj")]  # kv_b_proj: read as a view
+    weights = [m.weight.detach() for m in linears]
+    layouts = {"kernel": weights, "stored": weights, "transposed": [w.t().contiguous().t() for w in weights]}
+    sweep = torch.empty(60_000_000)
+    table = Table(title=f"the {len(linears)} Linear layers of a decode step, cold (median µs for all; ratio = that "
+                        "time / the kernel's)")
+    for col in ("rows", "kernel", "BLAS, as stored", "ratio", "BLAS, transposed", "ratio"):
+        table.add_column(col, justify="right")
+    for n in (1, 4, 16):
+        xs = [torch.randn(n, w.shape[1]) for w in weights]
+        variants = {name: (lambda ws=ws, fn=kernels.linear_rows if name == "kernel" else F.linear, xs=xs: [
+            fn(x, w) for x, w in zip(xs, ws)]) for name, ws in layouts.items()}
+        outs = {name: f() for name, f in variants.items()}
+        assert all((a - b).abs().max() < 1e-4 for o in outs.values() for a, b in zip(o, outs["kernel"]))
+        res: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(15):
+            for name, f in variants.items():
+                res[name].append(timed(f, 3, sweep))
+        med = {name: statistics.median(v) * 1e6 for name, v in res.items()}
+        table.add_row(str(n), f"{med['kernel']:.0f}", f"{med['stored']:.0f}", f"{med['stored'] / med['kernel']:.2f}x",
+                      f"{med['transposed']:.0f}", f"{med['transposed'] / med['kernel']:.2f}x")
+    console.print(table)
+
+
 def main() -> None:
     if not kernels.load():
         raise SystemExit("the decode kernel could not be built here (see the warning above): nothing to compare")
@@ -163,6 +192,8 @@ def main() -> None:
     with torch.inference_mode():
         experts_table(model, console)
     step_table(model, console)
+    with torch.inference_mode():
+        linears_table(model, console)
 
 
 if __name__ == "__main__":

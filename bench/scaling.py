@@ -54,7 +54,9 @@ def prepare_data(out: Path, vocab: int) -> Path:
 
 
 QUIET = ["eval.every=0", "eval.samples=0", "eval.batches=1", "checkpoint.every=0"]  # only the final checkpoint
-TIMED = ["train.dtype=fp32", "train.log_every=1", *QUIET]  # every timed run: fp32, a log line per step
+# every timed run: fp32 on the CPU (the question is how cores split between processes; on a GPU machine only the
+# warm-up uses the GPU), a log line per step
+TIMED = ["train.dtype=fp32", "train.device=cpu", "train.log_every=1", *QUIET]
 
 
 def fresh(data: Path, out: Path, args: argparse.Namespace, steps: int, extra: list[str]) -> list[str]:
@@ -65,8 +67,8 @@ def fresh(data: Path, out: Path, args: argparse.Namespace, steps: int, extra: li
 
 
 def warm_run(n_experts: int, data: Path, args: argparse.Namespace) -> Path:
-    """One process trained for --warm-steps (bf16 where it helps), cached: the routing bias has balanced the
-    experts' load by then, as it is for most of a real run."""
+    """One process trained for --warm-steps (on a GPU if there is one, bf16 where it helps), cached: the routing
+    bias has balanced the experts' load by then, as it is for most of a real run."""
     out = Path(args.cache).resolve() / f"warm-e{n_experts}-s{args.warm_steps}-b{args.batch}-v{args.vocab}"
     summary = out / "summary.json"
     done = summary.is_file() and json.loads(summary.read_text()).get("steps") == args.warm_steps

@@ -139,13 +139,19 @@ def test_bf16_attention_scores_are_not_rounded_before_the_softmax():
 def test_compiled_engine_equals_eager():
     """The compiled decode step (gathered experts, dynamic batch and key counts) gives the eager tokens, with
     requests joining and leaving, and never compiles again after its warm-up; two engines on different models in
-    one process each keep their own graphs."""
+    one process each keep their own graphs. The second model's Linear layers go through the decode kernel where it
+    is built (infer/layout.py: a custom op and a row-count test inside the graph)."""
     from torch._dynamo.utils import counters
 
+    from nanoseek.infer import layout
+
     params = [SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
-    for name, cfg in CONFIGS.items():
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
         model = tiny(**cfg)
         eager = Engine(model, IdText(), max_batch=3).generate(PROMPTS, params)
+        if i == 1 and kernels.load():
+            assert layout.use_decode_kernel(model) > 0
+            assert Engine(model, IdText(), max_batch=3).generate(PROMPTS, params) == eager
         compiled = Engine(model, IdText(), max_batch=3, compile=True)
         compiled.start()
         compiled.ready.wait()
@@ -608,6 +614,71 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
     assert not kernels.covers(x, gate_up.bfloat16(), down)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_kernel_equals_a_naive_reference(dtype):
+    """kernels.linear_rows (x·Wᵀ a few rows at a time) against float64 products: row counts that fill its tiles of
+    rows and of x vectors and that do not (1 takes its own one-row path), weights in float32 or bfloat16."""
+    kernel_built()
+    torch.manual_seed(0)
+    for out_features, in_features in ((4, 16), (40, 48), (260, 128)):
+        w = (torch.randn(out_features, in_features) * 0.2).to(dtype)
+        for rows in (0, 1, 2, 3, 5, 16, 33):
+            x = torch.randn(rows, in_features)
+            got = kernels.linear_rows(x, w)
+            want = x.double() @ w.double().T
+            assert got.shape == (rows, out_features) and got.dtype == torch.float32
+            scale = max([1.0, *want.abs().flatten().tolist()])
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale)
+    w = torch.randn(40, 48)
+    assert kernels.covers_linear(torch.randn(2, 48), w) and kernels.covers_linear(torch.randn(2, 48), w.bfloat16())
+    assert not kernels.covers_linear(torch.randn(2, 48), w.t().contiguous().t())  # stored transposed
+    assert not kernels.covers_linear(torch.randn(2, 40), torch.randn(48, 40))  # in: not a multiple of 16
+    assert not kernels.covers_linear(torch.randn(2, 48), torch.randn(42, 48))  # out: not a multiple of 4
+    assert not kernels.covers_linear(torch.randn(2, 48).bfloat16(), w.bfloat16())  # activations: float32 only
+    with pytest.raises(RuntimeError, match=r"x \[N, K\] and weight \[O, K\]"):
+        kernels.linear_rows(torch.randn(2, 32), w)
+
+
+def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
+    """infer/layout.py: with the decode kernel chosen, every Linear the kernel takes becomes a KernelLinear (same
+    parameters, weights as stored). Same logits and greedy tokens; decode steps call the kernel, and products of
+    more than KERNEL_ROWS rows (a long prefill) keep the BLAS."""
+    from torch import nn
+
+    from nanoseek.infer import layout
+
+    kernel_built()
+    model = tiny()
+    before = dict(model.named_parameters())
+    want = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        logits = model(ids)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert layout.use_decode_kernel(model) == len(linears) > 0
+    assert all(type(m) is layout.KernelLinear for m in linears)
+    assert dict(model.named_parameters()) == before  # the same tensors
+    rows = []
+    real = kernels.linear_rows
+    monkeypatch.setattr(kernels, "linear_rows", lambda x, w: rows.append(len(x)) or real(x, w))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :3]), logits[:, :3], rtol=1e-5, atol=1e-5)  # 3 rows: the kernel
+        assert rows and set(rows) == {3}
+        rows.clear()
+        long = torch.randint(0, model.config.vocab_size, (1, layout.KERNEL_ROWS + 1))
+        model(long)
+        assert rows == []  # more rows than KERNEL_ROWS: the BLAS
+    got = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
+    assert got == want and 3 in rows and max(rows) <= layout.KERNEL_ROWS  # decode steps of 3 sequences, a prefill
+    # compiled: test_compiled_engine_equals_eager
+    with_bias = nn.Linear(32, 8)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        plain = with_bias(x)
+        layout.use_decode_kernel(with_bias)
+        torch.testing.assert_close(with_bias(x), plain, rtol=1e-5, atol=1e-6)
+
+
 def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
     """Where the kernel is not built (or does not cover the model), decoding takes torch's path: same tokens.
     Where it is built, the engine's decode steps do call it (a dispatch that never picks it would pass the rest)."""
@@ -729,4 +800,21 @@ def test_linear_weights_stored_transposed_decode_the_same():
     tied = tiny(tie_word_embeddings=True)
     assert "lm_head" not in {n for n, m in tied.named_modules() if m in layout.eligible(tied)}
     assert layout.choose_linear_layout(tiny().to(torch.bfloat16)) == "linear weights as stored"  # CPU fp32 only
+
+
+def test_the_linear_timing_measures_each_way_at_one_and_sixteen_rows(monkeypatch):
+    """layout.timings: every way (BLAS as stored, transposed, the kernel where built) timed at 1 and 16 rows; the
+    totals are the sums of the two sizes' medians, and the "@1" figures the one-row medians."""
+    from nanoseek.infer import layout
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(layout.time, "perf_counter", iter(range(10_000)).__next__)  # every call: 1 "second"
+    real_linear, real_rows = torch.nn.functional.linear, kernels.linear_rows
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: calls.append(
+        ("transposed" if not w.is_contiguous() else "stored", len(x))) or real_linear(x, w))
+    monkeypatch.setattr(kernels, "linear_rows", lambda x, w: calls.append(("kernel", len(x))) or real_rows(x, w))
+    t = layout.timings(64, 32, repeats=3)
+    ways = ["stored", "transposed"] + (["kernel"] if kernels.load() else [])
+    assert sorted(set(calls)) == sorted((w, r) for w in ways for r in layout.ROWS) and len(calls) == 3 * len(ways) * 2
+    assert t == {**{w: 2 for w in ways}, **{f"{w}@1": 1 for w in ways}}
 

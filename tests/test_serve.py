@@ -660,11 +660,22 @@ def test_chat_command(model_dir, tmp_path):
 
 
 def test_the_loader_keeps_the_layout_the_timing_chose(monkeypatch, model_dir):
-    """load_for_inference transposes exactly when the timing says it is clearly faster, and says which it did."""
-    from nanoseek.infer import layout
+    """load_for_inference takes the decode kernel where the timing says it is faster at 1 and 16 rows than the BLAS
+    in either layout, else transposes exactly when that is clearly faster at one row, and says which it did."""
+    from torch import nn
 
-    for faster, contiguous in ((True, False), (False, True)):
-        monkeypatch.setattr(layout, "transposed_is_faster", lambda *shape, f=faster: f)
+    from nanoseek.infer import kernels, layout
+
+    def timed(kernel: float, transposed: float) -> dict[str, float]:  # totals; one row alone takes half
+        t = {"stored": 2.0, "transposed": transposed, "kernel": kernel}
+        return {**t, **{f"{name}@1": v / 2 for name, v in t.items()}}
+
+    cases = [(timed(3.0, 1.0), "transposed"), (timed(3.0, 1.9), "stored"), (timed(1.0, 1.5), "kernel")]
+    for t, want in cases[:3 if kernels.load() else 2]:
+        monkeypatch.setattr(layout, "timings", lambda *shape, t=t: t)
         model, _ = load_for_inference(model_dir)
-        assert model.lm_head.weight.is_contiguous() == contiguous
-        assert ("stored transposed" in model.linear_layout) == faster
+        assert model.lm_head.weight.is_contiguous() == (want != "transposed")
+        assert (type(model.lm_head) is layout.KernelLinear) == (want == "kernel")
+        assert all(type(m) is not nn.Linear for m in model.modules()) or want != "kernel"
+        assert {"transposed": "stored transposed", "stored": "as stored", "kernel": "decode kernel"}[want] in \
+            model.linear_layout

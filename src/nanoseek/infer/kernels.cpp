@@ -1,6 +1,6 @@
-// Decode-time kernel for DeepSeekMoE's routed experts: the CPU implementation of the torch op
-// `nanoseek_cpu::routed_experts` (infer/kernels.py defines it, and builds this file with the machine's C++ compiler
-// and torch's headers on first use).
+// Decode-time kernels: DeepSeekMoE's routed experts and Linear layers at a few rows, the CPU implementations of the
+// torch ops `nanoseek_cpu::routed_experts` and `nanoseek_cpu::linear_rows` (infer/kernels.py defines them, and
+// builds this file with the machine's C++ compiler and torch's headers on first use).
 //
 // At a few tokens per step the routed experts are mat-vecs whose time is the time to read the chosen experts'
 // weights. Inductor's fused kernel for the compiled step reads an expert once per (token, expert) pair, each
@@ -21,8 +21,17 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-typedef float vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2, four NEON
+// A tile keeps R x MT accumulators of V floats, plus MT vectors of x and one of w, in registers. AVX-512 has 32 of
+// 16 floats; AVX2 has 16 of 8 floats, where 4 x 4 vectors of 16 floats (32 registers) spilled and made the compiled
+// batch-16 step 18% slower than inductor's kernel (docs/LOG.md, 2026-11-30); NEON has 32 of 4 floats.
+#if defined(__AVX512F__)
 constexpr int64_t V = 16;
+constexpr int MT = 4;            // vectors of x per tile: 16 accumulators + 4 + 1 of 32 registers
+#else
+constexpr int64_t V = 8;
+constexpr int MT = 2;            // 8 accumulators + 2 + 1 of AVX2's 16 registers (two each on NEON: 22 of 32)
+#endif
+typedef float vec __attribute__((vector_size(V * sizeof(float))));
 constexpr int64_t R = 4;         // weight rows per tile
 constexpr int64_t AHEAD = 8;     // prefetch distance in rows (best of none / 8 / 16 measured, docs/LOG.md)
 
@@ -35,8 +44,8 @@ static inline vec load(const float* p) {
 // bfloat16 weights (stored as their 16 bits): a bf16 is the upper half of a float32, so widening is exact.
 // Half the bytes of float32 to read, and reading is what a decode step's experts cost.
 static inline vec load(const uint16_t* p) {
-  typedef uint16_t bits16 __attribute__((vector_size(32)));
-  typedef uint32_t bits32 __attribute__((vector_size(64)));
+  typedef uint16_t bits16 __attribute__((vector_size(V * sizeof(uint16_t))));
+  typedef uint32_t bits32 __attribute__((vector_size(V * sizeof(uint32_t))));
   bits16 h;
   std::memcpy(&h, p, sizeof h);
   const bits32 u = __builtin_convertvector(h, bits32) << 16;
@@ -45,37 +54,74 @@ static inline vec load(const uint16_t* p) {
   return v;
 }
 
-static inline float hsum(vec v) {  // a halving tree: 4 vector adds rather than 15 dependent scalar ones
-  typedef float half __attribute__((vector_size(32)));
-  typedef float quarter __attribute__((vector_size(16)));
-  half a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
-  a += b;
-  quarter c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<char*>(&a) + 16, 16);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
+typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
+
+static inline quarter fold4(vec v) {  // V floats -> 4 partial sums
+  if constexpr (V == 16) {
+    typedef float half __attribute__((vector_size(8 * sizeof(float))));
+    const half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    return __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  } else {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  }
 }
 
-// y[r][j] = w[r]·x[j] for R rows of w (row stride ldw) and M vectors of length n.
-// noinline: inlined into its caller, gcc 12 kept the accumulators on the stack (a store-load chain per FMA).
+// [Σa, Σb, Σc, Σd]: four horizontal sums at once (a 4 x 4 transpose-add), stored as one vector.
+static inline quarter hsum4(vec a, vec b, vec c, vec d) {
+  const quarter a4 = fold4(a), b4 = fold4(b), c4 = fold4(c), d4 = fold4(d);
+  const quarter ab = __builtin_shufflevector(a4, b4, 0, 4, 1, 5) + __builtin_shufflevector(a4, b4, 2, 6, 3, 7);
+  const quarter cd = __builtin_shufflevector(c4, d4, 0, 4, 1, 5) + __builtin_shufflevector(c4, d4, 2, 6, 3, 7);
+  return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+}
+
+constexpr int64_t LINE = 64 / sizeof(float);  // floats per cache line: one prefetch per row and line
+static_assert(R == 4 && LINE % V == 0, "a tile's R = 4 sums per vector of x are stored as one vector of 4");
+
+// out[j * ldo + r] = w[r]·x[j] for the R rows of w at w (row stride ldw) and M vectors x[j] of length n (a multiple
+// of LINE). noinline: inlined into its caller, gcc 12 kept the accumulators on the stack (a store-load chain per
+// FMA); the accumulators start as zeros in registers (`= {}` on the array made gcc call memset on a stack copy).
 template <int M, typename W>
-__attribute__((noinline)) static void tile(const W* w, int64_t ldw, const float* const* x, int64_t n,
-                                           float y[R][R]) {
-  vec acc[R][M] = {};
-  for (int64_t i = 0; i < n; i += V) {
-    vec xv[M];
-    for (int j = 0; j < M; ++j) xv[j] = load(x[j] + i);
-    for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w + (r + AHEAD) * ldw + i);
-      const vec wv = load(w + r * ldw + i);
-      for (int j = 0; j < M; ++j) acc[r][j] += wv * xv[j];
+__attribute__((noinline)) static void tile(const W* w, int64_t ldw, const float* const* x, int64_t n, float* out,
+                                           int64_t ldo) {
+  vec acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = vec{};
+  for (int64_t i = 0; i < n; i += LINE) {
+    for (int r = 0; r < R; ++r) __builtin_prefetch(w + (r + AHEAD) * ldw + i);
+    for (int64_t v = i; v < i + LINE; v += V) {
+      vec xv[M];
+      for (int j = 0; j < M; ++j) xv[j] = load(x[j] + v);
+      for (int r = 0; r < R; ++r) {
+        const vec wv = load(w + r * ldw + v);
+        for (int j = 0; j < M; ++j) acc[r][j] += wv * xv[j];
+      }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < M; ++j) y[r][j] = hsum(acc[r][j]);
+  for (int j = 0; j < M; ++j) {
+    const quarter sums = hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+    std::memcpy(out + j * ldo, &sums, sizeof sums);
+  }
+}
+
+// One vector x: rows one after another (a single sequential stream for the prefetcher), 4 chains per row.
+template <typename W>
+__attribute__((noinline)) static void rows_one(const W* w, int64_t ldw, int64_t rows, const float* x, int64_t n,
+                                               float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const W* row = w + r * ldw;
+    vec a0 = vec{}, a1 = vec{}, a2 = vec{}, a3 = vec{};
+    int64_t i = 0;
+    for (; i + 4 * V <= n; i += 4 * V) {
+      a0 += load(row + i) * load(x + i);
+      a1 += load(row + i + V) * load(x + i + V);
+      a2 += load(row + i + 2 * V) * load(x + i + 2 * V);
+      a3 += load(row + i + 3 * V) * load(x + i + 3 * V);
+    }
+    for (; i < n; i += V) a0 += load(row + i) * load(x + i);
+    const quarter s = fold4((a0 + a1) + (a2 + a3));
+    out[r] = (s[0] + s[2]) + (s[1] + s[3]);
+  }
 }
 
 // out[j*ldo + r] = w[r]·x[j] for rows r in [r0, r1) of w (whole tiles) and m vectors x[j] of length n.
@@ -83,18 +129,17 @@ __attribute__((noinline)) static void tile(const W* w, int64_t ldw, const float*
 template <typename W>
 static void rows_times(const W* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* x, int64_t m,
                        int64_t n, float* out, int64_t ldo) {
-  float y[R][R];
+  if (m == 1) return rows_one<W>(w + r0 * ldw, ldw, r1 - r0, x[0], n, out + r0);
   for (int64_t r = r0; r < r1; r += R) {
-    for (int64_t j0 = 0; j0 < m; j0 += R) {
-      const int mm = int(std::min(m - j0, R));
-      switch (mm) {
-        case 1: tile<1, W>(w + r * ldw, ldw, x + j0, n, y); break;
-        case 2: tile<2, W>(w + r * ldw, ldw, x + j0, n, y); break;
-        case 3: tile<3, W>(w + r * ldw, ldw, x + j0, n, y); break;
-        default: tile<4, W>(w + r * ldw, ldw, x + j0, n, y); break;
+    for (int64_t j0 = 0; j0 < m; j0 += MT) {
+      const int64_t mm = std::min<int64_t>(m - j0, MT);
+      float* o = out + j0 * ldo + r;
+      if constexpr (MT == 4) {
+        if (mm == 3) tile<3, W>(w + r * ldw, ldw, x + j0, n, o, ldo);
+        else if (mm == 4) tile<4, W>(w + r * ldw, ldw, x + j0, n, o, ldo);
       }
-      for (int64_t a = 0; a < R; ++a)
-        for (int j = 0; j < mm; ++j) out[(j0 + j) * ldo + r + a] = y[a][j];
+      if (mm == 1) tile<1, W>(w + r * ldw, ldw, x + j0, n, o, ldo);
+      else if (mm == 2) tile<2, W>(w + r * ldw, ldw, x + j0, n, o, ldo);
     }
   }
 }
@@ -202,7 +247,34 @@ at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, cons
   return out;
 }
 
+// y [N, O] = x [N, K] · wᵀ for a Linear's weight w [O, K] (float32 or bfloat16) and a few rows x (a decode step):
+// each weight row is read once for all N rows. MKL's sgemm packs the whole weight into panels at every call, which
+// at 16 rows took longer than the products themselves (docs/LOG.md, 2026-11-30).
+at::Tensor linear_rows(const at::Tensor& x_, const at::Tensor& w_) {
+  check(x_, 2, "x", false);
+  check(w_, 2, "weight", true);
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), O = w.size(0);
+  TORCH_CHECK(w.size(1) == K && O % R == 0, "linear_rows: x [N, K] and weight [O, K] with O a multiple of ", R);
+  at::Tensor out = at::empty({N, O}, x.options());
+  if (N == 0) return out;
+  std::vector<const float*> xs(N);
+  for (int64_t j = 0; j < N; ++j) xs[j] = x.const_data_ptr<float>() + j * K;
+  float* o = out.mutable_data_ptr<float>();
+  const auto rows = [&](const auto* wp) {
+    over_rows(O, K * int64_t(sizeof(*wp)), [&](int64_t r0, int64_t r1) {
+      rows_times(wp, K, r0, r1, xs.data(), N, K, o, O);
+    });
+  };
+  if (w.scalar_type() == at::kBFloat16)
+    rows(reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()));
+  else
+    rows(w.const_data_ptr<float>());
+  return out;
+}
+
 // The schema is defined in infer/kernels.py (at import, before this library is built).
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
   m.impl("routed_experts", &routed_experts);
+  m.impl("linear_rows", &linear_rows);
 }

@@ -1,17 +1,19 @@
-"""The decode kernel for routed experts (kernels.cpp), built for this machine on first use.
+"""The decode kernels (kernels.cpp), built for this machine on first use: routed experts and Linear layers at a
+few rows.
 
 At a few tokens per step DeepSeekMoE's routed experts cost what reading the chosen experts' weights costs.
 kernels.cpp reads each chosen expert once for all the tokens that chose it (inductor's fused kernel reads it once
-per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures.
+per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures. Its `linear_rows` does the
+same for a Linear layer's x·Wᵀ at a few rows, where a BLAS's sgemm repacks the whole weight at every call.
 
-`torch.ops.nanoseek_cpu.routed_experts` is built with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/
-`clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in ~10-20 s, once:
-the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a hash of the
-source, the flags, torch, the compiler and the CPU. It is a C++ op, so a compiled decode step calls it without
-Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half the bytes a
-step reads); the math stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors it does not
-cover (not on CPU, activations not float32, widths not multiples of 16), `covers` is False and callers keep
-torch's path: same results, only slower.
+`torch.ops.nanoseek_cpu.routed_experts` (and `linear_rows`) is built with the machine's C++ compiler (`$CXX`,
+else `c++`/`g++`/`clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in
+~10-20 s, once: the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a
+hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops, so a compiled decode step calls
+them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half
+the bytes a step reads); the math stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
+they do not cover (not on CPU, activations not float32, widths not multiples of 16), `covers` and `covers_linear`
+are False and callers keep torch's path: same results, only slower.
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def _(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_pro
     return torch.empty_like(x)
 
 
+torch.library.define("nanoseek_cpu::linear_rows", "(Tensor x, Tensor weight) -> Tensor")
+
+
+@torch.library.register_fake("nanoseek_cpu::linear_rows")
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.nanoseek_cpu.linear_rows)
+def _(x_shape, weight_shape, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: N rows × in × out."""
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
+
+
 @register_flop_formula(torch.ops.nanoseek_cpu.routed_experts)
 def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, out_shape=None, **kwargs) -> int:
     """For FlopCounterMode: per (token, expert) pair, gate+up [2I, H] and down [H, I], 2 FLOPs a MAC."""
@@ -123,11 +139,12 @@ def built() -> bool:
 
 @torch.compiler.assume_constant_result
 def beats_inductor() -> bool:
-    """Whether the kernel is the faster choice inside a compiled step (of several rows) on this CPU. Its tiles hold
-    16 accumulators of 16 floats: AVX-512's 32 registers keep them, AVX2's 16 cannot (each is two registers there),
-    and on this project's AVX2 machine (an AMD EPYC) the compiled batch-16 step was 0.82x as fast with the kernel as
-    with inductor's fused kernel (batch 4: 0.90x; `bench/decode_kernel.py`, docs/LOG.md, 2026-11-30). The eager
-    engine keeps the kernel there: it is 2-4.6x faster than the model's own path."""
+    """Whether the routed-experts kernel is the faster choice inside a compiled step (of several rows) on this CPU.
+    On AVX-512 it is. On this project's AVX2 machine (an AMD EPYC) its first tiles (16 accumulators of 16 floats,
+    spilled from AVX2's 16 registers) made the batch-16 step 0.82x as fast as inductor's fused kernel; with tiles
+    sized for AVX2 the steps tie (1.00x at 1, 4 and 16 rows, `bench/decode_kernel.py`, docs/LOG.md, 2026-11-30),
+    so inductor's, fused with its neighbours, stays there. The eager engine uses the kernel everywhere: it is
+    1.2-6x faster than the model's own path."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -139,6 +156,20 @@ def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor)
              for t in tensors)
     dtypes = x.dtype == torch.float32 and gate_up_proj.dtype == down_proj.dtype in (torch.float32, torch.bfloat16)
     return ok and dtypes and built()
+
+
+def covers_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_rows` takes x (float32) and a Linear's weight [out, in] (float32 or bfloat16, stored as
+    [out, in]): plain CPU tensors, in a multiple of VECTOR, out a multiple of 4 (the kernel's rows per tile)."""
+    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in (x, weight))
+    shapes = weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % VECTOR == 0 and weight.shape[0] % 4 == 0
+    dtypes = x.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16)
+    return ok and shapes and dtypes and built()
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, in] · weightᵀ (weight [out, in]) -> [N, out] in float32, each weight row read once for all N rows."""
+    return torch.ops.nanoseek_cpu.linear_rows(x, weight)
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,

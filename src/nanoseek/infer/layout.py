@@ -1,14 +1,20 @@
-"""Linear weights in the layout this CPU's BLAS reads fastest when decoding a few rows.
+"""How a decode step computes a Linear layer's x·Wᵀ on CPU: through the decode kernel, or through the BLAS with
+W in the layout it reads fastest.
 
-`nn.Linear` computes x @ Wᵀ with W stored [out, in]. At one row that is a mat-vec over W, and how fast the BLAS
-does it depends on the CPU: on an AMD EPYC, MKL's kernel for this case (sgemv over Wᵀ) streamed a cold 8 MB
-lm_head at 4 GB/s, and at 11 GB/s with W stored transposed ([in, out], so x @ Wᵀ is a plain product), which made
-the demo model's batch-1 decode step 1.07-1.23x faster (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier
-measurements the stored layout was as fast. So the engine's loader times both layouts once, on a weight of the
-model's lm_head shape with the cache flushed between calls, and transposes only where that is clearly faster.
+`nn.Linear` computes x @ Wᵀ with W stored [out, in]. A decode step has a few rows (one per sequence), and how fast
+the BLAS does that depends on the CPU. On an AMD EPYC, MKL's one-row kernel streamed a cold 8 MB lm_head at 4 GB/s,
+and at 11 GB/s with W stored transposed ([in, out]); at 16 rows its sgemm repacked the whole weight at every call
+and ran at 15 GFLOP/s (54 on large products). The decode kernel's `linear_rows` (infer/kernels.cpp) reads each
+weight row once for all the rows: on that CPU the demo model decoded 1.09x faster at batch 1 and 1.23x at batch
+16 with every Linear through it (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier measurements MKL's one-row
+kernel was as fast in both layouts.
 
-The transposed weight is a view with the same shape and values: the model's code and its results do not change
-(the sums may round differently in the last bit). Only for inference on CPU in fp32: training keeps its layout.
+So the engine's loader times the three on a weight of the model's lm_head shape, at 1 row and at 16, with the
+cache flushed before each call, and takes the kernel where one call of each size takes less than with the BLAS in
+either layout; otherwise it transposes the wide weights where that is clearly faster at one row. Both keep the
+model's parameters and code: the kernel swaps the Linear modules' class for one whose forward calls it at up to
+KERNEL_ROWS rows (prefill keeps the BLAS), and a transposed weight is a view with the same shape and values. The
+sums may round differently in the last bit. Only for inference on CPU in fp32: training keeps its own path.
 """
 
 from __future__ import annotations
@@ -19,11 +25,29 @@ import time
 import torch
 from torch import nn
 
+from nanoseek.infer import kernels
+
 CLEARLY_FASTER = 0.85  # the transposed layout's time over the stored one's, at most
+ROWS = (1, 16)  # the timed decode steps: one sequence, a full batch
+# Rows up to which a Linear uses the decode kernel. At 64 rows the BLAS was as fast on most of the demo model's
+# shapes, at 128 faster on all (it blocks for cache reuse; the kernel streams the weight once per step).
+KERNEL_ROWS = 32
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear whose products of up to KERNEL_ROWS rows go through the decode kernel (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > KERNEL_ROWS or not kernels.covers_linear(x, self.weight):
+            return super().forward(x)
+        y = kernels.linear_rows(x.reshape(rows, self.in_features), self.weight)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 def eligible(model: nn.Module) -> list[nn.Linear]:
-    """Linear layers that are wider than deep (out >= in: lm_head, the up-projections), where the difference shows.
+    """Linear layers that are wider than deep (out >= in: lm_head, the up-projections), where the layout shows.
     Left alone: kv_b_proj, which absorbed attention reads through a view of its stored layout, and a weight another
     module shares (an lm_head tied to the embedding)."""
     others = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
@@ -32,21 +56,38 @@ def eligible(model: nn.Module) -> list[nn.Linear]:
             and id(m.weight) not in others]
 
 
-def transposed_is_faster(out_features: int, in_features: int, repeats: int = 15) -> bool:
-    """Time x @ Wᵀ for one row with W [out, in] stored as is and stored transposed, alternating, each after a pass
-    over 64 MB (as a decode step finds the weight: evicted by the rest of the model)."""
+def timings(out_features: int, in_features: int, repeats: int = 9) -> dict[str, float]:
+    """Median seconds of x @ Wᵀ at 1 row and at 16 rows, summed, with W [out, in] stored as is, stored transposed,
+    and (where it is built) as is through the decode kernel; each call after a pass over 64 MB (as a decode step
+    finds the weight: evicted by the rest of the model), alternating. Key "stored@1" etc.: one row alone."""
     w = torch.randn(out_features, in_features)
-    layouts = {"stored": w, "transposed": w.t().contiguous().t()}
-    x = torch.randn(1, in_features)
+    wt = w.t().contiguous().t()
+    ways = {"stored": lambda x: torch.nn.functional.linear(x, w),
+            "transposed": lambda x: torch.nn.functional.linear(x, wt)}
+    if kernels.covers_linear(torch.empty(0, in_features), w):
+        ways["kernel"] = lambda x: kernels.linear_rows(x, w)
+    xs = {rows: torch.randn(rows, in_features) for rows in ROWS}
     flush = torch.empty(16 << 20)  # 64 MB of float32
-    times: dict[str, list[float]] = {name: [] for name in layouts}
+    times: dict[tuple[str, int], list[float]] = {(name, rows): [] for name in ways for rows in ROWS}
     for _ in range(repeats):
-        for name, weight in layouts.items():
+        for (name, rows), ts in times.items():
             flush.fill_(1.0)
             t = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            times[name].append(time.perf_counter() - t)
-    return statistics.median(times["transposed"]) < CLEARLY_FASTER * statistics.median(times["stored"])
+            ways[name](xs[rows])
+            ts.append(time.perf_counter() - t)
+    median = {key: statistics.median(ts) for key, ts in times.items()}
+    return {**{name: sum(median[name, rows] for rows in ROWS) for name in ways},
+            **{f"{name}@1": median[name, 1] for name in ways}}
+
+
+def use_decode_kernel(model: nn.Module) -> int:
+    """Route every Linear layer the kernel takes (weights as stored) through it at up to KERNEL_ROWS rows; returns
+    how many."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear
+              and kernels.covers_linear(torch.empty(0, m.in_features), m.weight)]
+    for m in layers:
+        m.__class__ = KernelLinear
+    return len(layers)
 
 
 def transpose_linears(model: nn.Module) -> int:
@@ -58,11 +99,15 @@ def transpose_linears(model: nn.Module) -> int:
 
 
 def choose_linear_layout(model: nn.Module) -> str:
-    """For a CPU fp32 inference model: transpose its eligible Linear weights where this CPU decodes faster so,
-    judged on the largest of them (the lm_head). Returns what was done, for the log."""
+    """For a CPU fp32 inference model: the decode kernel, or the wide Linear weights transposed, where this CPU
+    decodes faster so, judged on the largest of them (the lm_head). Returns what was done, for the log."""
     probe = max(eligible(model), default=None, key=lambda m: m.weight.numel())
     if probe is None or probe.weight.device.type != "cpu" or probe.weight.dtype != torch.float32:
         return "linear weights as stored"
-    if not transposed_is_faster(probe.out_features, probe.in_features):
-        return "linear weights as stored (as fast here)"
-    return f"{transpose_linears(model)} linear weights stored transposed (faster mat-vecs on this CPU's BLAS)"
+    t = timings(probe.out_features, probe.in_features)
+    if "kernel" in t and t["kernel"] < min(t["stored"], t["transposed"]):
+        return (f"{use_decode_kernel(model)} linear layers through the decode kernel at up to {KERNEL_ROWS} rows "
+                "(faster than this CPU's BLAS)")
+    if t["transposed@1"] < CLEARLY_FASTER * t["stored@1"]:
+        return f"{transpose_linears(model)} linear weights stored transposed (faster mat-vecs on this CPU's BLAS)"
+    return "linear weights as stored (as fast here)"
