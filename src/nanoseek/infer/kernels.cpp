@@ -56,23 +56,32 @@ static inline vec load(const uint16_t* p) {
 
 typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
 
-static inline quarter fold4(vec v) {  // V floats -> 4 partial sums
+static inline quarter fold4(vec v) {  // V floats -> 4 partial sums (halves by memcpy: gcc < 12 has no shufflevector)
+  float a[V];
+  std::memcpy(a, &v, sizeof v);
+  quarter lo, hi;
   if constexpr (V == 16) {
     typedef float half __attribute__((vector_size(8 * sizeof(float))));
-    const half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    return __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    half x, y;
+    std::memcpy(&x, a, sizeof x);
+    std::memcpy(&y, a + 8, sizeof y);
+    x += y;
+    std::memcpy(&lo, &x, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof lo, sizeof hi);
   } else {
-    return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    std::memcpy(&lo, a, sizeof lo);
+    std::memcpy(&hi, a + 4, sizeof hi);
   }
+  return lo + hi;
 }
 
-// [Σa, Σb, Σc, Σd]: four horizontal sums at once (a 4 x 4 transpose-add), stored as one vector.
+// [Σa, Σb, Σc, Σd]: four horizontal sums at once (a 4 x 4 transpose-add, which gcc compiles to unpack/shuffle
+// instructions), stored by the caller as one vector.
 static inline quarter hsum4(vec a, vec b, vec c, vec d) {
   const quarter a4 = fold4(a), b4 = fold4(b), c4 = fold4(c), d4 = fold4(d);
-  const quarter ab = __builtin_shufflevector(a4, b4, 0, 4, 1, 5) + __builtin_shufflevector(a4, b4, 2, 6, 3, 7);
-  const quarter cd = __builtin_shufflevector(c4, d4, 0, 4, 1, 5) + __builtin_shufflevector(c4, d4, 2, 6, 3, 7);
-  return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+  const quarter ab = quarter{a4[0], b4[0], a4[1], b4[1]} + quarter{a4[2], b4[2], a4[3], b4[3]};
+  const quarter cd = quarter{c4[0], d4[0], c4[1], d4[1]} + quarter{c4[2], d4[2], c4[3], d4[3]};
+  return quarter{ab[0], ab[1], cd[0], cd[1]} + quarter{ab[2], ab[3], cd[2], cd[3]};
 }
 
 constexpr int64_t LINE = 64 / sizeof(float);  // floats per cache line: one prefetch per row and line
