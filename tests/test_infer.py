@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import types
 import weakref
 
 import pytest
@@ -140,7 +141,7 @@ def test_compiled_engine_equals_eager():
     """The compiled decode step (gathered experts, dynamic batch and key counts) gives the eager tokens, with
     requests joining and leaving, and never compiles again after its warm-up; two engines on different models in
     one process each keep their own graphs. The second model's Linear layers go through the decode kernel where it
-    is built (infer/layout.py: a custom op and a row-count test inside the graph)."""
+    is built (infer/layout.py; test_linear_layers_through_the_kernel_decode_the_same checks its op is in the graph)."""
     from torch._dynamo.utils import counters
 
     from nanoseek.infer import layout
@@ -637,15 +638,19 @@ def test_linear_rows_kernel_equals_a_naive_reference(dtype):
     assert not kernels.covers_linear(torch.randn(2, 48).bfloat16(), w.bfloat16())  # activations: float32 only
     with pytest.raises(RuntimeError, match=r"x \[N, K\] and weight \[O, K\]"):
         kernels.linear_rows(torch.randn(2, 32), w)
+    with pytest.raises(RuntimeError, match="multiple of 16"):  # its loops step by 16 floats, on AVX2 too
+        kernels.linear_rows(torch.randn(2, 24), torch.randn(4, 24))
 
 
 def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
     """infer/layout.py: with the decode kernel chosen, every Linear the kernel takes becomes a KernelLinear (same
     parameters, weights as stored). Same logits and greedy tokens; decode steps call the kernel, and products of
-    more than KERNEL_ROWS rows (a long prefill) keep the BLAS."""
+    more than KERNEL_ROWS rows (a long prefill) keep the BLAS, as does a forward whose gradients are wanted (the
+    kernel has none). A compiled decode step has the kernel's op in its graph at any batch (no guard on rows)."""
     from torch import nn
 
     from nanoseek.infer import layout
+    from nanoseek.infer.forward import decode_step
 
     kernel_built()
     model = tiny()
@@ -670,7 +675,34 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
         assert rows == []  # more rows than KERNEL_ROWS: the BLAS
     got = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
     assert got == want and 3 in rows and max(rows) <= layout.KERNEL_ROWS  # decode steps of 3 sequences, a prefill
-    # compiled: test_compiled_engine_equals_eager
+    rows.clear()
+    plain = tiny()  # gradients wanted: the BLAS, the plain model's gradients
+    loss, plain_loss = model(ids).float().logsumexp(-1).sum(), plain(ids).float().logsumexp(-1).sum()
+    loss.backward()
+    plain_loss.backward()
+    assert rows == [] and model.lm_head.weight.grad is not None
+    torch.testing.assert_close(model.lm_head.weight.grad, plain.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(batch_rows: int, fn=decode_step) -> None:
+        cache = LatentCache(model.config, batch_rows, 8, torch.device("cpu"), torch.float32)
+        batch = Batch.make(list(range(batch_rows)), [0] * batch_rows, [1] * batch_rows, 1, torch.device("cpu"))
+        with torch.inference_mode():
+            fn(model, cache, torch.randint(0, model.config.vocab_size, (batch_rows, 1)), batch)
+
+    step(3)  # eager: how many products a decode step sends to the kernel
+    per_step = len(rows)
+    monkeypatch.setattr(kernels, "linear_rows", real)
+    for batch_rows in (3, layout.KERNEL_ROWS + 8):  # compiled, within KERNEL_ROWS and past it
+        step(batch_rows, torch.compile(decode_step, backend=capture, fullgraph=True))
+        ops = [n for n in graphs[-1].graph.nodes
+               if n.target in (torch.ops.nanoseek_cpu.linear_rows, torch.ops.nanoseek_cpu.linear_rows.default)]
+        assert len(ops) == per_step > 0
+    torch._dynamo.reset()
     with_bias = nn.Linear(32, 8)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -808,7 +840,8 @@ def test_the_linear_timing_measures_each_way_at_one_and_sixteen_rows(monkeypatch
     from nanoseek.infer import layout
 
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(layout.time, "perf_counter", iter(range(10_000)).__next__)  # every call: 1 "second"
+    clock = types.SimpleNamespace(perf_counter=iter(range(10_000)).__next__)  # every call: 1 "second"
+    monkeypatch.setattr(layout, "time", clock)  # layout's own name for the module: other code keeps the real clock
     real_linear, real_rows = torch.nn.functional.linear, kernels.linear_rows
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: calls.append(
         ("transposed" if not w.is_contiguous() else "stored", len(x))) or real_linear(x, w))

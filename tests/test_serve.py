@@ -660,8 +660,9 @@ def test_chat_command(model_dir, tmp_path):
 
 
 def test_the_loader_keeps_the_layout_the_timing_chose(monkeypatch, model_dir):
-    """load_for_inference takes the decode kernel where the timing says it is faster at 1 and 16 rows than the BLAS
-    in either layout, else transposes exactly when that is clearly faster at one row, and says which it did."""
+    """load_for_inference takes the decode kernel where the timing says one call of 1 and one of 16 rows, added
+    together, are faster than with the BLAS in either layout, else transposes exactly when that is clearly faster at
+    one row, and says which it did."""
     from torch import nn
 
     from nanoseek.infer import kernels, layout

@@ -490,7 +490,8 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     a DeepSeekMoE model's parameters are routed experts, and a decode step on CPU costs what reading the chosen
     ones costs: bf16 halves both. With fp32 math, bf16 experts are widened exactly, so the model computes what an
     fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing. On CPU in fp32, Linear
-    weights are stored in the layout this CPU's BLAS decodes faster (infer/layout.py)."""
+    layers decode through the decode kernel or the BLAS with their weights in its faster layout, whichever this
+    CPU ran faster when timed at load (infer/layout.py)."""
     from nanoseek.device import pick_device, pick_dtype
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir

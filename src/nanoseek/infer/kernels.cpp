@@ -164,9 +164,9 @@ static void over_rows(int64_t rows, int64_t row_bytes, const F& body) {
 static void check(const at::Tensor& t, int64_t dim, const char* name, bool bf16_ok) {
   const auto type = t.scalar_type();
   TORCH_CHECK(t.device().is_cpu() && (type == at::kFloat || (bf16_ok && type == at::kBFloat16)) && t.dim() == dim &&
-                  t.size(-1) % V == 0,
+                  t.size(-1) % LINE == 0,
               name, ": expected a ", dim, "-d float32", bf16_ok ? " or bfloat16" : "",
-              " CPU tensor whose last size is a multiple of ", V);
+              " CPU tensor whose last size is a multiple of ", LINE);
 }
 
 // The (token, expert) pairs sorted by expert: pair[begin[e]:begin[e+1]] are the pairs that chose expert e.

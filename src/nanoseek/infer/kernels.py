@@ -36,7 +36,7 @@ from nanoseek.io import cache_dir as nanoseek_cache
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
-VECTOR = 16  # floats per vector in kernels.cpp: widths must be multiples of it
+VECTOR = 16  # floats per cache line, what kernels.cpp's loops step by: widths must be multiples of it
 # Tried in order, the first that compiles is kept. -fopenmp: at::parallel_for is inlined from torch's headers and
 # runs on one thread without it. Not every compiler has -march=native or OpenMP (Apple clang has neither).
 FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
@@ -82,7 +82,7 @@ def load() -> bool:
         return False
     cxx = compiler()
     if cxx is None:
-        log.warning("no C++ compiler ($CXX, c++, g++, clang++): routed experts use torch's kernels (slower on CPU)")
+        log.warning("no C++ compiler ($CXX, c++, g++, clang++): decoding uses torch's kernels (slower on CPU)")
         return False
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
@@ -94,7 +94,7 @@ def load() -> bool:
             _build(cxx, path)
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        log.warning("could not build the decode kernel (%s); routed experts use torch's kernels (slower on CPU)", e)
+        log.warning("could not build the decode kernel (%s); decoding uses torch's kernels (slower on CPU)", e)
         return False
     return True
 

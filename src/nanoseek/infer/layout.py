@@ -10,8 +10,10 @@ weight row once for all the rows: on that CPU the demo model decoded 1.09x faste
 kernel was as fast in both layouts.
 
 So the engine's loader times the three on a weight of the model's lm_head shape, at 1 row and at 16, with the
-cache flushed before each call, and takes the kernel where one call of each size takes less than with the BLAS in
-either layout; otherwise it transposes the wide weights where that is clearly faster at one row. Both keep the
+cache flushed before each call, and takes the kernel where one call of each size, added together, takes less than
+with the BLAS in either layout (the lm_head alone is not the whole step: here the kernel was slower than MKL on the
+transposed lm_head at one row, and the whole batch-1 step 1.09x faster with it); otherwise it transposes the wide
+weights where that is clearly faster at one row. Both keep the
 model's parameters and code: the kernel swaps the Linear modules' class for one whose forward calls it at up to
 KERNEL_ROWS rows (prefill keeps the BLAS), and a transposed weight is a view with the same shape and values. The
 sums may round differently in the last bit. Only for inference on CPU in fp32: training keeps its own path.
@@ -35,11 +37,16 @@ KERNEL_ROWS = 32
 
 
 class KernelLinear(nn.Linear):
-    """nn.Linear whose products of up to KERNEL_ROWS rows go through the decode kernel (same parameters)."""
+    """nn.Linear whose products of up to KERNEL_ROWS rows go through the decode kernel (same parameters). The kernel
+    has no backward: where gradients are wanted (a loaded model being fine-tuned) the BLAS computes. A compiled
+    step (the engine's decode step) always takes the kernel: a test of the row count there would be a guard, and a
+    batch past it would recompile the step while serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > KERNEL_ROWS or not kernels.covers_linear(x, self.weight):
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        few = torch.compiler.is_compiling() or rows <= KERNEL_ROWS
+        if grad or not few or not kernels.covers_linear(x, self.weight):
             return super().forward(x)
         y = kernels.linear_rows(x.reshape(rows, self.in_features), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
