@@ -12,8 +12,11 @@ activation checkpointing too) and distributed checkpoints, as on a larger machin
   2. fp32: a one-rank NCCL FSDP2 job ends where the plain process does (max |Δweight|), and a plain process that
      resumes the job's step-3 checkpoint repeats the job's last losses.
   3. serving on the GPU: bench/serve_load.py (1, 4, 16 clients) on the model of run 1, then bench/decode_vs_hf.py.
+  4. the machine's CPU cores, for the two speed goals that 2 shared vCPUs leave open: bench/scaling.py's EP vs DDP
+     at 2 ranks of half the cores each (its warm-up trained on the GPU), and bench/serve_load.py --device cpu.
 
     python bench/gpu_check.py --data runs/demo/data-python-stdlib --out /tmp/gpu     # on the GPU machine
+    python bench/gpu_check.py --data runs/demo/data-python-stdlib --out /tmp/gpu --skip 123   # tests, CPU goals
     python bench/gpu_check.py --data runs/demo/data-python-stdlib --out /tmp/g --device cpu --quick   # rehearsal
 """
 
@@ -188,6 +191,19 @@ def main() -> None:
         if (model / "checkpoints").is_dir():
             run("serve-load-compiled", [sys.executable, str(ROOT / "bench" / "serve_load.py"), str(model),
                                         "--device", args.device, "--rounds", "2", "--requests", "2"], 240, logs)
+
+    if "4" not in args.skip:
+        cache = out / "bench-data"  # bench/scaling.py's cache, its data the --data folder
+        cache.mkdir(exist_ok=True)
+        if not (cache / "data").exists():
+            (cache / "data").symlink_to(data)
+        sizes = ["--steps", "2", "--warm-steps", "4", "--repeats", "1"] if args.quick else [
+            "--steps", "12", "--warm-steps", "240", "--repeats", "3"]
+        run("scaling-ep-vs-ddp-cpu", [sys.executable, str(ROOT / "bench" / "scaling.py"), "--ep-sweep", "32",
+                                      "--vocab", str(vocab), "--cache", str(cache), *sizes], 300, logs)
+        clients = ["--clients", "1,4", "--rounds", "1", "--requests", "1"] if args.quick else ["--rounds", "2"]
+        run("serve-load-cpu", [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--device", "cpu", *clients],
+            240, logs)
 
     print("\n=== results")
     for line in results:
