@@ -5,18 +5,18 @@ W in the layout it reads fastest.
 the BLAS does that depends on the CPU. On an AMD EPYC, MKL's one-row kernel streamed a cold 8 MB lm_head at 4 GB/s,
 and at 11 GB/s with W stored transposed ([in, out]); at 16 rows its sgemm repacked the whole weight at every call
 and ran at 15 GFLOP/s (54 on large products). The decode kernel's `linear_rows` (infer/kernels.cpp) reads each
-weight row once for all the rows: on that CPU the demo model decoded 1.09x faster at batch 1 and 1.23x at batch
-16 with every Linear through it (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier measurements MKL's one-row
-kernel was as fast in both layouts.
+weight row once for all the rows: on that CPU the demo model decoded 1.09x faster at batch 1, 1.46x at batch 4
+and 1.30x at batch 16 with every Linear through it (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier
+measurements MKL's one-row kernel was as fast in both layouts.
 
 So the engine's loader times the three on a weight of the model's lm_head shape, at 1 row and at 16, with the
 cache flushed before each call, and takes the kernel where one call of each size, added together, takes less than
 with the BLAS in either layout (the lm_head alone is not the whole step: here the kernel was slower than MKL on the
 transposed lm_head at one row, and the whole batch-1 step 1.09x faster with it); otherwise it transposes the wide
-weights where that is clearly faster at one row. Both keep the
-model's parameters and code: the kernel swaps the Linear modules' class for one whose forward calls it at up to
-KERNEL_ROWS rows (prefill keeps the BLAS), and a transposed weight is a view with the same shape and values. The
-sums may round differently in the last bit. Only for inference on CPU in fp32: training keeps its own path.
+weights where that is clearly faster at one row. Both keep the model's parameters and code: the kernel swaps the
+Linear modules' class for one whose forward calls it at up to KERNEL_ROWS rows (prefill keeps the BLAS), and a
+transposed weight is a view with the same shape and values. The sums may round differently in the last bit. Only
+for inference on CPU in fp32: training keeps its own path.
 """
 
 from __future__ import annotations
