@@ -148,23 +148,24 @@ def beats_inductor() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def _takes(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """What both kernels need: plain (not sharded DTensors) CPU tensors, x float32, the weights float32 or
+    bfloat16, last sizes multiples of VECTOR; and the library built."""
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
+                for t in (x, *weights))
+    dtypes = x.dtype == torch.float32 and all(w.dtype in (torch.float32, torch.bfloat16) for w in weights)
+    return plain and dtypes and built()
+
+
 def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors: plain (not sharded DTensors) CPU tensors, x float32, the expert
-    weights both float32 or both bfloat16, last sizes multiples of VECTOR; and it is built."""
-    tensors = (x, gate_up_proj, down_proj)
-    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
-             for t in tensors)
-    dtypes = x.dtype == torch.float32 and gate_up_proj.dtype == down_proj.dtype in (torch.float32, torch.bfloat16)
-    return ok and dtypes and built()
+    """Whether the routed-experts kernel takes these tensors: `_takes`, and both expert weights of one dtype."""
+    return gate_up_proj.dtype == down_proj.dtype and _takes(x, gate_up_proj, down_proj)
 
 
 def covers_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear_rows` takes x (float32) and a Linear's weight [out, in] (float32 or bfloat16, stored as
-    [out, in]): plain CPU tensors, in a multiple of VECTOR, out a multiple of 4 (the kernel's rows per tile)."""
-    ok = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in (x, weight))
-    shapes = weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % VECTOR == 0 and weight.shape[0] % 4 == 0
-    dtypes = x.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16)
-    return ok and shapes and dtypes and built()
+    """Whether `linear_rows` takes x and a Linear's weight: `_takes`, and the weight stored as [out, in] with out a
+    multiple of 4 (the kernel's rows per tile)."""
+    return weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 4 == 0 and _takes(x, weight)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
