@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import types
 import weakref
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer import Engine, InferenceError, LatentCache, QueueFull, SamplingParams, kernels
+from nanoseek.infer import Engine, EngineStopped, InferenceError, LatentCache, QueueFull, SamplingParams, kernels
 from nanoseek.infer.forward import Batch, forward_cached
 from nanoseek.infer.text import TextStream
 
@@ -240,6 +241,83 @@ def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch
                                                                                                    10)
     finally:
         engine.shutdown()
+
+
+def test_a_failed_prefill_leaves_the_running_requests_alone(monkeypatch):
+    """A prompt whose prefill fails gets the error; a request already decoding in the same batch is not touched
+    (its cache rows are its own) and finishes with the tokens it would have had alone."""
+    import nanoseek.infer.engine as engine_mod
+
+    model = tiny()
+    real = engine_mod.sample
+
+    def failing(logits, params, generator):
+        if params.top_k == 7:
+            raise RuntimeError("sampling broke (simulated)")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample", failing)
+    engine = Engine(model, IdText(), max_batch=2)
+    engine.start()
+
+    async def run() -> list[int]:
+        running = engine.stream(PROMPTS[1], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        tokens = [(await running.__anext__()).token_id]  # decoding from here on
+        with pytest.raises(RuntimeError, match="simulated"):
+            async for _ in engine.stream(PROMPTS[0], SamplingParams(max_tokens=4, top_k=7, ignore_eos=True)):
+                pass
+        tokens += [ev.token_id async for ev in running]
+        return tokens
+
+    try:
+        assert asyncio.run(run()) == greedy_reference(model, PROMPTS[1], 30)
+        assert sorted(engine._free) == [0, 1] and engine.stats()["running"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_cache_that_cannot_be_allocated_fails_the_waiting_requests_and_the_engine_idles(monkeypatch):
+    """No memory for the cache: the waiting requests are told, the engine's thread goes back to waiting (it does
+    not retry the allocation in a loop) and serves the next request once the allocation works."""
+    import nanoseek.infer.engine as engine_mod
+
+    model = tiny()
+    real, tries = engine_mod.LatentCache, []
+
+    def cache(*args, **kw):
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_mod, "LatentCache", cache)
+    engine = Engine(model, IdText(), max_batch=2)
+    steps = []
+    step = engine._step
+    engine._step = lambda: (steps.append(1), step())[1]  # type: ignore[method-assign]
+    engine.start()
+
+    async def failed() -> None:
+        with pytest.raises(RuntimeError, match="simulated"):
+            async for _ in engine.stream(PROMPTS[0], GREEDY):
+                pass
+
+    try:
+        asyncio.run(failed())
+        time.sleep(0.05)
+        idle = len(steps)
+        time.sleep(0.3)
+        assert len(steps) == idle and len(tries) == 1 and engine.stats()["waiting"] == 0
+        out = engine.generate([PROMPTS[2]], GREEDY)
+        assert [e.token_id for e in out[0]] == greedy_reference(model, PROMPTS[2], 10) and len(tries) == 2
+    finally:
+        engine.shutdown()
+
+
+def test_generate_wants_one_sampling_setting_per_prompt():
+    engine = Engine(tiny(), IdText(), max_batch=2)
+    with pytest.raises(InferenceError, match="2 prompts but 3 sampling parameters"):
+        engine.generate(PROMPTS[:2], [GREEDY] * 3)
 
 
 def test_logprobs_are_the_models():
@@ -472,9 +550,9 @@ def test_shutdown_tells_unfinished_requests_and_drops_them():
             await asyncio.sleep(0.001)
         threading.Timer(0.05, gate.set).start()  # the step ends after shutdown has asked the thread to stop
         engine.shutdown()
-        with pytest.raises(InferenceError, match="shut down"):
+        with pytest.raises(EngineStopped, match="shut down"):
             await waiting
-        with pytest.raises(InferenceError, match="shut down"):
+        with pytest.raises(EngineStopped, match="shut down"):
             async for _ in running:
                 pass
         assert engine.stats() == {"running": 0, "waiting": 0, "tokens_in_flight": 0, "acceptance_rate": None}

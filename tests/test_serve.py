@@ -5,6 +5,7 @@ requests served alone, every error case, metrics, client disconnects, and the `s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -28,6 +29,7 @@ from nanoseek.cost.energy import EnergyMeter, Tariff
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams, load_for_inference
 from nanoseek.serve.app import create_app
+from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.train.config import CostConfig
 from tests.conftest import ROOT, nanoseek
 
@@ -426,6 +428,34 @@ def test_queue_full_is_429(model_dir, tok):
         small.shutdown()
 
 
+def test_requests_the_engine_drops_at_shutdown_get_503(model_dir, tok):
+    """An engine that stops under a request is the server's state, not a bad request: 503 for one still waiting,
+    a 503 error event for one already streaming."""
+    model, _ = load_for_inference(model_dir, device="cpu")
+    small = Engine(model, tok, max_batch=1, queue_policy="wait")
+    gate = threading.Event()  # holds the first decode step until shutdown has been asked for
+    decode = small._decode
+    small._decode = lambda: (gate.wait(), decode())  # type: ignore[method-assign]
+    small.start()
+    try:
+        with live_server(create_app(small, tok)) as base, httpx.Client(base_url=base, timeout=60) as c:
+            body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as streaming:
+                lines = streaming.iter_lines()
+                assert next(lines).startswith("data: ")  # it holds the only slot
+                waiting = concurrent.futures.ThreadPoolExecutor(1).submit(c.post, "/v1/completions", json=body)
+                while small.stats()["waiting"] == 0:
+                    time.sleep(0.01)
+                threading.Timer(0.05, gate.set).start()
+                small.shutdown()
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "unavailable" and "shut down" in events[-1]["error"]["message"]
+            assert assert_error(waiting.result(), 503, code="unavailable")["type"] == "server_error"
+    finally:
+        gate.set()
+        small.shutdown()
+
+
 def test_client_disconnect_frees_the_slot(http, engine):
     body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
 
@@ -562,6 +592,32 @@ def test_metrics(url, http, client, tok):
     kwh = energy[f'nanoseek_energy_kwh_total{{source="{source}"}}']
     per_token = energy[f'nanoseek_energy_per_generated_token_joules{{source="{source}"}}']
     assert kwh > 0 and per_token == pytest.approx(kwh * 3.6e6 / values["nanoseek_generation_tokens_total"])
+
+
+def test_energy_metrics_say_estimated_once_the_meter_falls_back():
+    """A meter that measured, then fell back to estimates (codecarbon failing): each interval keeps its label, and
+    the per-token figure, made of both, is no longer called measured."""
+    readings = iter([("measured", 1e-6), ("estimated", 2e-6)])
+
+    class Meter:
+        def interval(self) -> dict:
+            source, kwh = next(readings)
+            return {"energy_kwh": kwh, "energy_source": source}
+
+    class Idle:
+        def stats(self) -> dict:
+            return {"running": 0, "waiting": 0, "tokens_in_flight": 0, "acceptance_rate": None}
+
+    metrics = ServerMetrics(Idle(), Meter())  # type: ignore[arg-type]
+    metrics.generation_tokens.inc(10)
+    first = scrape(metrics.render()[0].decode())
+    assert first['nanoseek_energy_kwh_total{source="measured"}'] == pytest.approx(1e-6)
+    assert first['nanoseek_energy_per_generated_token_joules{source="measured"}'] == pytest.approx(0.36)
+    second = scrape(metrics.render()[0].decode())
+    assert second['nanoseek_energy_kwh_total{source="measured"}'] == pytest.approx(1e-6)
+    assert second['nanoseek_energy_kwh_total{source="estimated"}'] == pytest.approx(2e-6)
+    per_token = {k: v for k, v in second.items() if k.startswith("nanoseek_energy_per_generated_token")}
+    assert per_token == {'nanoseek_energy_per_generated_token_joules{source="estimated"}': pytest.approx(1.08)}
 
 
 def test_chat_page_is_self_contained(url):

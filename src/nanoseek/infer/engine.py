@@ -43,6 +43,10 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit (HTTP 429)."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine shut down before the request finished: the server's state, not the request's fault (HTTP 503)."""
+
+
 @dataclass
 class TokenEvent:
     """One generated token, as the engine streams it."""
@@ -140,7 +144,6 @@ class Engine:
         self._free = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._admitting: list[_Request] = []  # given a slot, in prefill: not yet running
         self._cancelled: set[_Request] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -181,7 +184,7 @@ class Engine:
             for r in left:
                 self._finish(r)
         for r in left:
-            r.sink(InferenceError("the engine shut down before this request finished"))
+            r.sink(EngineStopped("the engine shut down before this request finished"))
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -225,6 +228,9 @@ class Engine:
         started for the call: decoding in the caller's thread ran up to 20x slower on a loaded 2-core machine
         (its OpenMP team waits on busy cores; docs/LOG.md), and the caller's float state stays untouched."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):  # zip would drop the extra prompts and the wait below would never end
+            raise InferenceError(f"{len(prompts)} prompts but {len(plist)} sampling parameters: give one per prompt "
+                                 "or a single one for all")
         outs: list[list[TokenEvent]] = [[] for _ in prompts]
         q: queue.Queue[tuple[int, TokenEvent | BaseException]] = queue.Queue()
         for p, sp in zip(prompts, plist):  # all checked before any runs
@@ -299,19 +305,7 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         return
-                try:
-                    self._step()
-                except Exception as e:  # a failed step fails its requests (each told, its slot freed), not the server
-                    with self._cond:
-                        failed = [*self._running, *(r for r in self._admitting if r not in self._running)]
-                        if not failed:  # it failed before admitting anyone (e.g. no memory for the cache)
-                            failed = list(self._waiting)
-                            self._waiting.clear()
-                        self._admitting = []
-                    for r in failed:
-                        if not r.done:  # one that finished in an earlier chunk of this prefill has its answer
-                            r.sink(e)
-                            self._finish(r)
+                self._step()
 
     def _ensure_cache(self) -> LatentCache:
         if self._cache is None:
@@ -330,15 +324,35 @@ class Engine:
                 _mark_dynamic(tokens, batch)
                 self._decode_step(self.model, cache, tokens, batch)
 
+    def _fail(self, reqs: list[_Request], e: BaseException) -> None:
+        """A failed part of a step fails the requests it was for, not the server: each is finished (its slot free
+        again) before it is told, so that its caller's cancel finds it done."""
+        with self._cond:
+            reqs = [r for r in reqs if not r.done]  # one that finished in an earlier prefill chunk has its answer
+            for r in reqs:
+                self._finish(r)
+        for r in reqs:
+            r.sink(e)
+
     def _step(self) -> None:
-        """Drop cancelled requests, admit waiting ones (prefill), then one decode step for the batch."""
-        self._ensure_cache()
+        """Drop cancelled requests, admit waiting ones (prefill), then one decode step for the batch. A failure
+        fails only the requests it touched: those waiting if the cache cannot be allocated, those being
+        prefilled in a chunk that fails (the running rows' cache is untouched), the batch if its step fails."""
         with self._cond:
             for r in self._cancelled:
                 if r in self._waiting:
                     self._waiting.remove(r)
                 self._finish(r)
             self._cancelled.clear()
+        try:
+            self._ensure_cache()
+        except Exception as e:  # e.g. no memory for max_batch x context: nobody can run
+            with self._cond:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            self._fail(waiting, e)
+            return
+        with self._cond:
             admitted = []
             in_flight = sum(r.reserved for r in self._running)
             while self._waiting and self._free and (
@@ -349,11 +363,12 @@ class Engine:
                 in_flight += r.reserved
                 admitted.append(r)
         if admitted:
-            self._admitting = admitted
             self._prefill(admitted)
-            self._admitting = []
         if self._running:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as e:
+                self._fail(list(self._running), e)
 
     def _finish(self, r: _Request) -> None:
         r.done = True
@@ -371,8 +386,11 @@ class Engine:
             n = 1
             while n < len(reqs) and (n + 1) * len(reqs[n].prompt) <= PREFILL_TOKENS:
                 n += 1
-            self._prefill_chunk(reqs[:n])
-            reqs = reqs[n:]
+            chunk, reqs = reqs[:n], reqs[n:]
+            try:
+                self._prefill_chunk(chunk)
+            except Exception as e:  # this chunk's requests only: the running rows and the other chunks go on
+                self._fail([r for r in chunk if r not in self._running], e)
 
     def _prefill_chunk(self, reqs: list[_Request]) -> None:
         n_new = [len(r.prompt) for r in reqs]

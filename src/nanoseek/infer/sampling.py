@@ -1,7 +1,8 @@
 """Choosing the next token: greedy, or temperature / top-k / top-p sampling with a per-request seed.
 
-Each request samples with its own `torch.Generator`, so a seeded request gives the same text whether it runs
-alone or in a batch with others (the batch never shares random numbers between requests).
+Each request samples with its own `torch.Generator`: the batch never shares random numbers between requests, so a
+seeded request draws the same numbers alone or in a batch. Its text is the same too, unless the batch's products,
+rounded differently at another batch size, move a logit across a sampling boundary (a rare near-tie).
 """
 
 from __future__ import annotations

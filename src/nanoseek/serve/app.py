@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoseek.cost.energy import EnergyMeter
 from nanoseek.data.tokenizer import DataError, Tokenizer
-from nanoseek.infer import Engine, InferenceError, QueueFull, SamplingParams, TokenEvent
+from nanoseek.infer import Engine, EngineStopped, InferenceError, QueueFull, SamplingParams, TokenEvent
 from nanoseek.serve.metrics import ServerMetrics
 
 log = logging.getLogger("nanoseek.serve")
@@ -403,6 +403,8 @@ class Server:
                 last = now
                 yield ev
             m.request_latency.observe(last - arrived)
+        except EngineStopped as e:  # the server is stopping, before or during the answer: not the request's fault
+            raise APIError(503, f"{e}: retry later", code="unavailable") from e
         finally:
             await stream.aclose()
 
@@ -434,6 +436,9 @@ class Server:
             async for last in rest:
                 for c in chunk(last):
                     yield _sse(c)
+        except APIError as e:  # e.g. the engine stopped (503)
+            yield _sse(error_body(e.status, e.message, e.param, e.code))
+            return
         except Exception as e:
             log.exception("generation failed mid-stream")
             yield _sse(error_body(500, f"generation failed: {e}"))

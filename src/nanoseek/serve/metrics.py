@@ -47,25 +47,32 @@ class ServerMetrics:
 
         Gauge("nanoseek_batch_size", "Requests decoding together now", registry=r).set_function(stat("running"))
         Gauge("nanoseek_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(stat("waiting"))
-        Gauge("nanoseek_tokens_in_flight", "Prompt and generated tokens held by running requests",
+        Gauge("nanoseek_tokens_in_flight", "Cache tokens reserved by running requests (prompt + max_tokens each)",
               registry=r).set_function(stat("tokens_in_flight"))
         Gauge("nanoseek_speculative_acceptance_rate", "Share of MTP draft tokens accepted (NaN without MTP)",
               registry=r).set_function(stat("acceptance_rate"))
 
         self.energy = energy
         if energy is not None:
-            label = {"source": energy.source}  # "measured" (NVML/RAPL) or "estimated"
+            # labelled at each scrape by what that interval was: "measured" (NVML/RAPL) or "estimated", so a meter
+            # that falls back to estimates mid-run (codecarbon failing) stops calling its figures measured
             self.energy_kwh = Counter("nanoseek_energy_kwh", "Energy of this machine since the server started "
-                                      "(idle time included)", list(label), registry=r).labels(**label)
+                                      "(idle time included)", ["source"], registry=r)
             self.energy_per_token = Gauge(
                 "nanoseek_energy_per_generated_token_joules", "Energy since the start divided by the tokens "
-                "generated since the start", list(label), registry=r).labels(**label)
+                "generated since the start (measured only if every interval was)", ["source"], registry=r)
+            self._kwh, self._sources = 0.0, set()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; reads the energy meter first (one interval per scrape)."""
         if self.energy is not None:
-            kwh = self.energy.interval()["energy_kwh"] or 0.0
-            self.energy_kwh.inc(kwh)
+            reading = self.energy.interval()
+            kwh, source = reading["energy_kwh"] or 0.0, reading["energy_source"]
+            self.energy_kwh.labels(source=source).inc(kwh)
+            self._kwh += kwh
+            self._sources.add(source)
             tokens = self.generation_tokens._value.get()
-            self.energy_per_token.set(self.energy_kwh._value.get() * 3.6e6 / tokens if tokens else math.nan)
+            self.energy_per_token.clear()  # one series, under the label of the whole total
+            self.energy_per_token.labels(source="measured" if self._sources == {"measured"} else "estimated").set(
+                self._kwh * 3.6e6 / tokens if tokens else math.nan)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
