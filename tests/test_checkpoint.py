@@ -214,6 +214,19 @@ def test_not_a_checkpoint(tmp_path):
         nanoseek.from_pretrained(tmp_path)
 
 
+def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
+    """A run resumed from LATEST's step 500 while a complete step_000600 of the run that died before naming it
+    remains: the next save (step 550) is the one LATEST names, and pruning to one must not delete it."""
+    from nanoseek.train.checkpoint import TrainState, checkpoint_steps, latest_checkpoint, save_checkpoint
+
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (500, 600, 550):
+        save_checkpoint(tmp_path, model, model, opt, TrainState(step=step), keep=2)
+    assert checkpoint_steps(tmp_path) == [550, 600] and latest_checkpoint(tmp_path).name == "step_000550"
+    save_checkpoint(tmp_path, model, model, opt, TrainState(step=560), keep=1)
+    assert checkpoint_steps(tmp_path) == [560] and latest_checkpoint(tmp_path).name == "step_000560"
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(model, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "ck")
     before = nanoseek.from_pretrained(tmp_path / "ck")

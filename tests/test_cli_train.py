@@ -187,6 +187,21 @@ def test_data_whose_tokenizer_was_swapped_is_refused(data_dir, tmp_path, capsys)
     assert "is not the tokenizer the shards of" in capsys.readouterr().out
 
 
+def test_a_damaged_validation_shard_stops_the_run(data_dir, tmp_path, capsys):
+    """A corrupted val shard is damage, as a corrupted train shard is: a clear error, not a run that goes on
+    without validation (under torchrun only the rank that checks the sha256 would, and the ranks' collectives
+    would no longer match)."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    shard = sorted(data.glob("val_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[7] ^= 0xFF  # same size: only the checksum tells
+    shard.write_bytes(bytes(raw))
+    assert main(["train", *_args(data, tmp_path / "run", steps=1), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert shard.name in out and "sha256" in out and "nanoseek data prepare" in out
+
+
 def test_data_without_a_validation_split_trains_without_validation(data_dir, tmp_path):
     """`data prepare --val-fraction 0` is allowed, so training on it must work (with a warning, no val loss)."""
     data0 = tmp_path / "data0"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import nanoseek
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -161,6 +162,8 @@ def test_resume_across_world_sizes(data_dir, reference, tmp_path):
     torchrun(data_dir, two, "parallel.dp=fsdp", "parallel.ep=2", "checkpoint.every=3")
     assert {p.name for p in (two / "checkpoints" / "step_000003" / "state").iterdir()} == {
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"}
+    rng = [load_file(two / "checkpoints" / "step_000003" / f"rng-{r}.safetensors")["cpu"] for r in (0, 1)]
+    assert not torch.equal(*rng)  # each rank its own random numbers (dropout masks), saved as its own
     _cut_at_step3(two)
     r = _run([sys.executable, "-m", "nanoseek", "train", "--resume", str(two), "--no-progress"])
     assert r.returncode == 0 and "resuming a 2-rank run on 1 rank" in r.stdout, r.stdout + r.stderr
@@ -174,6 +177,8 @@ def test_resume_across_world_sizes(data_dir, reference, tmp_path):
     assert losses(one) == pytest.approx(losses(reference), abs=1e-5)
     ref, got = final_params(reference), final_params(one)
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
+    rng = [load_file(latest_checkpoint(one) / f"rng-{r}.safetensors")["cpu"] for r in (0, 1)]
+    assert not torch.equal(*rng)  # the rank the one-process run did not have drew numbers of its own
 
 
 def test_export_consolidates_a_sharded_checkpoint(data_dir, tmp_path):

@@ -39,6 +39,11 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB of uint16 per file
 _BATCH_CHARS = 1 << 22  # characters per encode_batch call: big enough to keep every tokenizer thread busy
 _RERUN = "re-run `nanoseek data prepare`"
+
+
+class DamagedShard(DataError):
+    """A shard index.json lists is missing, truncated or corrupted: the data folder is damaged, not merely short
+    of a split, so a run must stop rather than go on without it."""
 MAX_SKIPPED_LISTED = 1000
 
 console = Console()
@@ -268,13 +273,13 @@ class TokenStream:
         for shard in info["shards"]:
             path = self.data_dir / shard["file"]
             if not path.is_file():
-                raise DataError(f"shard {path} is missing; {_RERUN}")
+                raise DamagedShard(f"shard {path} is missing; {_RERUN}")
             expected = shard["tokens"] * self.dtype.itemsize
             if path.stat().st_size != expected:
-                raise DataError(f"shard {path} has {path.stat().st_size} bytes, index.json says {shard['tokens']} "
+                raise DamagedShard(f"shard {path} has {path.stat().st_size} bytes, index.json says {shard['tokens']} "
                                 f"tokens = {expected} bytes (truncated or overwritten); {_RERUN}")
             if verify and sha256_file(path) != shard["sha256"]:
-                raise DataError(f"shard {path} does not match its sha256 in index.json (corrupted); {_RERUN}")
+                raise DamagedShard(f"shard {path} does not match its sha256 in index.json (corrupted); {_RERUN}")
             self.shards.append(np.memmap(path, dtype=self.dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard, then the total
 

@@ -122,8 +122,10 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
             # copy waits as `aside`, which latest_checkpoint falls back to, until the new one is in place
             replace_dir(tmp, final, aside)
             write_atomic(ckpt_root / "LATEST", name + "\n")
-            old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=_step_of)
-            for p in old[:-keep] if keep > 0 else []:
+            # the newest `keep`, this one always among them: a higher-numbered folder can be left from a run that
+            # died before LATEST named it, and must not make this save prune itself
+            old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and p != final), key=_step_of)
+            for p in old[:len(old) - keep + 1] if keep > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
     finally:
         if rank == 0:
@@ -252,8 +254,11 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
             s[kk] = flat[f"optim.{k}.{kk}"]
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
-    rng = ckpt / f"rng-{_rank()}.safetensors"
+    rank = _rank()
+    rng = ckpt / f"rng-{rank}.safetensors"
     _set_rng_state(load_file(rng if rng.is_file() else ckpt / "rng-0.safetensors"))
+    if rank and not rng.is_file():  # a rank the saving run did not have: rank 0's numbers, made its own
+        torch.manual_seed(int(torch.randint(2**62, ())) + rank)
     return TrainState(**meta["state"])
 
 

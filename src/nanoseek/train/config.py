@@ -107,7 +107,7 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: routed experts split over this many ranks (divides the world size)
     cpu_offload: bool = False  # fsdp: sharded weights, gradients and optimizer state live in CPU memory (GPU)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
-    timeout: float = 300.0  # seconds a rank waits for the others (start-up, collectives) before failing
+    timeout: float = 300.0  # seconds a rank waits for the others (start-up, collectives, rank 0's checkpoint I/O)
 
 
 @dataclass

@@ -172,7 +172,7 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
     from nanoseek.data.tokenizer import DataError
 
     path = check_run(cfg, run_dir, resuming=True)  # (the run folder was checked before)
-    from nanoseek.data.shards import TokenStream, read_index
+    from nanoseek.data.shards import DamagedShard, TokenStream, read_index
     from nanoseek.io import sha256_file
 
     made_with = read_index(path).get("tokenizer_sha256")
@@ -189,9 +189,14 @@ def _data(cfg: RunConfig, world: World, run_dir: Path) -> tuple[Any, list[tuple[
         try:
             val = eval_batches(TokenStream(path, "val", verify), split="val", seq_len=cfg.data.seq_len,
                                batch_size=cfg.train.micro_batch_size, max_batches=cfg.eval.batches)
+        except DamagedShard:  # damage stops the run, as a damaged train shard does
+            raise
         except DataError as e:  # e.g. prepared with --val-fraction 0, or one short held-out document
             warnings.warn(f"no validation loss in this run: {e}. Prepare the data with a larger --val-fraction "
                           "for one, or set eval.batches=0 to silence this", stacklevel=2)
+        # every rank evaluates or none does: evaluation runs collectives (FSDP2's gathers, EP's exchanges)
+        if world.max_int(int(not val)):
+            val = []
     return train, val, path
 
 
@@ -328,6 +333,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = NanoSeek(cfg.model).to(device)
     wrapped = parallelize(model, world, bf16=cfg.train.dtype == "bf16", cfg=cfg.parallel)
+    if world.rank:  # the weights are set: from here each rank draws its own random numbers (dropout masks), and
+        torch.manual_seed(cfg.train.seed + world.rank)  # rank 0 those of one process (a resume restores each's)
     if isinstance(world, DistWorld) and world.is_main:
         console.print(world.describe())
     elif not isinstance(world, DistWorld) and (cfg.parallel.dp != "ddp" or cfg.parallel.ep > 1):
