@@ -558,6 +558,8 @@ def test_shutdown_tells_unfinished_requests_and_drops_them():
         assert engine.stats() == {"running": 0, "waiting": 0, "tokens_in_flight": 0, "acceptance_rate": None}
 
     asyncio.run(run())
+    with pytest.raises(EngineStopped, match="not taken"):  # a submit that lost the race with shutdown() is refused
+        engine._submit(PROMPTS[2], GREEDY, lambda ev: None)
     out = engine.generate([PROMPTS[2]], GREEDY)  # its own thread again: only this request runs
     assert [e.token_id for e in out[0]] == greedy_reference(model, PROMPTS[2], 10)
 

@@ -281,6 +281,8 @@ class Engine:
         req = _Request(list(prompt), params, sink, TextStream(self.tokenizer, params.stop), frozenset(stop_ids),
                        generator_for(params), speculate=self.speculative == "mtp" and params.greedy)
         with self._cond:
+            if self._stopping:  # shut down from another thread since the caller's start(): nobody would run it
+                raise EngineStopped("the engine is shutting down: this request was not taken")
             # the queue holds the requests no free slot will take: the waiting ones beyond the free slots
             if bounded and len(self._waiting) >= self.max_queue + len(self._free):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for a slot): retry later")
