@@ -227,6 +227,24 @@ def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
     assert checkpoint_steps(tmp_path) == [560] and latest_checkpoint(tmp_path).name == "step_000560"
 
 
+def test_info_counts_a_checkpoint_without_reading_its_weights(model, tmp_path, monkeypatch, capsys):
+    """`nanoseek info` needs shapes only: a checkpoint of any size is described without its weights in memory."""
+    from nanoseek.cli import main
+
+    model.save_pretrained(tmp_path / "ck")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    read = capsys.readouterr().out
+    monkeypatch.setattr(hf, "_load_tensors", lambda *a: pytest.fail("info read the weights"))
+    assert main(["info", str(tmp_path / "ck")]) == 0 and main(["info", "small"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(read) and "routed experts" in out
+    from nanoseek.cli import _fmt
+    from nanoseek.model.summary import parameter_counts
+
+    total = sum(r.total for r in parameter_counts(model) if r.component != "MTP modules")  # of the real weights
+    assert f" {_fmt(total)} " in read
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(model, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "ck")
     before = nanoseek.from_pretrained(tmp_path / "ck")
@@ -261,9 +279,13 @@ def test_saving_over_a_folder_keeps_tokenizer_files_and_refuses_other_contents(m
     # a folder holding anything else (a run, notes, a repository) is not swapped away
     (tmp_path / "ck" / "notes.txt").write_text("mine")
     (tmp_path / "ck" / "checkpoints").mkdir()
-    with pytest.raises(CheckpointError, match=r"holds more than a model \(checkpoints/, notes.txt\)"):
+    (tmp_path / "ck" / "adapter_model.safetensors").write_bytes(b"mine too")  # weights, but not the model's
+    with pytest.raises(CheckpointError, match=r"holds more than a model \(adapter_model.safetensors, checkpoints/, "
+                                              r"notes.txt\)"):
         model.save_pretrained(tmp_path / "ck")
     assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "ck" / "adapter_model.safetensors").read_bytes() == b"mine too"
+    os.remove(tmp_path / "ck" / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="is a file"):
         model.save_pretrained(tmp_path / "ck" / "notes.txt")
     shutil.rmtree(tmp_path / "ck" / "checkpoints")

@@ -207,6 +207,41 @@ def test_a_device_that_is_not_there_is_a_clear_error(capsys):
         assert "torch sees no CUDA GPU" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"factor": None}, "needs factor"),
+    ({"original_max_position_embeddings": None}, "needs original_max_position_embeddings"),
+    ({"factor": [4]}, r"rope_scaling\.factor must be a number > 0.*\[4\]"),
+    ({"original_max_position_embeddings": 0}, r"rope_scaling\.original_max_position_embeddings must be a number > 0"),
+    ({"beta_fast": "32"}, r"rope_scaling\.beta_fast must be a number"),
+    ({"mscale": True}, r"rope_scaling\.mscale must be a number"),
+    ({"truncate": "no"}, r"rope_scaling\.truncate must be true or false"),
+])
+def test_a_malformed_yarn_config_names_the_field(change, message):
+    rs = {k: v for k, v in {**DEEPSEEK_V3_JSON["rope_scaling"], **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict({**DEEPSEEK_V3_JSON, "rope_scaling": rs})
+
+
+def test_cpu_identity_reads_x86_and_arm_cpuinfo(monkeypatch):
+    """What the kernel cache and the measured peak are keyed by. Linux on ARM (Graviton, a Raspberry Pi, Docker on
+    an Apple-silicon Mac) has no "model name" or "flags" lines: that must not crash training."""
+    import types
+
+    from nanoseek import device
+
+    texts = {"x86": "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n",
+             "arm": "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
+                    "CPU part\t: 0xd0c\n",
+             "bare": "processor\t: 0\n"}
+    seen = {}
+    for name, text in texts.items():
+        monkeypatch.setattr(device, "Path", lambda path, t=text: types.SimpleNamespace(read_text=lambda: t))
+        seen[name] = device.cpu_identity()
+    assert seen["x86"] == "model name\t: AMD EPYC\nflags\t\t: fpu avx2"
+    assert seen["arm"] == "CPU implementer\t: 0x41\nCPU part\t: 0xd0c\nFeatures\t: fp asimd"
+    assert seen["bare"].split()[0] == __import__("platform").machine()
+
+
 def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     """T4 and V100 only emulate bf16 (torch counts emulation unless told not to): fp32 is faster there."""
     import torch

@@ -269,8 +269,18 @@ def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any] | None:
     unknown = set(rs) - _YARN_KEYS
     if unknown:
         raise ConfigError(f"rope_scaling has keys nanoseek does not know: {sorted(unknown)}")
-    if "original_max_position_embeddings" not in rs:
-        raise ConfigError("rope_scaling type 'yarn' needs original_max_position_embeddings")
+    # checked here, where the field can be named, rather than failing later inside the rotary math
+    example = {"factor": 40, "original_max_position_embeddings": 4096}
+    for key in ("factor", "original_max_position_embeddings"):
+        if rs.get(key) is None:
+            raise ConfigError(f"rope_scaling type 'yarn' needs {key} (DeepSeek-V3 has {key}: {example[key]})")
+    for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "attention_factor"):
+        value = rs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise ConfigError(f"rope_scaling.{key} must be a number > 0 (or absent where optional), got {value!r}")
+    if not isinstance(rs.get("truncate", True), bool):
+        raise ConfigError(f"rope_scaling.truncate must be true or false, got {rs['truncate']!r}")
     return {"type": "yarn", **rs}
 
 

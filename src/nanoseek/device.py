@@ -13,11 +13,15 @@ from nanoseek.config import ConfigError
 def cpu_identity() -> str:
     """This CPU's model and feature flags (/proc/cpuinfo): what a kernel built for it, or a peak measured on it,
     depends on (a shared home can be mounted on machines with different CPUs)."""
+    fallback = f"{platform.machine()} {platform.processor()}"
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(next(x for x in lines if x.startswith(key)) for key in ("model name", "flags"))
-    except (OSError, StopIteration):
-        return f"{platform.machine()} {platform.processor()}"
+    except OSError:
+        return fallback
+    # x86 says "model name" and "flags"; Linux on ARM says "CPU implementer", "CPU part" and "Features" instead
+    keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+    found = [next((x for x in lines if x.startswith(key)), "") for key in keys]
+    return "\n".join(x for x in found if x) or fallback
 
 
 def pick_dtype(name: str, device: torch.device) -> str:

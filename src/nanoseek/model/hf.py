@@ -30,6 +30,7 @@ from nanoseek.model.moe import Experts
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # as write_checkpoint names them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # what a model folder holds besides weights and config.json: kept when the weights are saved again
 KEPT_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "generation_config.json")
@@ -212,7 +213,8 @@ def cast_model(model: NanoSeek, dtype: torch.dtype, expert_dtype: torch.dtype | 
 def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", expert_dtype: str | torch.dtype | None = None) -> NanoSeek:
     """Load an HF `deepseek_v3` checkpoint folder (or one nanoseek wrote). Weights in `dtype` (default fp32), the
-    routed experts in `expert_dtype` (default: `dtype`), read straight into that storage."""
+    routed experts in `expert_dtype` (default: `dtype`), read straight into that storage. On the "meta" device
+    the shapes are checked and nothing is read (what `nanoseek info` needs of a model of any size)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
@@ -232,6 +234,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str | torch.dtype | None = N
 
     # cast while still on meta: the device then holds each weight once, in its final dtype (not fp32 first)
     cast_model(model, resolve_dtype(dtype), None if expert_dtype is None else resolve_dtype(expert_dtype))
+    if torch.device(device).type == "meta":
+        return model
     model.to_empty(device=device)
     model.tie_weights()
     _load_tensors(model, files, found)
@@ -320,9 +324,15 @@ def _model_folder_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path} is (or holds) the folder you are in, which saving would swap away: cd out of "
                               "it and give its name")
     entries = list(path.iterdir())
+    # the model's own weight files only: an adapter or an EMA copy (adapter_model.safetensors) is the user's
+    try:
+        indexed = set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        indexed = set()
+    weights = {SINGLE_FILE} | indexed
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
                      if not (p.is_file() and (p.name in KEPT_FILES or p.name in (INDEX_FILE, "config.json")
-                                              or p.suffix == ".safetensors")))
+                                              or p.name in weights or _SHARD_NAME.fullmatch(p.name))))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise CheckpointError(f"{path} exists and holds more than a model ({shown}); saving replaces the whole "
