@@ -213,6 +213,7 @@ def test_a_device_that_is_not_there_is_a_clear_error(capsys):
     ({"factor": [4]}, r"rope_scaling\.factor must be a number > 0.*\[4\]"),
     ({"original_max_position_embeddings": 0}, r"rope_scaling\.original_max_position_embeddings must be a number > 0"),
     ({"beta_fast": "32"}, r"rope_scaling\.beta_fast must be a number"),
+    ({"mscale_all_dim": -1}, r"rope_scaling\.mscale_all_dim must be a number >= 0"),
     ({"mscale": True}, r"rope_scaling\.mscale must be a number"),
     ({"truncate": "no"}, r"rope_scaling\.truncate must be true or false"),
 ])

@@ -274,11 +274,15 @@ def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any] | None:
     for key in ("factor", "original_max_position_embeddings"):
         if rs.get(key) is None:
             raise ConfigError(f"rope_scaling type 'yarn' needs {key} (DeepSeek-V3 has {key}: {example[key]})")
-    for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                "attention_factor"):
+    for key in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                "mscale_all_dim"):
         value = rs.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
-            raise ConfigError(f"rope_scaling.{key} must be a number > 0 (or absent where optional), got {value!r}")
+        # 0 is allowed where it means "not used" (mscale_all_dim is 0 in some releases) or "the default" (beta_*)
+        zero_ok = key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+                                  or (value == 0 and not zero_ok)):
+            raise ConfigError(f"rope_scaling.{key} must be a number {'>= 0' if zero_ok else '> 0'} (or absent where "
+                              f"optional), got {value!r}")
     if not isinstance(rs.get("truncate", True), bool):
         raise ConfigError(f"rope_scaling.truncate must be true or false, got {rs['truncate']!r}")
     return {"type": "yarn", **rs}
