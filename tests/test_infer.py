@@ -219,11 +219,10 @@ def test_a_tiny_temperature_is_greedy_not_nan():
         Engine(model, IdText()).generate([[1]], SamplingParams(temperature=float("inf")))
 
 
-def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch):
-    """Whatever fails inside a step: the requests in it get the error, their slots come back, the engine goes on."""
+def _sampling_fails_for_top_k_7(monkeypatch) -> None:
+    """The engine's sampling raises for requests with top_k=7: a failure inside a step, on demand."""
     import nanoseek.infer.engine as engine_mod
 
-    model = tiny()
     real = engine_mod.sample
 
     def failing(logits, params, generator):
@@ -232,6 +231,12 @@ def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch
         return real(logits, params, generator)
 
     monkeypatch.setattr(engine_mod, "sample", failing)
+
+
+def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch):
+    """Whatever fails inside a step: the requests in it get the error, their slots come back, the engine goes on."""
+    _sampling_fails_for_top_k_7(monkeypatch)
+    model = tiny()
     engine = Engine(model, IdText(), max_batch=1)
     try:
         with pytest.raises(RuntimeError, match="simulated"):
@@ -246,17 +251,8 @@ def test_a_failed_prefill_answers_its_requests_and_frees_their_slots(monkeypatch
 def test_a_failed_prefill_leaves_the_running_requests_alone(monkeypatch):
     """A prompt whose prefill fails gets the error; a request already decoding in the same batch is not touched
     (its cache rows are its own) and finishes with the tokens it would have had alone."""
-    import nanoseek.infer.engine as engine_mod
-
+    _sampling_fails_for_top_k_7(monkeypatch)
     model = tiny()
-    real = engine_mod.sample
-
-    def failing(logits, params, generator):
-        if params.top_k == 7:
-            raise RuntimeError("sampling broke (simulated)")
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(engine_mod, "sample", failing)
     engine = Engine(model, IdText(), max_batch=2)
     engine.start()
 
