@@ -223,8 +223,11 @@ def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
     for step in (500, 600, 550):
         save_checkpoint(tmp_path, model, model, opt, TrainState(step=step), keep=2)
     assert checkpoint_steps(tmp_path) == [550, 600] and latest_checkpoint(tmp_path).name == "step_000550"
-    save_checkpoint(tmp_path, model, model, opt, TrainState(step=560), keep=1)
-    assert checkpoint_steps(tmp_path) == [560] and latest_checkpoint(tmp_path).name == "step_000560"
+    for step in (560, 565):  # fewer than `keep`: none go
+        save_checkpoint(tmp_path, model, model, opt, TrainState(step=step), keep=5)
+    assert checkpoint_steps(tmp_path) == [550, 560, 565, 600]
+    save_checkpoint(tmp_path, model, model, opt, TrainState(step=570), keep=1)
+    assert checkpoint_steps(tmp_path) == [570] and latest_checkpoint(tmp_path).name == "step_000570"
 
 
 def test_info_counts_a_checkpoint_without_reading_its_weights(model, tmp_path, monkeypatch, capsys):

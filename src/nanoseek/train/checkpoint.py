@@ -125,7 +125,7 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
             # the newest `keep`, this one always among them: a higher-numbered folder can be left from a run that
             # died before LATEST named it, and must not make this save prune itself
             old = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and p != final), key=_step_of)
-            for p in old[:len(old) - keep + 1] if keep > 0 else []:
+            for p in old[:max(0, len(old) - keep + 1)] if keep > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
     finally:
         if rank == 0:
