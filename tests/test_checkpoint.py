@@ -232,7 +232,8 @@ def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
 
 def test_info_counts_a_checkpoint_without_reading_its_weights(model, tmp_path, monkeypatch, capsys):
     """`nanoseek info` needs shapes only: a checkpoint of any size is described without its weights in memory."""
-    from nanoseek.cli import main
+    from nanoseek.cli import _fmt, main
+    from nanoseek.model.summary import parameter_counts
 
     model.save_pretrained(tmp_path / "ck")
     assert main(["info", str(tmp_path / "ck")]) == 0
@@ -241,9 +242,6 @@ def test_info_counts_a_checkpoint_without_reading_its_weights(model, tmp_path, m
     assert main(["info", str(tmp_path / "ck")]) == 0 and main(["info", "small"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(read) and "routed experts" in out
-    from nanoseek.cli import _fmt
-    from nanoseek.model.summary import parameter_counts
-
     total = sum(r.total for r in parameter_counts(model) if r.component != "MTP modules")  # of the real weights
     assert f" {_fmt(total)} " in read
 

@@ -438,12 +438,13 @@ def test_requests_the_engine_drops_at_shutdown_get_503(model_dir, tok):
     small._decode = lambda: (gate.wait(), decode())  # type: ignore[method-assign]
     small.start()
     try:
-        with live_server(create_app(small, tok)) as base, httpx.Client(base_url=base, timeout=60) as c:
+        with (live_server(create_app(small, tok)) as base, httpx.Client(base_url=base, timeout=60) as c,
+              concurrent.futures.ThreadPoolExecutor(1) as pool):
             body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
             with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as streaming:
                 lines = streaming.iter_lines()  # headers come after its prefill: it holds the only slot (its
                 assert small.stats()["running"] == 1  # first token's text may be held back: no line to wait for)
-                waiting = concurrent.futures.ThreadPoolExecutor(1).submit(c.post, "/v1/completions", json=body)
+                waiting = pool.submit(c.post, "/v1/completions", json=body)
                 while small.stats()["waiting"] == 0:
                     time.sleep(0.01)
                 threading.Timer(0.05, gate.set).start()
