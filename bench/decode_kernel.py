@@ -6,7 +6,8 @@ to a whole compiled decode step.
    vs the model's own eager path (per-pair mat-vecs below 32 pairs, grouped GEMMs above). Weights in cache, and
    cold (a 240 MB sweep before each call: in a real step the rest of the model has evicted them). Also the kernel
    over the same experts stored in bf16 (`--expert-dtype bf16`: half the bytes; checked against the kernel over the
-   rounded weights in fp32, which it must equal exactly).
+   rounded weights in fp32, which it must equal exactly) and in int8 with a scale per row (`--expert-dtype int8`:
+   a quarter; checked against the kernel over the dequantized weights in fp32).
 2. The compiled decode step (`infer/forward.py: decode_step`, the engine's graph) with the kernel and with torch's
    path, alternated in one process.
 3. Every Linear layer a decode step runs (attention projections, shared experts, the dense layer, lm_head) at 1 / 4
@@ -32,6 +33,7 @@ import nanoseek
 from nanoseek.infer import kernels
 from nanoseek.infer.engine import _compiled, _mark_dynamic
 from nanoseek.infer.forward import Batch, LatentCache, decode_step
+from nanoseek.infer.quant import Int8Experts
 
 warnings.filterwarnings("ignore")
 
@@ -66,13 +68,20 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
 
     bf16 = [g.detach().bfloat16() for g in gate_ups], [d.detach().bfloat16() for d in downs]
     rounded = [g.float() for g in bf16[0]], [d.float() for d in bf16[1]]
+    int8 = [Int8Experts(moe.experts) for moe in moes]
+
+    def int8_layers(x, routes):
+        return [kernels.routed_experts(x, i, w, q.gate_up_proj, q.down_proj, q.gate_up_scale, q.down_scale)
+                for (w, i), q in zip(routes, int8)]
+
+    dequantized = [q.stacked()[0] for q in int8], [q.stacked()[1] for q in int8]
 
     # one graph for all layers, so that the compiled function's call cost is paid once, as in a decode step
     inductor = torch.compile(lambda x, routes: all_layers(gathered, x, routes), dynamic=False)
     sweep = torch.empty(60_000_000)
     table = Table(title="routed experts of the 5 MoE layers (median µs; ratio = that time / the kernel's)")
-    for col in ("tokens", "weights", "kernel", "kernel, bf16 experts", "ratio", "inductor gathered", "ratio",
-                "model eager path", "ratio"):
+    for col in ("tokens", "weights", "kernel", "kernel, bf16 experts", "ratio", "kernel, int8 experts", "ratio",
+                "inductor gathered", "ratio", "model eager path", "ratio"):
         table.add_column(col, justify="right")
     for n in (1, 4, 16):
         x = torch.randn(n, model.config.hidden_size)
@@ -81,14 +90,17 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
         variants = {
             "kernel": lambda x=x, routes=routes: all_layers(kernels.routed_experts, x, routes),
             "bf16": lambda x=x, routes=routes: all_layers(kernels.routed_experts, x, routes, *bf16),
+            "int8": lambda x=x, routes=routes: int8_layers(x, routes),
             "inductor": lambda x=x, routes=routes: inductor(x, routes),
             "model": lambda x=x, routes=routes, counts=counts: [
                 moe.experts(x, i, w, c) for moe, (w, i), c in zip(moes, routes, counts)],
         }
-        outs = {name: torch.stack(f()) for name, f in variants.items() if name != "bf16"}
+        outs = {name: torch.stack(f()) for name, f in variants.items() if name not in ("bf16", "int8")}
         assert all((o - outs["kernel"]).abs().max() < 1e-4 for o in outs.values()), "variants disagree"
         assert torch.equal(torch.stack(variants["bf16"]()),
                            torch.stack(all_layers(kernels.routed_experts, x, routes, *rounded))), "bf16 disagrees"
+        want = torch.stack(all_layers(kernels.routed_experts, x, routes, *dequantized))
+        assert (torch.stack(variants["int8"]()) - want).abs().max() < 1e-5 * want.abs().max(), "int8 disagrees"
         for cold in (False, True):
             res: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(15):
@@ -96,7 +108,8 @@ def experts_table(model: nanoseek.NanoSeek, console: Console) -> None:
                     res[name].append(timed(f, 3, sweep if cold else None))
             med = {name: statistics.median(v) * 1e6 for name, v in res.items()}
             table.add_row(str(n), "cold" if cold else "in cache", f"{med['kernel']:.0f}", f"{med['bf16']:.0f}",
-                          f"{med['bf16'] / med['kernel']:.2f}x", f"{med['inductor']:.0f}",
+                          f"{med['bf16'] / med['kernel']:.2f}x", f"{med['int8']:.0f}",
+                          f"{med['int8'] / med['kernel']:.2f}x", f"{med['inductor']:.0f}",
                           f"{med['inductor'] / med['kernel']:.2f}x", f"{med['model']:.0f}",
                           f"{med['model'] / med['kernel']:.2f}x")
     console.print(table)

@@ -197,7 +197,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--eager", action="store_true", help="serve without --compile")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="the server's --dtype")
-    p.add_argument("--expert-dtype", choices=["fp32", "bf16"], help="the server's --expert-dtype (default: --dtype)")
+    p.add_argument("--expert-dtype", choices=["fp32", "bf16", "int8"],
+                   help="the server's --expert-dtype (default: --dtype)")
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own default)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]

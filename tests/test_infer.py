@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import os
 import random
@@ -17,11 +18,13 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, EngineStopped, InferenceError, LatentCache, QueueFull, SamplingParams, kernels
-from nanoseek.infer.forward import Batch, forward_cached
+from nanoseek.infer.forward import Batch, decode_moe, forward_cached
+from nanoseek.infer.quant import Int8Experts, dequantize_rows, quantize_experts, quantize_rows
 from nanoseek.infer.text import TextStream
 
 CONFIGS = {
@@ -652,25 +655,41 @@ def kernel_built() -> None:
     assert kernels.load(), "a C++ compiler is present, so the decode kernel must build"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 40])
 def test_routed_experts_kernel_equals_a_naive_reference(tokens, dtype):
     """The decode kernel (infer/kernels.cpp) against a float64 loop over tokens and their chosen experts, with
     experts shared between tokens (one read serves several) and pair counts that do not fill its tiles; expert
-    weights in float32 or stored in bfloat16 (the reference reads the same bf16 values)."""
+    weights in float32, stored in bfloat16, or in int8 with a scale per row (the reference reads the same bf16
+    values, or the int8 values times their scales)."""
     kernel_built()
     torch.manual_seed(tokens)
     E, H, inner, k = 8, 48, 32, 3
-    gate_up, down = (torch.randn(E, 2 * inner, H) * 0.2).to(dtype), (torch.randn(E, H, inner) * 0.2).to(dtype)
+    gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
     x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
     indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
-    got = kernels.routed_experts(x, indices, weights, gate_up, down)
-    want = torch.zeros(tokens, H, dtype=torch.float64)
-    for t in range(tokens):
-        for e, w in zip(indices[t].tolist(), weights[t].tolist()):
-            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
-            want[t] += w * (down[e].double() @ (F.silu(gate) * up))
+    if dtype == torch.int8:
+        (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
+        with FlopCounterMode(display=False) as counter:  # its own op: counted as the float one is
+            got = kernels.routed_experts(x, indices, weights, q_gate_up, q_down, s_gate_up, s_down)
+        assert counter.get_total_flops() == 2 * tokens * k * 3 * H * inner
+        gate_up, down = q_gate_up.double() * s_gate_up[..., None], q_down.double() * s_down[..., None]
+    else:
+        gate_up, down = gate_up.to(dtype), down.to(dtype)
+        got = kernels.routed_experts(x, indices, weights, gate_up, down)
+    want = experts_reference(x.double(), indices, weights, gate_up.double(), down.double())
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def experts_reference(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                      down: torch.Tensor) -> torch.Tensor:
+    """A naive loop over tokens and their chosen experts, in the inputs' dtype (float64 in the tests)."""
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t].tolist()):
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            want[t] += w * (down[e] @ (F.silu(gate) * up))
+    return want
 
 
 def test_routed_experts_kernel_rejects_bad_input_clearly():
@@ -689,6 +708,17 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
     assert not kernels.covers(x.double(), gate_up, down) and not kernels.covers(torch.randn(2, 40), gate_up, down)
     assert not kernels.covers(x.bfloat16(), gate_up.bfloat16(), down.bfloat16())  # activations: float32 only
     assert not kernels.covers(x, gate_up.bfloat16(), down)
+    (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
+    assert kernels.covers(x, q_gate_up, q_down) and not kernels.covers_linear(x, q_gate_up[0])
+    with pytest.raises(ValueError, match="int8 weights need both scales"):
+        kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), q_gate_up, q_down, s_gate_up)
+    with pytest.raises(ValueError, match="int8 weights need both scales"):
+        kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), q_gate_up, q_down)
+    with pytest.raises(RuntimeError, match="gate_up_proj: expected a 3-d int8"):  # scales for float weights
+        kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate_up, down, s_gate_up, s_down)
+    with pytest.raises(RuntimeError, match=r"scales must be CPU tensors \[E, 2I\] and \[E, H\]"):
+        kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), q_gate_up, q_down, s_gate_up,
+                               s_down[:, :8])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -857,6 +887,119 @@ def test_bf16_experts_decode_as_fp32_with_rounded_experts(monkeypatch, tmp_path)
     loaded = nanoseek.load_pretrained(tmp_path / "m", expert_dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in expert_tensors(loaded))
     assert all(torch.equal(a.float(), b) for a, b in zip(expert_tensors(loaded), expert_tensors(rounded)))
+
+
+def test_int8_rows_are_symmetric_and_within_half_a_step():
+    """infer/quant.py: one scale per row, max|row| / 127; every weight within half a step of its int8 value; a row's
+    largest magnitude is exactly ±127 steps; an all-zero row stays zeros (scale 0, no division by it)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 40, 64) * torch.logspace(-4, 1, 40)[:, None]  # rows of very different sizes
+    w[1, 7] = 0.0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (3, 40) and scale.dtype == torch.float32
+    assert torch.equal(scale, w.abs().amax(-1) / 127)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert (q.abs().amax(-1)[scale > 0] == 127).all()
+    err = (w - dequantize_rows(q, scale)).abs()
+    assert (err <= scale[..., None] / 2 * (1 + 1e-6)).all()
+    assert not q[1, 7].any() and scale[1, 7] == 0 and not dequantize_rows(q, scale)[1, 7].any()
+
+
+def test_int8_kernel_splits_rows_over_threads_with_each_rows_scale():
+    """Wide enough experts that the kernel splits their rows between two threads: each thread scales the rows it
+    computed by their own scales (the float64 reference over the dequantized weights, and one thread's answer)."""
+    kernel_built()
+    torch.manual_seed(0)
+    E, H, inner, k, tokens = 8, 256, 256, 2, 16
+    gate_up, down = torch.randn(E, 2 * inner, H) * torch.rand(E, 2 * inner, 1), torch.randn(E, H, inner)
+    (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
+    x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.routed_experts(x, indices, weights, q_gate_up, q_down, s_gate_up, s_down)
+        torch.set_num_threads(2)
+        two = kernels.routed_experts(x, indices, weights, q_gate_up, q_down, s_gate_up, s_down)
+    finally:
+        torch.set_num_threads(threads)
+    ref = experts_reference(x.double(), indices, weights, dequantize_rows(q_gate_up, s_gate_up, torch.float64),
+                            dequantize_rows(q_down, s_down, torch.float64))
+    assert torch.equal(one, two) or (one - two).abs().max() < 1e-6 * ref.abs().max()
+    assert (two.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_int8_experts_decode_as_fp32_with_dequantized_experts(monkeypatch, tmp_path, data_dir):
+    """--expert-dtype int8: the routed experts take a quarter of their memory (plus a scale per row), and every
+    decode path (the kernel eager and compiled, torch's indexed path, the model's own grouped path) computes what an
+    fp32 model whose experts hold the dequantized values computes."""
+    from nanoseek.infer.engine import load_for_inference
+    from nanoseek.model.hf import CheckpointError
+    from nanoseek.model.moe import Experts
+
+    kernel_built()
+
+    def experts_of(m: nanoseek.NanoSeek) -> list[Experts]:
+        return [e for e in m.modules() if isinstance(e, Experts)]
+
+    model, dequantized = tiny(num_nextn_predict_layers=1), tiny(num_nextn_predict_layers=1)
+    fp32_bytes = sum(e.gate_up_proj.nbytes + e.down_proj.nbytes for e in experts_of(model))
+    rows = sum(e.gate_up_proj.shape[0] * (e.gate_up_proj.shape[1] + e.down_proj.shape[1]) for e in experts_of(model))
+    assert quantize_experts(model) == len(experts_of(model)) == 2  # one MoE layer and the MTP module's
+    assert all(isinstance(e, Int8Experts) for e in experts_of(model))
+    assert sum(b.nbytes for e in experts_of(model) for b in e.state_dict().values()) == fp32_bytes // 4 + 4 * rows
+    cast = copy.deepcopy(experts_of(model)[0]).to(torch.bfloat16)  # the scales keep fp32, the bytes stay int8
+    assert (cast.gate_up_proj.dtype, cast.down_scale.dtype) == (torch.int8, torch.float32)
+    for q, d in zip(experts_of(model), experts_of(dequantized)):
+        d.gate_up_proj.data, d.down_proj.data = q.stacked()
+    want = [greedy_reference(dequantized, p, 10) for p in PROMPTS]
+    assert [greedy_reference(model, p, 10) for p in PROMPTS] == want  # the model's own (grouped GEMM) path
+
+    # one MoE layer's decode step, through the kernel and through torch's indexed path: the dequantized numbers
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        ref = decode_moe(dequantized.layers[1].mlp, x, kernel=False)
+        experts = model.layers[1].mlp.experts
+        assert kernels.covers(x.view(5, 64), experts.gate_up_proj, experts.down_proj)
+        for kernel in (False, True):
+            assert (decode_moe(model.layers[1].mlp, x, kernel) - ref).abs().max() < 1e-5 * ref.abs().max()
+
+    def tokens(engine: Engine) -> list[list[int]]:
+        return [[e.token_id for e in evs] for evs in engine.generate(PROMPTS, GREEDY)]
+
+    assert tokens(Engine(model, IdText(), max_batch=3)) == want  # through the kernel where it is built
+    compiled = Engine(model, IdText(), max_batch=3, compile=True)
+    assert tokens(compiled) == want and compiled.compile
+    speculative = Engine(model, IdText(), max_batch=3, speculative="mtp")  # the MTP module's int8 experts
+    assert tokens(speculative) == want
+    scored = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+
+    def logprobs(m: nanoseek.NanoSeek) -> list[float]:
+        return [e.logprob for evs in Engine(m, IdText(), max_batch=3).generate(PROMPTS, scored) for e in evs]
+
+    got, ref_lp, unquantized = logprobs(model), logprobs(dequantized), logprobs(tiny(num_nextn_predict_layers=1))
+    assert max(abs(a - b) for a, b in zip(got, ref_lp)) < 1e-5 < max(abs(a - b) for a, b in zip(got, unquantized))
+    monkeypatch.setattr(kernels, "covers", lambda *tensors: False)
+    assert tokens(Engine(model, IdText(), max_batch=3)) == want  # torch's eager path
+    monkeypatch.undo()
+
+    # from a checkpoint folder: quantized at load; a quantized model is not saved (its format is for serving)
+    source = tiny(vocab_size=512)
+    source.save_pretrained(str(tmp_path / "m"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).write_bytes((data_dir / name).read_bytes())
+    loaded, _ = load_for_inference(tmp_path / "m", device="cpu", expert_dtype="int8")
+    with pytest.raises(InferenceError, match=r"--expert-dtype int8 is for CPUs .* not meta: add --device cpu"):
+        load_for_inference(tmp_path / "m", device="meta", dtype="fp32", expert_dtype="int8")
+    with pytest.raises(InferenceError, match="--expert-dtype int8 computes in fp32"):
+        load_for_inference(tmp_path / "m", device="cpu", dtype="bf16", expert_dtype="int8")
+    quantize_experts(source)
+    assert [type(e) for e in experts_of(loaded)] == [Int8Experts] * 2
+    assert all(torch.equal(a, b) for x, y in zip(experts_of(loaded), experts_of(source))
+               for a, b in zip(x.state_dict().values(), y.state_dict().values()))
+    with pytest.raises(CheckpointError, match="routed experts are int8, quantized for serving"):
+        loaded.save_pretrained(str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
 
 
 def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):

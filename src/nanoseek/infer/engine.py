@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import kernels
 from nanoseek.infer.forward import Batch, LatentCache, decode_step, forward_cached, mtp_cached
 from nanoseek.infer.layout import choose_linear_layout
+from nanoseek.infer.quant import quantize_experts
 from nanoseek.infer.sampling import InferenceError, SamplingParams, generator_for, sample, token_logprobs
 from nanoseek.infer.text import TextStream
 from nanoseek.model.model import NanoSeek
@@ -506,10 +508,12 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
 
     `dtype` ("auto", "fp32", "bf16"): the weights and the math (`--dtype`). auto: bf16 on a GPU with bf16 tensor
     cores (half the memory and bytes a step), fp32 on a CPU, where fp32 mat-vecs are the faster ones (docs/LOG.md).
-    `expert_dtype` ("fp32", "bf16"; default: `dtype`): how the routed experts are stored (`--expert-dtype`). Most of
-    a DeepSeekMoE model's parameters are routed experts, and a decode step on CPU costs what reading the chosen
-    ones costs: bf16 halves both. With fp32 math, bf16 experts are widened exactly, so the model computes what an
-    fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing. On CPU in fp32, Linear
+    `expert_dtype` ("fp32", "bf16", "int8"; default: `dtype`): how the routed experts are stored
+    (`--expert-dtype`). Most of a DeepSeekMoE model's parameters are routed experts, and a decode step on CPU costs
+    what reading the chosen ones costs: bf16 halves both. With fp32 math, bf16 experts are widened exactly, so the
+    model computes what an fp32 model with bf16-rounded experts computes, and a bf16 checkpoint loses nothing. int8
+    (CPU only) quarters them, quantized once at load with a scale per row (infer/quant.py); loading holds the
+    experts in `dtype` until each layer's are replaced. On CPU in fp32, Linear
     layers decode through the decode kernel or the BLAS with their weights in its faster layout, whichever this
     CPU ran faster when timed at load (infer/layout.py)."""
     from nanoseek.device import pick_device, pick_dtype
@@ -526,7 +530,20 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     if (dtype, expert_dtype) == ("bf16", "fp32"):
         raise InferenceError("--expert-dtype fp32 with bf16 math would cast the experts to bf16 at every step: use "
                              "--dtype fp32 (fp32 math, optionally over bf16 experts) or leave --expert-dtype out")
-    model = load_pretrained(folder, dtype=dtype, device=dev, expert_dtype=expert_dtype)
+    int8 = expert_dtype == "int8"
+    if int8 and dev.type != "cpu":
+        raise InferenceError(f"--expert-dtype int8 is for CPUs (its kernels are CPU kernels), not {dev.type}: add "
+                             "--device cpu, or use --expert-dtype bf16 on this device")
+    if int8 and dtype != "fp32":
+        raise InferenceError("--expert-dtype int8 computes in fp32 (its kernel widens the bytes to fp32): use --dtype "
+                             "fp32, the default on a CPU")
+    if int8 and not kernels.load():
+        warnings.warn("--expert-dtype int8 without the decode kernel (see the warning above): torch widens the int8 "
+                      "experts at every step, slower than fp32 experts; --expert-dtype bf16 does not need it",
+                      stacklevel=2)
+    model = load_pretrained(folder, dtype=dtype, device=dev, expert_dtype=None if int8 else expert_dtype)
+    if int8:
+        quantize_experts(model)
     model.eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise InferenceError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "

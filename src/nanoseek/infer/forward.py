@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.infer import kernels
+from nanoseek.infer import kernels, quant
 from nanoseek.model.mla import MLA
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE
@@ -140,6 +140,9 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
 # many rows per expert the model's grouped GEMMs win: one demo layer, grouped time / kernel time = 2.47x at 16 rows,
 # 1.63x at 64, 1.38x at 128, 1.04x at 256, 0.63x at 1,024 (docs/LOG.md).
 DECODE_ROWS = 128
+# The same for int8 experts, whose grouped path first dequantizes every expert: one demo layer, kernel vs
+# dequantized grouped GEMM, 4.8 vs 29.8 ms at 128 rows, 18.7 vs 26.6 at 576, 33.2 vs 29.0 at 1,024 (docs/LOG.md).
+INT8_ROWS = 768
 
 
 def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
@@ -147,20 +150,28 @@ def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
     chosen expert's weights read once for all its tokens); otherwise each (token, chosen expert) pair reads that
     expert's weights by index: no data-dependent shapes for the compiler (the model's path sorts tokens by expert,
     which breaks the graph), and inductor fuses the indexed read into the mat-vec, with no weight copy. Either way
-    the math is in x's dtype, also over expert weights stored in bf16 (`--expert-dtype bf16`)."""
+    the math is in x's dtype, also over expert weights stored in bf16 or int8 (`--expert-dtype`, infer/quant.py)."""
     B, T, H = x.shape
     flat = x.reshape(-1, H)
     weights, indices, _ = moe.gate(flat)
     experts = moe.experts
+    gate_up_scale, down_scale = quant.scales(experts)
     if kernel:
-        out = kernels.routed_experts(flat, indices, weights, experts.gate_up_proj, experts.down_proj)
+        out = kernels.routed_experts(flat, indices, weights, experts.gate_up_proj, experts.down_proj, gate_up_scale,
+                                     down_scale)
     else:
         N, k = indices.shape
         chosen = indices.flatten()
         xs = flat.repeat_interleave(k, dim=0)  # row n*k + j: token n, j-th expert
-        gate, up = (experts.gate_up_proj[chosen].to(xs.dtype) * xs[:, None]).sum(-1).chunk(2, dim=-1)
+        gate_up = (experts.gate_up_proj[chosen].to(xs.dtype) * xs[:, None]).sum(-1)
+        if gate_up_scale is not None:  # int8 experts: W x = s ⊙ (Q x), one scale per output row
+            gate_up = gate_up * gate_up_scale[chosen].to(xs.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
         mid = F.silu(gate) * up * weights.flatten()[:, None].to(xs.dtype)  # gate weight before down_proj (linear)
-        out = (experts.down_proj[chosen].to(xs.dtype) * mid[:, None]).sum(-1).view(N, k, H).sum(1)
+        down = (experts.down_proj[chosen].to(xs.dtype) * mid[:, None]).sum(-1)
+        if down_scale is not None:
+            down = down * down_scale[chosen].to(xs.dtype)
+        out = down.view(N, k, H).sum(1)
     out = out.view(B, T, H)
     return out if moe.shared_experts is None else out + moe.shared_experts(x)
 
@@ -174,10 +185,15 @@ def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     # the model's own experts only: a parallel wrapper (train/parallel.py) holds a shard and exchanges tokens
     if isinstance(mlp, MoE) and isinstance(mlp.experts, Experts):
         n, compiling = x.shape[0] * x.shape[1], torch.compiler.is_compiling()
+        int8 = mlp.experts.gate_up_proj.dtype == torch.int8
         # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode kernel;
-        # several rows: the decode kernel where this CPU has the registers for its tiles (kernels.beats_inductor)
-        kernel = (n != 1 and kernels.beats_inductor() if compiling else n <= DECODE_ROWS) and kernels.covers(
-            x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+        # several rows: the decode kernel where this CPU has the registers for its tiles (kernels.beats_inductor).
+        # int8 experts: always the kernel (inductor's int8 reads made the batch-16 engine 0.34x as fast, docs/LOG.md)
+        if compiling:
+            kernel = int8 or (n != 1 and kernels.beats_inductor())
+        else:
+            kernel = n <= (INT8_ROWS if int8 else DECODE_ROWS)
+        kernel = kernel and kernels.covers(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
         if compiling or kernel:
             return h + decode_moe(mlp, x, kernel)
     y = mlp(x)

@@ -15,6 +15,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -51,6 +55,27 @@ static inline vec load(const uint16_t* p) {
   const bits32 u = __builtin_convertvector(h, bits32) << 16;
   vec v;
   std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+// int8 weights (`--expert-dtype int8`, infer/quant.py): widened exactly to float32; the row's scale multiplies the
+// finished dot product (the caller's job), since W·x = s ⊙ (Q·x) with one scale per row.
+// gcc 12 compiles __builtin_convertvector from 8-bit integers to floats one element at a time (8 scalar
+// conversions), which made int8 slower than float32; the x86 intrinsics are one sign-extending load and one
+// conversion.
+static inline vec load(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  typedef int8_t bytes __attribute__((vector_size(V)));
+  bytes b;
+  std::memcpy(&b, p, sizeof b);
+  const vec f = __builtin_convertvector(b, vec);
+#endif
+  vec v;
+  std::memcpy(&v, &f, sizeof v);
   return v;
 }
 
@@ -161,11 +186,14 @@ static void over_rows(int64_t rows, int64_t row_bytes, const F& body) {
   at::parallel_for(0, rows / R, grain, [&](int64_t t0, int64_t t1) { body(t0 * R, t1 * R); });
 }
 
-static void check(const at::Tensor& t, int64_t dim, const char* name, bool bf16_ok) {
+enum class Weights { none, bf16, int8 };  // what a tensor holds: float32, float32 or bfloat16, int8
+
+static void check(const at::Tensor& t, int64_t dim, const char* name, Weights kind) {
   const auto type = t.scalar_type();
-  TORCH_CHECK(t.device().is_cpu() && (type == at::kFloat || (bf16_ok && type == at::kBFloat16)) && t.dim() == dim &&
-                  t.size(-1) % LINE == 0,
-              name, ": expected a ", dim, "-d float32", bf16_ok ? " or bfloat16" : "",
+  const bool ok = kind == Weights::int8 ? type == at::kChar
+                                        : type == at::kFloat || (kind == Weights::bf16 && type == at::kBFloat16);
+  TORCH_CHECK(t.device().is_cpu() && ok && t.dim() == dim && t.size(-1) % LINE == 0, name, ": expected a ", dim,
+              kind == Weights::int8 ? "-d int8" : kind == Weights::bf16 ? "-d float32 or bfloat16" : "-d float32",
               " CPU tensor whose last size is a multiple of ", LINE);
 }
 
@@ -190,10 +218,19 @@ static Pairs sort_pairs(const int64_t* index, int64_t P, int64_t E) {
   return s;
 }
 
-// out [N, H] = Σ_j gate[n, j] · down_e(silu(gate_e x_n) · up_e x_n) over the sorted pairs; W: the weights' type.
+// Rows [r0, r1) of the m outputs at out (row stride ldo) times their rows' scales s (none for float weights).
+static void scale_rows(const float* s, int64_t r0, int64_t r1, int64_t m, float* out, int64_t ldo) {
+  if (s == nullptr) return;
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t r = r0; r < r1; ++r) out[j * ldo + r] *= s[r];
+}
+
+// out [N, H] = Σ_j gate[n, j] · down_e(silu(gate_e x_n) · up_e x_n) over the sorted pairs; W: the weights' type,
+// s_gu [E, 2I] and s_down [E, H] the rows' scales of int8 weights (nullptr otherwise).
 template <typename W>
 static void experts_for_pairs(const Pairs& s, const float* x, const float* gate, const W* w_gu, const W* w_down,
-                              int64_t N, int64_t k, int64_t E, int64_t H, int64_t I, float* o) {
+                              const float* s_gu, const float* s_down, int64_t N, int64_t k, int64_t E, int64_t H,
+                              int64_t I, float* o) {
   const int64_t P = N * k;
   const std::vector<int64_t>& begin = s.begin;
   std::vector<const float*> xs(P), mids(P);
@@ -205,9 +242,12 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
   // gate and up rows: each thread its share of every chosen expert
   over_rows(2 * I, H * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
     for (int64_t e = 0; e < E; ++e)
-      if (begin[e + 1] > begin[e])
+      if (begin[e + 1] > begin[e]) {
         rows_times(w_gu + e * 2 * I * H, H, r0, r1, xs.data() + begin[e], begin[e + 1] - begin[e], H,
                    gu.data() + begin[e] * 2 * I, 2 * I);
+        scale_rows(s_gu ? s_gu + e * 2 * I : nullptr, r0, r1, begin[e + 1] - begin[e], gu.data() + begin[e] * 2 * I,
+                   2 * I);
+      }
   });
   for (int64_t q = 0; q < P; ++q) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
     const float* g = gu.data() + q * 2 * I;
@@ -216,9 +256,11 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
   }
   over_rows(H, I * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
     for (int64_t e = 0; e < E; ++e)
-      if (begin[e + 1] > begin[e])
+      if (begin[e + 1] > begin[e]) {
         rows_times(w_down + e * H * I, I, r0, r1, mids.data() + begin[e], begin[e + 1] - begin[e], I,
                    y.data() + begin[e] * H, H);
+        scale_rows(s_down ? s_down + e * H : nullptr, r0, r1, begin[e + 1] - begin[e], y.data() + begin[e] * H, H);
+      }
     for (int64_t n = 0; n < N; ++n)  // sum each token's k rows over this thread's columns: no write races
       std::fill(o + n * H + r0, o + n * H + r1, 0.0f);
     for (int64_t q = 0; q < P; ++q)
@@ -228,13 +270,16 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
 
 // DeepSeekMoE's routed experts for a few tokens: out[t] = Σ_j gate[t, j] · down_e(silu(gate_e x_t) · up_e x_t)
 // with e = indices[t, j]. x [N, H] float32; indices, weights [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up
-// rows) and down_proj [E, H, I], both float32 or both bfloat16 (widened to float32: the math is float32 either
-// way). Pairs are grouped by expert so that each chosen expert's weights are read once.
-at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, const at::Tensor& weights_,
-                          const at::Tensor& gate_up_, const at::Tensor& down_) {
-  check(x_, 2, "x", false);
-  check(gate_up_, 3, "gate_up_proj", true);
-  check(down_, 3, "down_proj", true);
+// rows) and down_proj [E, H, I], both float32, both bfloat16 or both int8 with their rows' float32 scales
+// gate_up_scale [E, 2I] and down_scale [E, H] (widened to float32: the math is float32 either way). Pairs are
+// grouped by expert so that each chosen expert's weights are read once.
+static at::Tensor experts_op(const at::Tensor& x_, const at::Tensor& indices_, const at::Tensor& weights_,
+                             const at::Tensor& gate_up_, const at::Tensor& down_, const at::Tensor* gate_up_scale_,
+                             const at::Tensor* down_scale_) {
+  const bool int8 = gate_up_scale_ != nullptr;
+  check(x_, 2, "x", Weights::none);
+  check(gate_up_, 3, "gate_up_proj", int8 ? Weights::int8 : Weights::bf16);
+  check(down_, 3, "down_proj", int8 ? Weights::int8 : Weights::bf16);
   TORCH_CHECK(gate_up_.scalar_type() == down_.scalar_type(), "routed_experts: gate_up_proj and down_proj must have ",
               "the same dtype");
   const at::Tensor x = x_.contiguous(), indices = indices_.to(at::kLong).contiguous(),
@@ -243,25 +288,49 @@ at::Tensor routed_experts(const at::Tensor& x_, const at::Tensor& indices_, cons
   const int64_t N = x.size(0), k = indices.size(1), E = down.size(0), H = down.size(1), I = down.size(2), P = N * k;
   TORCH_CHECK(x.size(1) == H && gate_up.size(0) == E && gate_up.size(1) == 2 * I && gate_up.size(2) == H &&
               indices.size(0) == N && weights.sizes() == indices.sizes(), "routed_experts: mismatched shapes");
+  at::Tensor s_gu, s_down;
+  if (int8) {
+    s_gu = gate_up_scale_->to(at::kFloat).contiguous();
+    s_down = down_scale_->to(at::kFloat).contiguous();
+    TORCH_CHECK(gate_up_scale_->device().is_cpu() && down_scale_->device().is_cpu() &&
+                    s_gu.sizes() == gate_up.sizes().slice(0, 2) && s_down.sizes() == down.sizes().slice(0, 2),
+                "routed_experts: scales must be CPU tensors [E, 2I] and [E, H]");
+  }
   if (P == 0) return at::zeros({N, H}, x.options());
   const Pairs s = sort_pairs(indices.const_data_ptr<int64_t>(), P, E);
   at::Tensor out = at::empty({N, H}, x.options());
   const float *xp = x.const_data_ptr<float>(), *gate = weights.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
-  if (gate_up.scalar_type() == at::kBFloat16)
+  if (int8)
+    experts_for_pairs(s, xp, gate, gate_up.const_data_ptr<int8_t>(), down.const_data_ptr<int8_t>(),
+                      s_gu.const_data_ptr<float>(), s_down.const_data_ptr<float>(), N, k, E, H, I, o);
+  else if (gate_up.scalar_type() == at::kBFloat16)
     experts_for_pairs(s, xp, gate, reinterpret_cast<const uint16_t*>(gate_up.const_data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(down.const_data_ptr<at::BFloat16>()), N, k, E, H, I, o);
+                      reinterpret_cast<const uint16_t*>(down.const_data_ptr<at::BFloat16>()), nullptr, nullptr, N,
+                      k, E, H, I, o);
   else
-    experts_for_pairs(s, xp, gate, gate_up.const_data_ptr<float>(), down.const_data_ptr<float>(), N, k, E, H, I, o);
+    experts_for_pairs(s, xp, gate, gate_up.const_data_ptr<float>(), down.const_data_ptr<float>(), nullptr, nullptr,
+                      N, k, E, H, I, o);
   return out;
+}
+
+at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+                          const at::Tensor& gate_up, const at::Tensor& down) {
+  return experts_op(x, indices, weights, gate_up, down, nullptr, nullptr);
+}
+
+at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+                               const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& gate_up_scale,
+                               const at::Tensor& down_scale) {
+  return experts_op(x, indices, weights, gate_up, down, &gate_up_scale, &down_scale);
 }
 
 // y [N, O] = x [N, K] · wᵀ for a Linear's weight w [O, K] (float32 or bfloat16) and a few rows x (a decode step):
 // each weight row is read once for all N rows. MKL's sgemm packs the whole weight into panels at every call, which
 // at 16 rows took longer than the products themselves (docs/LOG.md, 2026-11-30).
 at::Tensor linear_rows(const at::Tensor& x_, const at::Tensor& w_) {
-  check(x_, 2, "x", false);
-  check(w_, 2, "weight", true);
+  check(x_, 2, "x", Weights::none);
+  check(w_, 2, "weight", Weights::bf16);
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t N = x.size(0), K = x.size(1), O = w.size(0);
   TORCH_CHECK(w.size(1) == K && O % R == 0, "linear_rows: x [N, K] and weight [O, K] with O a multiple of ", R);
@@ -285,5 +354,6 @@ at::Tensor linear_rows(const at::Tensor& x_, const at::Tensor& w_) {
 // The schema is defined in infer/kernels.py (at import, before this library is built).
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
   m.impl("routed_experts", &routed_experts);
+  m.impl("routed_experts_int8", &routed_experts_int8);
   m.impl("linear_rows", &linear_rows);
 }

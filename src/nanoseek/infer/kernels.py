@@ -11,7 +11,8 @@ else `c++`/`g++`/`clang++`: the one inductor needs for `--compile` anyway), torc
 ~10-20 s, once: the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a
 hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops, so a compiled decode step calls
 them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half
-the bytes a step reads); the math stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
+the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
+stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
 they do not cover (not on CPU, activations not float32, widths not multiples of 16), `covers` and `covers_linear`
 are False and callers keep torch's path: same results, only slower.
 """
@@ -101,13 +102,19 @@ def load() -> bool:
 
 # The op's schema, shape function (for compiled graphs) and FLOPs are defined here, at import; the library adds
 # its CPU implementation when loaded. So FlopCounterMode and torch.compile know the op before it is built.
+# An op's schema never changes under its name: inductor's on-disk cache of compiled steps is keyed by the graph's
+# code, which names the op, so a step compiled before the change would call the new library with the old arguments
+# (a crash). A new signature is a new op, as routed_experts_int8 is.
 torch.library.define("nanoseek_cpu::routed_experts",
                      "(Tensor x, Tensor indices, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor")
+torch.library.define("nanoseek_cpu::routed_experts_int8",
+                     "(Tensor x, Tensor indices, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+                     "Tensor gate_up_scale, Tensor down_scale) -> Tensor")
 
 
 @torch.library.register_fake("nanoseek_cpu::routed_experts")
-def _(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
-      down_proj: torch.Tensor) -> torch.Tensor:
+@torch.library.register_fake("nanoseek_cpu::routed_experts_int8")
+def _(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -125,8 +132,9 @@ def _(x_shape, weight_shape, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
 
-@register_flop_formula(torch.ops.nanoseek_cpu.routed_experts)
-def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, out_shape=None, **kwargs) -> int:
+@register_flop_formula([torch.ops.nanoseek_cpu.routed_experts, torch.ops.nanoseek_cpu.routed_experts_int8])
+def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, *scale_shapes, out_shape=None,
+      **kwargs) -> int:
     """For FlopCounterMode: per (token, expert) pair, gate+up [2I, H] and down [H, I], 2 FLOPs a MAC."""
     (n, k), (_, hidden, inner) = indices_shape, down_shape
     return 2 * n * k * 3 * hidden * inner
@@ -148,24 +156,26 @@ def beats_inductor() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def _takes(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """What both kernels need: plain (not sharded DTensors) CPU tensors, x float32, the weights float32 or
-    bfloat16, last sizes multiples of VECTOR; and the library built."""
+def _takes(x: torch.Tensor, *weights: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """What both kernels need: plain (not sharded DTensors) CPU tensors, x float32, the weights of `dtypes`, last
+    sizes multiples of VECTOR; and the library built."""
     plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
                 for t in (x, *weights))
-    dtypes = x.dtype == torch.float32 and all(w.dtype in (torch.float32, torch.bfloat16) for w in weights)
-    return plain and dtypes and built()
+    return plain and x.dtype == torch.float32 and all(w.dtype in dtypes for w in weights) and built()
 
 
 def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether the routed-experts kernel takes these tensors: `_takes`, and both expert weights of one dtype."""
-    return gate_up_proj.dtype == down_proj.dtype and _takes(x, gate_up_proj, down_proj)
+    """Whether the routed-experts kernel takes these tensors: `_takes`, and both expert weights of one dtype:
+    float32, bfloat16 or int8 (infer/quant.py, with their rows' scales)."""
+    return gate_up_proj.dtype == down_proj.dtype and _takes(
+        x, gate_up_proj, down_proj, dtypes=(torch.float32, torch.bfloat16, torch.int8))
 
 
 def covers_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_rows` takes x and a Linear's weight: `_takes`, and the weight stored as [out, in] with out a
     multiple of 4 (the kernel's rows per tile)."""
-    return weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 4 == 0 and _takes(x, weight)
+    return weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 4 == 0 and _takes(
+        x, weight, dtypes=(torch.float32, torch.bfloat16))
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -174,8 +184,15 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor) -> torch.Tensor:
+                   down_proj: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+                   down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j weights[t, j] · down_e(silu(gate_e x_t) · up_e x_t), e = indices[t, j]: x [N, H]; indices, weights
     [N, k]; gate_up_proj [E, 2I, H] (gate rows, then up rows); down_proj [E, H, I] -> [N, H]. float32 math, also
-    over bfloat16 weights (widened exactly as they are read)."""
-    return torch.ops.nanoseek_cpu.routed_experts(x, indices, weights, gate_up_proj, down_proj)
+    over bfloat16 weights (widened exactly as they are read) and int8 ones (each output times its row's scale:
+    gate_up_scale [E, 2I], down_scale [E, H])."""
+    if (gate_up_scale is None) != (down_scale is None) or (gate_up_scale is None and gate_up_proj.dtype == torch.int8):
+        raise ValueError("routed_experts: int8 weights need both scales (gate_up_scale, down_scale), float ones none")
+    if gate_up_scale is None:
+        return torch.ops.nanoseek_cpu.routed_experts(x, indices, weights, gate_up_proj, down_proj)
+    return torch.ops.nanoseek_cpu.routed_experts_int8(x, indices, weights, gate_up_proj, down_proj, gate_up_scale,
+                                                      down_scale)

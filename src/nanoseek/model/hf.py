@@ -343,6 +343,9 @@ def _model_folder_files(path: Path) -> list[Path]:
 def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = "5GB",
                      dtype: str | torch.dtype | None = None) -> None:
     """config.json + safetensors into an existing folder (not atomic: callers write into a temporary one)."""
+    if any(p.dtype == torch.int8 for p in model.parameters()):
+        raise CheckpointError("this model's routed experts are int8, quantized for serving (--expert-dtype int8): "
+                              "save the checkpoint it was loaded from instead, or load that without int8")
     limit = parse_size(max_shard_size)
     target_dtype = resolve_dtype(dtype) if dtype is not None else model.embed_tokens.weight.dtype
 

@@ -198,9 +198,17 @@ class Experts(nn.Module):
         token = order // indices.shape[1]
         xs = x.index_select(0, token)
         gate_w = weights.flatten().index_select(0, order)
-        y = expert_mlp(xs, gate_w, counts, self.gate_up_proj, self.down_proj)
+        y = expert_mlp(xs, gate_w, counts, *self.stacked())
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) as the math reads them; a storage-only format for serving (infer/quant.py)
+        gives dequantized copies."""
+        return self.gate_up_proj, self.down_proj
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, H], down [H, I]), as `stacked` has them."""
+        return self.gate_up_proj[e], self.down_proj[e]
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding: fewer token copies than experts. One mat-vec per (token, chosen expert) on views of the
@@ -211,8 +219,9 @@ class Experts(nn.Module):
         for n, (chosen, gates) in enumerate(zip(indices.tolist(), weights.tolist())):
             acc = None
             for e, g in zip(chosen, gates):
-                gate, up = F.linear(x[n], self.gate_up_proj[e].to(x.dtype)).chunk(2)
-                y = F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
+                gate_up, down = self.expert(e)
+                gate, up = F.linear(x[n], gate_up.to(x.dtype)).chunk(2)
+                y = F.linear(F.silu(gate) * up, down.to(x.dtype))
                 acc = y * g if acc is None else acc.add_(y, alpha=g)
             rows.append(acc)
         return torch.stack(rows).to(x.dtype)

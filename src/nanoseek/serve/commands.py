@@ -43,10 +43,10 @@ def dtype_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the weights and the math: auto is bf16 on a GPU with bf16 (half the memory), fp32 on a CPU "
                         "(faster there)")
-    p.add_argument("--expert-dtype", choices=["fp32", "bf16"],
+    p.add_argument("--expert-dtype", choices=["fp32", "bf16", "int8"],
                    help="how the routed experts are stored (default: --dtype): bf16 halves their memory (and the "
                         "bytes a decode step reads); with fp32 math a bf16 checkpoint loses nothing, an fp32 one is "
-                        "rounded")
+                        "rounded. int8 (CPU) quarters it: quantized at load, one scale per weight row")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
