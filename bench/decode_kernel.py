@@ -11,8 +11,9 @@ to a whole compiled decode step.
 2. The compiled decode step (`infer/forward.py: decode_step`, the engine's graph) with the kernel and with torch's
    path, alternated in one process.
 3. Every Linear layer a decode step runs (attention projections, shared experts, the dense layer, lm_head) at 1 / 4
-   / 16 rows, cold: the kernel's `linear_rows` vs the BLAS (F.linear) with the weights as stored and transposed
-   (the two layouts `infer/layout.py` chooses between).
+   / 16 rows, and at 576 (a prefill of 16 prompts of 36 tokens), cold: the kernel's `linear_panels` over the
+   weights packed into its panels vs the BLAS (F.linear) with the weights as stored and transposed (the layouts
+   `infer/layout.py` chooses between).
 Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
 
     python bench/decode_kernel.py
@@ -174,18 +175,20 @@ def linears_table(model: nanoseek.NanoSeek, console: Console) -> None:
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and not name.startswith("mtp") and not name.endswith("kv_b_proj")]  # kv_b_proj: read as a view
     weights = [m.weight.detach() for m in linears]
-    layouts = {"kernel": weights, "stored": weights, "transposed": [w.t().contiguous().t() for w in weights]}
+    layouts = {"kernel": [kernels.pack_linear(w) for w in weights], "stored": weights,
+               "transposed": [w.t().contiguous().t() for w in weights]}
     sweep = torch.empty(60_000_000)
     table = Table(title=f"the {len(linears)} Linear layers of a decode step, cold (median µs for all; ratio = that "
                         "time / the kernel's)")
     for col in ("rows", "kernel", "BLAS, as stored", "ratio", "BLAS, transposed", "ratio"):
         table.add_column(col, justify="right")
-    for n in (1, 4, 16):
+    for n in (1, 4, 16, 576):
         xs = [torch.randn(n, w.shape[1]) for w in weights]
-        variants = {name: (lambda ws=ws, fn=kernels.linear_rows if name == "kernel" else F.linear, xs=xs: [
+        variants = {name: (lambda ws=ws, fn=kernels.linear_panels if name == "kernel" else F.linear, xs=xs: [
             fn(x, w) for x, w in zip(xs, ws)]) for name, ws in layouts.items()}
         outs = {name: f() for name, f in variants.items()}
-        assert all((a - b).abs().max() < 1e-4 for o in outs.values() for a, b in zip(o, outs["kernel"]))
+        assert all((a - b).abs().max() < 1e-4 * max(1.0, b.abs().max()) for o in outs.values()
+                   for a, b in zip(o, outs["kernel"]))
         res: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(15):
             for name, f in variants.items():

@@ -709,7 +709,7 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
     assert not kernels.covers(x.bfloat16(), gate_up.bfloat16(), down.bfloat16())  # activations: float32 only
     assert not kernels.covers(x, gate_up.bfloat16(), down)
     (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
-    assert kernels.covers(x, q_gate_up, q_down) and not kernels.covers_linear(x, q_gate_up[0])
+    assert kernels.covers(x, q_gate_up, q_down) and not kernels.covers_linear(q_gate_up[0])
     with pytest.raises(ValueError, match="int8 weights need both scales"):
         kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), q_gate_up, q_down, s_gate_up)
     with pytest.raises(ValueError, match="int8 weights need both scales"):
@@ -721,38 +721,50 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
                                s_down[:, :8])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_rows_kernel_equals_a_naive_reference(dtype):
-    """kernels.linear_rows (x·Wᵀ a few rows at a time) against float64 products: row counts that fill its tiles of
-    rows and of x vectors and that do not (1 takes its own one-row path), weights in float32 or bfloat16."""
+def test_linear_panels_kernel_equals_a_naive_reference():
+    """kernels.linear_panels (x·Wᵀ over W packed into panels of P output columns) against float64 products: row
+    counts that fill its tiles of 6 rows and that leave each remainder (1 has its own loop), any width `in` (odd
+    ones too); pack_linear and unpack_linear are inverses. What it does not take is refused or not covered."""
     kernel_built()
     torch.manual_seed(0)
-    for out_features, in_features in ((4, 16), (40, 48), (260, 128)):
-        w = (torch.randn(out_features, in_features) * 0.2).to(dtype)
-        for rows in (0, 1, 2, 3, 5, 16, 33):
+    P = kernels.panel_width()
+    assert P in (8, 16, 32)  # two vectors: NEON, AVX2, AVX-512
+    for out_features, in_features in ((P, 16), (2 * P, 40), (10 * P, 128), (P, 7), (3 * P, 1)):
+        w = torch.randn(out_features, in_features) * 0.2
+        panels = kernels.pack_linear(w)
+        assert panels.shape == (out_features // P, in_features, P) and torch.equal(panels[1 % len(panels), :, 3],
+                                                                                    w[(1 % len(panels)) * P + 3])
+        assert torch.equal(kernels.unpack_linear(panels), w)
+        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 16, 33, 100):
             x = torch.randn(rows, in_features)
-            got = kernels.linear_rows(x, w)
+            got = kernels.linear_panels(x, panels)
             want = x.double() @ w.double().T
             assert got.shape == (rows, out_features) and got.dtype == torch.float32
             scale = max([1.0, *want.abs().flatten().tolist()])
             torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale)
-    w = torch.randn(40, 48)
-    assert kernels.covers_linear(torch.randn(2, 48), w) and kernels.covers_linear(torch.randn(2, 48), w.bfloat16())
-    assert not kernels.covers_linear(torch.randn(2, 48), w.t().contiguous().t())  # stored transposed
-    assert not kernels.covers_linear(torch.randn(2, 40), torch.randn(48, 40))  # in: not a multiple of 16
-    assert not kernels.covers_linear(torch.randn(2, 48), torch.randn(42, 48))  # out: not a multiple of 4
-    assert not kernels.covers_linear(torch.randn(2, 48).bfloat16(), w.bfloat16())  # activations: float32 only
-    with pytest.raises(RuntimeError, match=r"x \[N, K\] and weight \[O, K\]"):
-        kernels.linear_rows(torch.randn(2, 32), w)
-    with pytest.raises(RuntimeError, match="multiple of 16"):  # its loops step by 16 floats, on AVX2 too
-        kernels.linear_rows(torch.randn(2, 24), torch.randn(4, 24))
+    w = torch.randn(2 * P, 48)
+    assert kernels.covers_linear(w) and kernels.covers_linear(w.t().contiguous().t())  # packing copies any layout
+    assert not kernels.covers_linear(w.bfloat16())  # float32 weights only
+    assert not kernels.covers_linear(torch.randn(P + 4, 48))  # out: not a multiple of the panel width
+    assert not kernels.covers_linear(torch.randn(2, P, 48))  # not a Linear's weight
+    panels = kernels.pack_linear(w)
+    assert kernels.takes_panels(torch.randn(2, 48), panels)
+    assert not kernels.takes_panels(torch.randn(2, 48).bfloat16(), panels)  # activations: float32 only
+    assert not kernels.takes_panels(torch.randn(2, 48), panels.bfloat16())  # a model cast after packing
+    with pytest.raises(RuntimeError, match=r"expected float32 CPU panels \[out / \d+, 32, \d+\] for x \[N, 32\]"):
+        kernels.linear_panels(torch.randn(2, 32), panels)  # x's width is not the weight's
+    with pytest.raises(RuntimeError, match="expected float32 CPU panels"):
+        kernels.linear_panels(torch.randn(2, 48), w)  # a weight that was not packed
+    with pytest.raises(RuntimeError, match="x: expected a 2-d float32 CPU tensor"):
+        kernels.linear_panels(torch.randn(2, 48).double(), panels)
 
 
 def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
-    """infer/layout.py: with the decode kernel chosen, every Linear the kernel takes becomes a KernelLinear (same
-    parameters, weights as stored). Same logits and greedy tokens; decode steps call the kernel, and products of
-    more than KERNEL_ROWS rows (a long prefill) keep the BLAS, as does a forward whose gradients are wanted (the
-    kernel has none). A compiled decode step has the kernel's op in its graph at any batch (no guard on rows)."""
+    """infer/layout.py: with the decode kernel chosen, every Linear the kernel takes becomes a KernelLinear with its
+    weight packed (kv_b_proj, read as stored by absorbed attention, stays). Same logits and greedy tokens; every
+    product goes through the kernel (decode steps, a long prefill), except a forward whose gradients are wanted
+    (the kernel has none), which gives the plain model's gradients. state_dict still has the weights [out, in] and
+    load_state_dict takes them. A compiled decode step has the kernel's op in its graph at any batch."""
     from torch import nn
 
     from nanoseek.infer import layout
@@ -760,34 +772,44 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
 
     kernel_built()
     model = tiny()
-    before = dict(model.named_parameters())
+    before = {name: t.clone() for name, t in model.state_dict().items()}
     want = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         logits = model(ids)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert layout.use_decode_kernel(model) == len(linears) > 0
-    assert all(type(m) is layout.KernelLinear for m in linears)
-    assert dict(model.named_parameters()) == before  # the same tensors
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    packed = {name for name, m in linears.items() if not name.endswith("kv_b_proj") and kernels.covers_linear(m.weight)}
+    assert "lm_head" in packed and len(packed) >= len(linears) // 2
+    assert layout.use_decode_kernel(model) == len(packed)
+    assert {name for name, m in linears.items() if type(m) is layout.KernelLinear} == packed
+    assert all(linears[name].weight.dim() == 3 for name in packed)
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
     rows = []
-    real = kernels.linear_rows
-    monkeypatch.setattr(kernels, "linear_rows", lambda x, w: rows.append(len(x)) or real(x, w))
+    real = kernels.linear_panels
+    monkeypatch.setattr(kernels, "linear_panels", lambda x, w: rows.append(len(x)) or real(x, w))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids[:, :3]), logits[:, :3], rtol=1e-5, atol=1e-5)  # 3 rows: the kernel
+        torch.testing.assert_close(model(ids[:, :3]), logits[:, :3], rtol=1e-5, atol=1e-5)  # 3 rows
         assert rows and set(rows) == {3}
         rows.clear()
-        long = torch.randint(0, model.config.vocab_size, (1, layout.KERNEL_ROWS + 1))
+        long = torch.randint(0, model.config.vocab_size, (1, 100))
         model(long)
-        assert rows == []  # more rows than KERNEL_ROWS: the BLAS
+        assert set(rows) == {100}  # a long prefill too
     got = [[e.token_id for e in evs] for evs in Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)]
-    assert got == want and 3 in rows and max(rows) <= layout.KERNEL_ROWS  # decode steps of 3 sequences, a prefill
+    assert got == want and 3 in rows
     rows.clear()
     plain = tiny()  # gradients wanted: the BLAS, the plain model's gradients
     loss, plain_loss = model(ids).float().logsumexp(-1).sum(), plain(ids).float().logsumexp(-1).sum()
     loss.backward()
     plain_loss.backward()
     assert rows == [] and model.lm_head.weight.grad is not None
-    torch.testing.assert_close(model.lm_head.weight.grad, plain.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(kernels.unpack_linear(model.lm_head.weight.grad), plain.lm_head.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    other = tiny(seed=1)
+    model.load_state_dict(other.state_dict())  # weights [out, in] in, packed
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), other(ids), rtol=1e-5, atol=1e-5)
+    model.load_state_dict(before)
     graphs = []
 
     def capture(gm, example_inputs):
@@ -800,21 +822,24 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
         with torch.inference_mode():
             fn(model, cache, torch.randint(0, model.config.vocab_size, (batch_rows, 1)), batch)
 
+    rows.clear()
     step(3)  # eager: how many products a decode step sends to the kernel
     per_step = len(rows)
-    monkeypatch.setattr(kernels, "linear_rows", real)
-    for batch_rows in (3, layout.KERNEL_ROWS + 8):  # compiled, within KERNEL_ROWS and past it
+    monkeypatch.setattr(kernels, "linear_panels", real)
+    for batch_rows in (3, 40):  # compiled, a few rows and many
         step(batch_rows, torch.compile(decode_step, backend=capture, fullgraph=True))
         ops = [n for n in graphs[-1].graph.nodes
-               if n.target in (torch.ops.nanoseek_cpu.linear_rows, torch.ops.nanoseek_cpu.linear_rows.default)]
+               if n.target in (torch.ops.nanoseek_cpu.linear_panels, torch.ops.nanoseek_cpu.linear_panels.default)]
         assert len(ops) == per_step > 0
     torch._dynamo.reset()
-    with_bias = nn.Linear(32, 8)
+    with_bias = nn.Linear(32, 2 * kernels.panel_width())
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         plain = with_bias(x)
-        layout.use_decode_kernel(with_bias)
+        assert layout.use_decode_kernel(with_bias) == 1
         torch.testing.assert_close(with_bias(x), plain, rtol=1e-5, atol=1e-6)
+        with_bias.to(torch.float64)  # cast after packing: the BLAS over the unpacked weight
+        torch.testing.assert_close(with_bias(x.double()), plain.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_engine_without_the_kernel_gives_the_same_tokens(monkeypatch):
@@ -1061,10 +1086,10 @@ def test_the_linear_timing_measures_each_way_at_one_and_sixteen_rows(monkeypatch
     calls: list[tuple[str, int]] = []
     clock = types.SimpleNamespace(perf_counter=iter(range(10_000)).__next__)  # every call: 1 "second"
     monkeypatch.setattr(layout, "time", clock)  # layout's own name for the module: other code keeps the real clock
-    real_linear, real_rows = torch.nn.functional.linear, kernels.linear_rows
+    real_linear, real_panels = torch.nn.functional.linear, kernels.linear_panels
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: calls.append(
         ("transposed" if not w.is_contiguous() else "stored", len(x))) or real_linear(x, w))
-    monkeypatch.setattr(kernels, "linear_rows", lambda x, w: calls.append(("kernel", len(x))) or real_rows(x, w))
+    monkeypatch.setattr(kernels, "linear_panels", lambda x, w: calls.append(("kernel", len(x))) or real_panels(x, w))
     t = layout.timings(64, 32, repeats=3)
     ways = ["stored", "transposed"] + (["kernel"] if kernels.load() else [])
     assert sorted(set(calls)) == sorted((w, r) for w in ways for r in layout.ROWS) and len(calls) == 3 * len(ways) * 2

@@ -734,6 +734,8 @@ def test_the_loader_keeps_the_layout_the_timing_chose(monkeypatch, model_dir):
         model, _ = load_for_inference(model_dir)
         assert model.lm_head.weight.is_contiguous() == (want != "transposed")
         assert (type(model.lm_head) is layout.KernelLinear) == (want == "kernel")
-        assert all(type(m) is not nn.Linear for m in model.modules()) or want != "kernel"
+        left = [name for name, m in model.named_modules()  # kv_b_proj: read as stored; widths it cannot take
+                if type(m) is nn.Linear and not name.endswith("kv_b_proj") and kernels.covers_linear(m.weight)]
+        assert want != "kernel" or left == []
         assert {"transposed": "stored transposed", "stored": "as stored", "kernel": "decode kernel"}[want] in \
             model.linear_layout

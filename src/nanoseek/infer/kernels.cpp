@@ -1,5 +1,5 @@
-// Decode-time kernels: DeepSeekMoE's routed experts and Linear layers at a few rows, the CPU implementations of the
-// torch ops `nanoseek_cpu::routed_experts` and `nanoseek_cpu::linear_rows` (infer/kernels.py defines them, and
+// Decode-time kernels: DeepSeekMoE's routed experts and Linear layers, the CPU implementations of the torch ops
+// `nanoseek_cpu::routed_experts(_int8)` and `nanoseek_cpu::linear_panels` (infer/kernels.py defines them, and
 // builds this file with the machine's C++ compiler and torch's headers on first use).
 //
 // At a few tokens per step the routed experts are mat-vecs whose time is the time to read the chosen experts'
@@ -325,29 +325,99 @@ at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& indices, c
   return experts_op(x, indices, weights, gate_up, down, &gate_up_scale, &down_scale);
 }
 
-// y [N, O] = x [N, K] · wᵀ for a Linear's weight w [O, K] (float32 or bfloat16) and a few rows x (a decode step):
-// each weight row is read once for all N rows. MKL's sgemm packs the whole weight into panels at every call, which
-// at 16 rows took longer than the products themselves (docs/LOG.md, 2026-11-30).
-at::Tensor linear_rows(const at::Tensor& x_, const at::Tensor& w_) {
-  check(x_, 2, "x", Weights::none);
-  check(w_, 2, "weight", Weights::bf16);
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
-  const int64_t N = x.size(0), K = x.size(1), O = w.size(0);
-  TORCH_CHECK(w.size(1) == K && O % R == 0, "linear_rows: x [N, K] and weight [O, K] with O a multiple of ", R);
-  at::Tensor out = at::empty({N, O}, x.options());
-  if (N == 0) return out;
-  std::vector<const float*> xs(N);
-  for (int64_t j = 0; j < N; ++j) xs[j] = x.const_data_ptr<float>() + j * K;
-  float* o = out.mutable_data_ptr<float>();
-  const auto rows = [&](const auto* wp) {
-    over_rows(O, K * int64_t(sizeof(*wp)), [&](int64_t r0, int64_t r1) {
-      rows_times(wp, K, r0, r1, xs.data(), N, K, o, O);
-    });
+// Linear layers: y [N, O] = x [N, K] · Wᵀ with W packed once, at load (infer/layout.py), into panels of P output
+// columns: panels [O / P, K, P], panels[b][k][j] = W[b·P + j][k]. A tile keeps MR rows × P columns of y in 2·MR
+// registers and walks k: one step reads P weights, the next ones in memory, and one number of each of the MR rows,
+// broadcast. An outer product, as a BLAS's inner kernel computes, with no sums across a vector at the end, and the
+// weights read as one sequential stream. W as stored ([O, K]) needs dot products (a sum across each vector, more
+// loads per FMA): 1.3-1.9x slower here, and MKL's sgemm packs W like this at every call, which at 16 rows took
+// longer than the products (docs/LOG.md, 2026-11-30). gcc 12 kept an array of accumulators on the stack
+// (a store per FMA, half the speed), so they are named variables.
+constexpr int64_t P = 2 * V;  // columns per panel: two vectors
+constexpr int MR = 6;         // rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast of AVX2's 16 registers
+constexpr int64_t AHEAD_K = 32;  // prefetch distance in steps of k (2 KB on AVX2), into the next panel near the end
+
+template <int M>
+__attribute__((noinline)) static void panel_tile(const float* p, int64_t K, const float* x, int64_t ldx, float* out,
+                                                 int64_t ldo) {
+  static_assert(M >= 1 && M <= MR);
+  vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {},
+      c51 = {};
+  int64_t k = 0;
+  if constexpr (M == 1) {  // one row: two steps of k at a time into two sets of sums, 4 chains of FMAs, not 2
+    for (; k + 2 <= K; k += 2) {
+      for (int64_t l = 0; l < 2 * P; l += LINE) __builtin_prefetch(p + (k + AHEAD_K) * P + l);
+      c00 += x[k] * load(p + k * P);
+      c01 += x[k] * load(p + k * P + V);
+      c10 += x[k + 1] * load(p + (k + 1) * P);
+      c11 += x[k + 1] * load(p + (k + 1) * P + V);
+    }
+    c00 += c10;
+    c01 += c11;
+  }
+  for (; k < K; ++k) {
+    for (int64_t l = 0; l < P; l += LINE) __builtin_prefetch(p + (k + AHEAD_K) * P + l);
+    const vec w0 = load(p + k * P), w1 = load(p + k * P + V);
+    if constexpr (M > 0) { const float a = x[k];           c00 += a * w0; c01 += a * w1; }
+    if constexpr (M > 1) { const float a = x[ldx + k];     c10 += a * w0; c11 += a * w1; }
+    if constexpr (M > 2) { const float a = x[2 * ldx + k]; c20 += a * w0; c21 += a * w1; }
+    if constexpr (M > 3) { const float a = x[3 * ldx + k]; c30 += a * w0; c31 += a * w1; }
+    if constexpr (M > 4) { const float a = x[4 * ldx + k]; c40 += a * w0; c41 += a * w1; }
+    if constexpr (M > 5) { const float a = x[5 * ldx + k]; c50 += a * w0; c51 += a * w1; }
+  }
+  const auto put = [&](int i, const vec& lo, const vec& hi) {
+    std::memcpy(out + i * ldo, &lo, sizeof lo);
+    std::memcpy(out + i * ldo + V, &hi, sizeof hi);
   };
-  if (w.scalar_type() == at::kBFloat16)
-    rows(reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()));
-  else
-    rows(w.const_data_ptr<float>());
+  if constexpr (M > 0) put(0, c00, c01);
+  if constexpr (M > 1) put(1, c10, c11);
+  if constexpr (M > 2) put(2, c20, c21);
+  if constexpr (M > 3) put(3, c30, c31);
+  if constexpr (M > 4) put(4, c40, c41);
+  if constexpr (M > 5) put(5, c50, c51);
+}
+
+// m < MR rows left over: the tile of that height.
+static void panel_rest(int64_t m, const float* p, int64_t K, const float* x, int64_t ldx, float* out, int64_t ldo) {
+  switch (m) {
+    case 1: return panel_tile<1>(p, K, x, ldx, out, ldo);
+    case 2: return panel_tile<2>(p, K, x, ldx, out, ldo);
+    case 3: return panel_tile<3>(p, K, x, ldx, out, ldo);
+    case 4: return panel_tile<4>(p, K, x, ldx, out, ldo);
+    case 5: return panel_tile<5>(p, K, x, ldx, out, ldo);
+    default: return;
+  }
+}
+
+int64_t panel_width() { return P; }
+
+at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
+  TORCH_CHECK(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2,
+              "linear_panels: x: expected a 2-d float32 CPU tensor");
+  TORCH_CHECK(panels_.device().is_cpu() && panels_.scalar_type() == at::kFloat && panels_.dim() == 3 &&
+                  panels_.size(1) == x_.size(1) && panels_.size(2) == P,
+              "linear_panels: expected float32 CPU panels [out / ", P, ", ", x_.size(1), ", ", P, "] for x [N, ",
+              x_.size(1), "] (kernels.pack_linear packs a weight [out, in] so)");
+  const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), B = panels.size(0), O = B * P;
+  at::Tensor out = at::empty({N, O}, x.options());
+  if (N == 0 || B == 0) return out;
+  const float *xp = x.const_data_ptr<float>(), *pp = panels.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  // Each thread its panels (at least ~128 KB of weights); rows in chunks of ~128 KB of x, which stay in cache while
+  // the thread's panels go by (a long prefill's x does not fit), each panel read from L1 by every tile of a chunk.
+  const int64_t grain = std::max<int64_t>(1, 131072 / (K * P * int64_t(sizeof(float))));
+  const int64_t chunk = std::max<int64_t>(MR, 32768 / K / MR * MR);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+      const int64_t r1 = std::min(N, r0 + chunk);
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t i = r0;
+        for (; i + MR <= r1; i += MR) panel_tile<MR>(pp + b * K * P, K, xp + i * K, K, o + i * O + b * P, O);
+        panel_rest(r1 - i, pp + b * K * P, K, xp + i * K, K, o + i * O + b * P, O);
+      }
+    }
+  });
   return out;
 }
 
@@ -355,5 +425,9 @@ at::Tensor linear_rows(const at::Tensor& x_, const at::Tensor& w_) {
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
   m.impl("routed_experts", &routed_experts);
   m.impl("routed_experts_int8", &routed_experts_int8);
-  m.impl("linear_rows", &linear_rows);
+  m.impl("linear_panels", &linear_panels);
+}
+
+TORCH_LIBRARY_IMPL(nanoseek_cpu, CompositeExplicitAutograd, m) {  // no tensor arguments: no device to dispatch on
+  m.impl("panel_width", &panel_width);
 }

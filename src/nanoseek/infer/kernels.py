@@ -1,12 +1,11 @@
-"""The decode kernels (kernels.cpp), built for this machine on first use: routed experts and Linear layers at a
-few rows.
+"""The decode kernels (kernels.cpp), built for this machine on first use: routed experts, and Linear layers.
 
 At a few tokens per step DeepSeekMoE's routed experts cost what reading the chosen experts' weights costs.
 kernels.cpp reads each chosen expert once for all the tokens that chose it (inductor's fused kernel reads it once
-per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures. Its `linear_rows` does the
-same for a Linear layer's x·Wᵀ at a few rows, where a BLAS's sgemm repacks the whole weight at every call.
+per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures. Its `linear_panels` computes
+a Linear layer's x·Wᵀ over a weight packed once, at load, into the panels a BLAS's sgemm packs at every call.
 
-`torch.ops.nanoseek_cpu.routed_experts` (and `linear_rows`) is built with the machine's C++ compiler (`$CXX`,
+`torch.ops.nanoseek_cpu.routed_experts` (and `linear_panels`) is built with the machine's C++ compiler (`$CXX`,
 else `c++`/`g++`/`clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in
 ~10-20 s, once: the library is cached in `~/.cache/nanoseek/kernels` (`$NANOSEEK_CACHE/kernels` if set) under a
 hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops, so a compiled decode step calls
@@ -118,18 +117,19 @@ def _(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-torch.library.define("nanoseek_cpu::linear_rows", "(Tensor x, Tensor weight) -> Tensor")
+torch.library.define("nanoseek_cpu::linear_panels", "(Tensor x, Tensor panels) -> Tensor")
+torch.library.define("nanoseek_cpu::panel_width", "() -> int")
 
 
-@torch.library.register_fake("nanoseek_cpu::linear_rows")
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+@torch.library.register_fake("nanoseek_cpu::linear_panels")
+def _(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], panels.shape[0] * panels.shape[2])
 
 
-@register_flop_formula(torch.ops.nanoseek_cpu.linear_rows)
-def _(x_shape, weight_shape, out_shape=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add: N rows × in × out."""
-    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
+@register_flop_formula(torch.ops.nanoseek_cpu.linear_panels)
+def _(x_shape, panels_shape, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: N rows × in × out (out = panels × their width)."""
+    return 2 * x_shape[0] * x_shape[1] * panels_shape[0] * panels_shape[2]
 
 
 @register_flop_formula([torch.ops.nanoseek_cpu.routed_experts, torch.ops.nanoseek_cpu.routed_experts_int8])
@@ -156,31 +156,51 @@ def beats_inductor() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def _takes(x: torch.Tensor, *weights: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """What both kernels need: plain (not sharded DTensors) CPU tensors, x float32, the weights of `dtypes`, last
-    sizes multiples of VECTOR; and the library built."""
-    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
-                for t in (x, *weights))
-    return plain and x.dtype == torch.float32 and all(w.dtype in dtypes for w in weights) and built()
-
-
 def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether the routed-experts kernel takes these tensors: `_takes`, and both expert weights of one dtype:
-    float32, bfloat16 or int8 (infer/quant.py, with their rows' scales)."""
-    return gate_up_proj.dtype == down_proj.dtype and _takes(
-        x, gate_up_proj, down_proj, dtypes=(torch.float32, torch.bfloat16, torch.int8))
+    """Whether the routed-experts kernel takes these tensors: plain (not sharded DTensors) CPU tensors, x float32,
+    both expert weights of one dtype (float32, bfloat16 or int8, infer/quant.py, with their rows' scales), last sizes
+    multiples of VECTOR; and the library built."""
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
+                for t in (x, gate_up_proj, down_proj))
+    return (plain and x.dtype == torch.float32 and gate_up_proj.dtype == down_proj.dtype
+            and gate_up_proj.dtype in (torch.float32, torch.bfloat16, torch.int8) and built())
 
 
-def covers_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear_rows` takes x and a Linear's weight: `_takes`, and the weight stored as [out, in] with out a
-    multiple of 4 (the kernel's rows per tile)."""
-    return weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 4 == 0 and _takes(
-        x, weight, dtypes=(torch.float32, torch.bfloat16))
+@functools.cache
+def panel_width() -> int:
+    """Output columns per panel of a packed Linear weight: two of this CPU's vectors (16 floats on AVX2)."""
+    return torch.ops.nanoseek_cpu.panel_width()
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, in] · weightᵀ (weight [out, in]) -> [N, out] in float32, each weight row read once for all N rows."""
-    return torch.ops.nanoseek_cpu.linear_rows(x, weight)
+def covers_linear(weight: torch.Tensor) -> bool:
+    """Whether `linear_panels` can take this Linear weight [out, in] once packed: a plain float32 CPU tensor whose
+    out is a multiple of the panel width; and the library built."""
+    return (type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dim() == 2 and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and built() and weight.shape[0] % panel_width() == 0)
+
+
+def takes_panels(x: torch.Tensor, panels: torch.Tensor) -> bool:
+    """Whether `linear_panels` takes x and packed panels as they are now (a model moved or cast after packing is
+    not): plain float32 CPU tensors."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+               for t in (x, panels))
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight [out, in] -> panels [out / P, in, P] (P = panel_width()), panels[b, k, j] = weight[b·P + j, k]:
+    the layout `linear_panels` reads in order."""
+    out, inner = weight.shape
+    return weight.detach().reshape(out // panel_width(), panel_width(), inner).transpose(1, 2).contiguous()
+
+
+def unpack_linear(panels: torch.Tensor) -> torch.Tensor:
+    """pack_linear's inverse: panels [out / P, in, P] -> weight [out, in] (a copy; gradients flow through it)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])
+
+
+def linear_panels(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """x [N, in] · Wᵀ -> [N, out] in float32, for W packed by pack_linear into panels [out / P, in, P]."""
+    return torch.ops.nanoseek_cpu.linear_panels(x, panels)
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
