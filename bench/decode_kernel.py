@@ -173,7 +173,8 @@ def step_table(model: nanoseek.NanoSeek, console: Console) -> None:
 
 def linears_table(model: nanoseek.NanoSeek, console: Console) -> None:
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and not name.startswith("mtp") and not name.endswith("kv_b_proj")]  # kv_b_proj: read as a view
+               and not name.startswith("mtp") and not name.endswith("kv_b_proj")  # kv_b_proj: read as a view
+               and kernels.covers_linear(m.weight)]  # out a multiple of the panel width (16 floats on AVX2)
     weights = [m.weight.detach() for m in linears]
     layouts = {"kernel": [kernels.pack_linear(w) for w in weights], "stored": weights,
                "transposed": [w.t().contiguous().t() for w in weights]}

@@ -728,7 +728,7 @@ def test_linear_panels_kernel_equals_a_naive_reference():
     kernel_built()
     torch.manual_seed(0)
     P = kernels.panel_width()
-    assert P in (8, 16, 32)  # two vectors: NEON, AVX2, AVX-512
+    assert P in (16, 32)  # two vectors: of 8 floats (AVX2, and NEON as two registers each), of 16 (AVX-512)
     for out_features, in_features in ((P, 16), (2 * P, 40), (10 * P, 128), (P, 7), (3 * P, 1)):
         w = torch.randn(out_features, in_features) * 0.2
         panels = kernels.pack_linear(w)
@@ -742,6 +742,18 @@ def test_linear_panels_kernel_equals_a_naive_reference():
             assert got.shape == (rows, out_features) and got.dtype == torch.float32
             scale = max([1.0, *want.abs().flatten().tolist()])
             torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale)
+    threads = torch.get_num_threads()
+    try:  # rows in several chunks (~128 KB of x each: 6 rows of 6,000), panels split over two threads
+        torch.set_num_threads(2)
+        for out_features, in_features, rows in ((4 * P, 6000, 13), (64 * P, 64, 16)):
+            w, x = torch.randn(out_features, in_features) * 0.2, torch.randn(rows, in_features)
+            want = x.double() @ w.double().T
+            torch.testing.assert_close(kernels.linear_panels(x, kernels.pack_linear(w)).double(), want, rtol=0,
+                                       atol=1e-5 * max(1.0, want.abs().max().item()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(kernels.linear_panels(torch.randn(2, 0), torch.empty(1, 0, P)), torch.zeros(2, P))  # in = 0
+    assert not kernels.covers_linear(torch.randn(P, 0))  # nn.Linear(0, P) keeps torch's path
     w = torch.randn(2 * P, 48)
     assert kernels.covers_linear(w) and kernels.covers_linear(w.t().contiguous().t())  # packing copies any layout
     assert not kernels.covers_linear(w.bfloat16())  # float32 weights only
@@ -759,12 +771,13 @@ def test_linear_panels_kernel_equals_a_naive_reference():
         kernels.linear_panels(torch.randn(2, 48).double(), panels)
 
 
-def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
+def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch, tmp_path):
     """infer/layout.py: with the decode kernel chosen, every Linear the kernel takes becomes a KernelLinear with its
     weight packed (kv_b_proj, read as stored by absorbed attention, stays). Same logits and greedy tokens; every
     product goes through the kernel (decode steps, a long prefill), except a forward whose gradients are wanted
-    (the kernel has none), which gives the plain model's gradients. state_dict still has the weights [out, in] and
-    load_state_dict takes them. A compiled decode step has the kernel's op in its graph at any batch."""
+    (the kernel has none), which gives the plain model's gradients. state_dict still has the weights [out, in],
+    save_pretrained writes them (the MTP layer's copy of the head too) and load_state_dict takes them. A compiled
+    decode step has the kernel's op in its graph at any batch. Cast after packing, a layer is an nn.Linear again."""
     from torch import nn
 
     from nanoseek.infer import layout
@@ -785,6 +798,9 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
     assert all(linears[name].weight.dim() == 3 for name in packed)
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    model.save_pretrained(str(tmp_path / "saved"))
+    saved = nanoseek.NanoSeek.from_pretrained(str(tmp_path / "saved")).state_dict()
+    assert all(torch.equal(saved[k], before[k]) for k in before)
     rows = []
     real = kernels.linear_panels
     monkeypatch.setattr(kernels, "linear_panels", lambda x, w: rows.append(len(x)) or real(x, w))
@@ -810,6 +826,8 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), other(ids), rtol=1e-5, atol=1e-5)
     model.load_state_dict(before)
+    with pytest.raises(RuntimeError, match=r"size mismatch for lm_head\.weight"):  # named, as nn.Linear has it
+        model.load_state_dict({**before, "lm_head.weight": before["lm_head.weight"][:-1]})
     graphs = []
 
     def capture(gm, example_inputs):
@@ -838,7 +856,8 @@ def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch):
         plain = with_bias(x)
         assert layout.use_decode_kernel(with_bias) == 1
         torch.testing.assert_close(with_bias(x), plain, rtol=1e-5, atol=1e-6)
-        with_bias.to(torch.float64)  # cast after packing: the BLAS over the unpacked weight
+        with_bias.to(torch.float64)  # cast after packing: unpacked, a plain nn.Linear again
+        assert type(with_bias) is nn.Linear and with_bias.weight.shape == (2 * kernels.panel_width(), 32)
         torch.testing.assert_close(with_bias(x.double()), plain.double(), rtol=1e-5, atol=1e-6)
 
 

@@ -402,6 +402,7 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
   const int64_t N = x.size(0), K = x.size(1), B = panels.size(0), O = B * P;
   at::Tensor out = at::empty({N, O}, x.options());
   if (N == 0 || B == 0) return out;
+  if (K == 0) return out.zero_();  // an empty sum
   const float *xp = x.const_data_ptr<float>(), *pp = panels.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
   // Each thread its panels (at least ~128 KB of weights); rows in chunks of ~128 KB of x, which stay in cache while

@@ -12,8 +12,8 @@ hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops
 them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half
 the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
 stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
-they do not cover (not on CPU, activations not float32, widths not multiples of 16), `covers` and `covers_linear`
-are False and callers keep torch's path: same results, only slower.
+they do not cover (not on CPU, activations not float32, widths not multiples of 16 or of the panel width),
+`covers` and `covers_linear` are False and callers keep torch's path: same results, only slower.
 """
 
 from __future__ import annotations
@@ -173,10 +173,11 @@ def panel_width() -> int:
 
 
 def covers_linear(weight: torch.Tensor) -> bool:
-    """Whether `linear_panels` can take this Linear weight [out, in] once packed: a plain float32 CPU tensor whose
-    out is a multiple of the panel width; and the library built."""
+    """Whether `linear_panels` can take this Linear weight [out, in] once packed: a plain float32 CPU tensor, in > 0,
+    out a multiple of the panel width; and the library built."""
     return (type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dim() == 2 and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and built() and weight.shape[0] % panel_width() == 0)
+            and weight.dtype == torch.float32 and weight.shape[1] > 0 and built()
+            and weight.shape[0] % panel_width() == 0)
 
 
 def takes_panels(x: torch.Tensor, panels: torch.Tensor) -> bool:

@@ -37,9 +37,12 @@ ROWS = (1, 16)  # the timed decode steps: one sequence, a full batch
 
 class KernelLinear(nn.Linear):
     """nn.Linear whose weight is packed into the decode kernel's panels [out / P, in, P] (kernels.pack_linear) and
-    whose products go through the kernel, at any number of rows. The kernel has no backward: where gradients are
-    wanted (a loaded model being fine-tuned), or for a model moved or cast after packing, the BLAS computes over
-    the unpacked weight, and gradients reach the panels. state_dict and load_state_dict use the layout [out, in]."""
+    whose products go through the kernel, at any number of rows. state_dict gives, and load_state_dict takes, the
+    weight [out, in] (a copy: `state_dict(keep_vars=True)` does not give the live parameter). The kernel has no
+    backward: a forward whose gradients are wanted computes with the BLAS over an unpacked copy, and gradients reach
+    the panels; a model to train comes from `load_pretrained`, not from the inference loader (the model's fused
+    loss reads lm_head.weight as [out, in]). Moved off the CPU or cast, the layer unpacks and is an nn.Linear
+    again."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
@@ -49,14 +52,23 @@ class KernelLinear(nn.Linear):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:  # `.to(...)`: the kernel is gone
+            self.weight = nn.Parameter(kernels.unpack_linear(self.weight.detach()),
+                                       requires_grad=self.weight.requires_grad)
+            self.__class__ = nn.Linear
+        return self
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = kernels.unpack_linear(destination[prefix + "weight"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        key = prefix + "weight"
-        if key in state_dict and state_dict[key].dim() == 2:
-            state_dict = {**state_dict, key: kernels.pack_linear(state_dict[key])}
+        key, width = prefix + "weight", self.weight.shape[-1]
+        weight = state_dict.get(key)
+        if weight is not None and weight.dim() == 2 and weight.shape[0] % width == 0:  # else super() names the sizes
+            state_dict = {**state_dict, key: kernels.pack_linear(weight)}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -66,7 +78,7 @@ def eligible(model: nn.Module) -> list[nn.Linear]:
     module shares (an lm_head tied to the embedding)."""
     shared = _shared(model)
     return [m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and not name.endswith("kv_b_proj")
+            if type(m) is nn.Linear and m.out_features >= m.in_features and not name.endswith("kv_b_proj")
             and id(m.weight) not in shared]
 
 

@@ -53,10 +53,12 @@ def _hf_prefix(name: str, n_layers: int) -> str:
 
 
 def hf_state_dict(model: NanoSeek) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) pairs for `model`, without copying except to split the stacked experts."""
+    """(checkpoint name, tensor) pairs for `model`, without copying except to split the stacked experts (and where a
+    module's state_dict gives its weight in another layout than it holds: infer/layout.py's packed Linear layers)."""
     cfg = model.config
     n = cfg.num_hidden_layers
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    for name, t in state.items():
         if name.startswith("lm_head.") and cfg.tie_word_embeddings:
             continue  # tied: the checkpoint stores the embedding only
         m = _EXPERT_RE.match(name)
@@ -72,8 +74,8 @@ def hf_state_dict(model: NanoSeek) -> Iterator[tuple[str, torch.Tensor]]:
             else:
                 yield f"{base}.{e}.down_proj.weight", t[e]
     for k in range(cfg.num_nextn_predict_layers):  # DeepSeek's MTP layer carries copies of the shared weights
-        yield f"model.layers.{n + k}.embed_tokens.weight", model.embed_tokens.weight
-        yield f"model.layers.{n + k}.shared_head.head.weight", model.lm_head.weight
+        yield f"model.layers.{n + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"model.layers.{n + k}.shared_head.head.weight", state["lm_head.weight"]
     for key, shape in _empty_shared_experts(cfg).items():
         yield key, torch.empty(shape, dtype=model.embed_tokens.weight.dtype)
 
