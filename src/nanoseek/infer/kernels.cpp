@@ -330,9 +330,9 @@ at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& indices, c
 // registers and walks k: one step reads P weights, the next ones in memory, and one number of each of the MR rows,
 // broadcast. An outer product, as a BLAS's inner kernel computes, with no sums across a vector at the end, and the
 // weights read as one sequential stream. W as stored ([O, K]) needs dot products (a sum across each vector, more
-// loads per FMA): 1.3-1.9x slower here, and MKL's sgemm packs W like this at every call, which at 16 rows took
-// longer than the products (docs/LOG.md, 2026-11-30). gcc 12 kept an array of accumulators on the stack
-// (a store per FMA, half the speed), so they are named variables.
+// loads per FMA): 1.05-1.6x slower here at 1-16 rows; MKL's sgemm packs W like this at every call, which at 16 rows
+// took longer than the products (docs/LOG.md, 2026-11-30). gcc 12 kept an array of accumulators on the stack (a
+// store per FMA, half the speed), so they are named variables.
 constexpr int64_t P = 2 * V;  // columns per panel: two vectors
 constexpr int MR = 6;         // rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast of AVX2's 16 registers
 constexpr int64_t AHEAD_K = 32;  // prefetch distance in steps of k (2 KB on AVX2), into the next panel near the end

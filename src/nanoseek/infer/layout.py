@@ -6,9 +6,9 @@ the BLAS does that depends on the CPU. On an AMD EPYC, MKL's one-row kernel stre
 and at 11 GB/s with W stored transposed ([in, out]); at 16 rows its sgemm repacked the whole weight into panels at
 every call and ran at 15 GFLOP/s (54 on large products). The decode kernel's `linear_panels` (infer/kernels.cpp)
 takes W packed into those panels once, at load, and reads it as one stream for all the rows: there it computes
-the demo model's Linear layers 1.3-1.9x faster than its first kernel over W as stored (which beat MKL 1.5-2.7x), and
-large products (a prefill) as fast as MKL (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier measurements
-MKL's one-row kernel was as fast in both layouts.
+the demo model's Linear layers 1.05-1.6x faster than its first kernel over W as stored (which beat MKL 1.5-2.7x) at
+1-16 rows, and a 576-row prefill's 1.13x faster than MKL (docs/LOG.md, 2026-11-30). On the Intel CPUs of earlier
+measurements MKL's one-row kernel was as fast in both layouts.
 
 So the engine's loader times the three on a weight of the model's lm_head shape, at 1 row and at 16, with the
 cache flushed before each call, and takes the kernel where one call of each size, added together, takes less than
