@@ -156,12 +156,16 @@ def beats_inductor() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A plain tensor (not a sharded DTensor or another subclass the kernels cannot read) on the CPU."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+
+
 def covers(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """Whether the routed-experts kernel takes these tensors: plain (not sharded DTensors) CPU tensors, x float32,
     both expert weights of one dtype (float32, bfloat16 or int8, infer/quant.py, with their rows' scales), last sizes
     multiples of VECTOR; and the library built."""
-    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.shape[-1] % VECTOR == 0
-                for t in (x, gate_up_proj, down_proj))
+    plain = all(_plain_cpu(t) and t.shape[-1] % VECTOR == 0 for t in (x, gate_up_proj, down_proj))
     return (plain and x.dtype == torch.float32 and gate_up_proj.dtype == down_proj.dtype
             and gate_up_proj.dtype in (torch.float32, torch.bfloat16, torch.int8) and built())
 
@@ -175,16 +179,14 @@ def panel_width() -> int:
 def covers_linear(weight: torch.Tensor) -> bool:
     """Whether `linear_panels` can take this Linear weight [out, in] once packed: a plain float32 CPU tensor, in > 0,
     out a multiple of the panel width; and the library built."""
-    return (type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dim() == 2 and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.shape[1] > 0 and built()
-            and weight.shape[0] % panel_width() == 0)
+    return (_plain_cpu(weight) and weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[1] > 0
+            and built() and weight.shape[0] % panel_width() == 0)
 
 
 def takes_panels(x: torch.Tensor, panels: torch.Tensor) -> bool:
     """Whether `linear_panels` takes x and packed panels as they are now (a model moved or cast after packing is
     not): plain float32 CPU tensors."""
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-               for t in (x, panels))
+    return all(_plain_cpu(t) and t.dtype == torch.float32 for t in (x, panels))
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
