@@ -1,5 +1,5 @@
-"""Routed experts at decode time: nanoseek's kernel (infer/kernels.cpp) against torch's paths, and what it does
-to a whole compiled decode step.
+"""The decode kernels (infer/kernels.cpp) against torch's paths: routed experts, what they do to a whole compiled
+decode step, Linear layers, attention.
 
 1. The routed experts of the `demo` preset's 5 MoE layers (32 experts, top-4, random weights), 1 / 4 / 16 tokens:
    the kernel vs inductor's fused gathered kernel (what a compiled step used before; all layers in one graph) and
@@ -14,6 +14,9 @@ to a whole compiled decode step.
    / 16 rows, and at 576 (a prefill of 16 prompts of 36 tokens), cold: the kernel's `linear_panels` over the
    weights packed into its panels vs the BLAS (F.linear) with the weights as stored and transposed (the layouts
    `infer/layout.py` chooses between).
+4. One layer's attention at a decode step, 1 and 16 sequences at 65, 513 and 1,024 tokens of context: the kernel's
+   `latent_attention` (the cache read in place) vs torch's path (the rows gathered, two batched products, a
+   softmax).
 Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
 
     python bench/decode_kernel.py
@@ -33,7 +36,7 @@ from rich.table import Table
 import nanoseek
 from nanoseek.infer import kernels
 from nanoseek.infer.engine import _compiled, _mark_dynamic
-from nanoseek.infer.forward import Batch, LatentCache, decode_step
+from nanoseek.infer.forward import Batch, LatentCache, _attend_gathered, decode_step
 from nanoseek.infer.quant import Int8Experts
 
 warnings.filterwarnings("ignore")
@@ -200,6 +203,33 @@ def linears_table(model: nanoseek.NanoSeek, console: Console) -> None:
     console.print(table)
 
 
+def attention_table(model: nanoseek.NanoSeek, console: Console) -> None:
+    """One layer's absorbed attention for a decode step (one query row per sequence, all heads), in cache."""
+    cfg = model.config
+    r, width, heads = cfg.kv_lora_rank, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.num_attention_heads
+    rows = torch.randn(16, cfg.max_position_embeddings, width)
+    scale = model.layers[0].self_attn.softmax_scale
+    table = Table(title="a layer's attention at a decode step (median µs; torch = the cache's rows gathered, two "
+                        "batched products and a softmax, eager)")
+    for col in ("sequences", "context", "kernel", "torch", "torch / kernel"):
+        table.add_column(col, justify="right")
+    for b in (1, 16):
+        for context in (64, 512, cfg.max_position_embeddings - 1):
+            batch = Batch.make(list(range(b)), [context] * b, [1] * b, 1, torch.device("cpu"))
+            q = torch.randn(b, 1, heads, width)
+            variants = {"kernel": lambda q=q, batch=batch: kernels.latent_attention(q, rows, batch.slots,
+                                                                                    batch.visible, scale, r),
+                        "torch": lambda q=q, batch=batch: _attend_gathered(q, rows, batch, scale, r)}
+            assert (variants["kernel"]() - variants["torch"]()).abs().max() < 1e-4
+            res: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(15):
+                for name, f in variants.items():
+                    res[name].append(timed(f, 5, None))
+            k, t = (statistics.median(res[name]) * 1e6 for name in variants)
+            table.add_row(str(b), str(context + 1), f"{k:.0f}", f"{t:.0f}", f"{t / k:.2f}x")
+    console.print(table)
+
+
 def main() -> None:
     if not kernels.load():
         raise SystemExit("the decode kernel could not be built here (see the warning above): nothing to compare")
@@ -211,6 +241,7 @@ def main() -> None:
     step_table(model, console)
     with torch.inference_mode():
         linears_table(model, console)
+        attention_table(model, console)
 
 
 if __name__ == "__main__":

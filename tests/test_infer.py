@@ -721,6 +721,53 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
                                s_down[:, :8])
 
 
+def test_latent_attention_kernel_equals_a_naive_reference():
+    """kernels.latent_attention (MLA's absorbed attention read from the cache in place) against float64 einsums over
+    the gathered rows: ragged lengths in slots out of order, one and two query rows (MTP speculation), head counts
+    that fill its groups of 4 and leave remainders, latents of one and of several vector blocks, keys split over
+    two threads, a context where most keys are masked. What it does not take is refused or not covered."""
+    kernel_built()
+    torch.manual_seed(0)
+
+    def naive(q, rows, slots, visible, scale, r):
+        keys = rows[slots, : visible.shape[-1]].double()
+        scores = torch.einsum("bthd,bkd->bthk", q.double(), keys) * scale
+        p = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+        return torch.einsum("bthk,bkr->bthr", p, keys[..., :r])
+
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for B, T, h, r, rope, S, L, starts in (
+                    (3, 1, 8, 64, 16, 5, 100, [10, 50, 0]), (2, 2, 5, 32, 16, 4, 70, [3, 60]),
+                    (16, 1, 8, 64, 16, 16, 600, list(range(0, 560, 35))), (1, 1, 3, 16, 16, 1, 9, [7]),
+                    (2, 2, 4, 48, 32, 3, 1200, [1100, 2])):
+                D = r + rope
+                rows = torch.randn(S, L, D) * 2  # larger scores than a trained model's: a peaked softmax too
+                batch = Batch.make(torch.randperm(S)[:B].tolist(), starts, [T] * B, T, torch.device("cpu"))
+                q = torch.randn(B, T, h, D)
+                scale = D ** -0.5
+                got = kernels.latent_attention(q, rows, batch.slots, batch.visible, scale, r)
+                assert got.shape == (B, T, h, r) and got.dtype == torch.float32
+                want = naive(q, rows, batch.slots, batch.visible, scale, r)
+                torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
+    rows, q = torch.randn(2, 10, 32), torch.randn(1, 1, 2, 32)
+    visible = torch.ones(1, 1, 4, dtype=torch.bool)
+    assert kernels.covers_attention(q, rows, 16)
+    assert not kernels.covers_attention(q, rows.bfloat16(), 16)  # a bf16 cache keeps torch's path
+    assert not kernels.covers_attention(q, rows, 8)  # latents: a multiple of 16 floats
+    assert not kernels.covers_attention(torch.randn(1, 1, 2, 40), torch.randn(2, 10, 40), 16)  # nor the width
+    with pytest.raises(RuntimeError, match="slot 2 out of range"):
+        kernels.latent_attention(q, rows, torch.tensor([2]), visible, 1.0, 16)
+    with pytest.raises(RuntimeError, match="K <= the cache's length"):
+        kernels.latent_attention(q, rows, torch.tensor([0]), torch.ones(1, 1, 11, dtype=torch.bool), 1.0, 16)
+    with pytest.raises(RuntimeError, match="float32 CPU cache"):
+        kernels.latent_attention(q, torch.randn(2, 10, 48), torch.tensor([0]), visible, 1.0, 16)
+
+
 def test_linear_panels_kernel_equals_a_naive_reference():
     """kernels.linear_panels (x·Wᵀ over W packed into panels of P output columns) against float64 products: row
     counts that fill its tiles of 6 rows and that leave each remainder (1 has its own loop), any width `in` (odd

@@ -91,6 +91,9 @@ class Batch:
 
 
 SCORE_ELEMENTS = 1 << 22  # fp32 attention scores a prefill holds at once (16 MB)
+# Query rows per sequence up to which attention runs in the decode kernel (a decode step: one, two with MTP
+# speculation); a prefill's many rows are matrix products, which the BLAS does better.
+KERNEL_QUERIES = 2
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: torch.Tensor, scale: float,
@@ -103,6 +106,20 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: 
     scores.masked_fill_(~visible[:, :, None], float("-inf"))
     p = scores.softmax(dim=-1).to(keys.dtype).view(B, T * h, -1)
     return torch.bmm(p, keys[..., :r]).view(B, T, h, r)  # values are the latents themselves
+
+
+def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: float, r: int) -> torch.Tensor:
+    """_attend over the batch's cached rows gathered into one tensor (where the decode kernel does not run)."""
+    B, T, h, _ = q.shape
+    keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
+    keys32 = keys.float()  # for the scores (the same tensor when the cache is fp32)
+    if torch.compiler.is_compiling():  # decode steps: one or two query rows
+        return _attend(q, keys, keys32, batch.visible, scale, r)
+    # A long prefill attends in slices of query rows: the fp32 scores are [B, rows, h, K], and in one pass a
+    # 2,048-token prompt with 16 heads held ~0.5 GB of them. Each row's softmax is its own: the same numbers.
+    step = max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
+    return torch.cat([_attend(q[:, t:t + step], keys, keys32, batch.visible[:, t:t + step], scale, r)
+                      for t in range(0, T, step)], dim=1)
 
 
 def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
@@ -122,16 +139,10 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
     q = torch.cat((q_latent, q_rope), dim=-1)  # [B, T, h, r + rope]
-    keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
-    keys32 = keys.float()  # for the scores (the same tensor when the cache is fp32)
-    # A long prefill attends in slices of query rows: the fp32 scores are [B, rows, h, K], and in one pass a
-    # 2,048-token prompt with 16 heads held ~0.5 GB of them. Each row's softmax is its own: the same numbers.
-    if torch.compiler.is_compiling():  # decode steps: one or two query rows
-        out_latent = _attend(q, keys, keys32, batch.visible, attn.softmax_scale, r)
+    if T <= KERNEL_QUERIES and kernels.covers_attention(q, rows, r):  # decode steps on CPU: the cache read in place
+        out_latent = kernels.latent_attention(q, rows, batch.slots, batch.visible, attn.softmax_scale, r)
     else:
-        step = max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
-        out_latent = torch.cat([_attend(q[:, t:t + step], keys, keys32, batch.visible[:, t:t + step],
-                                        attn.softmax_scale, r) for t in range(0, T, step)], dim=1)
+        out_latent = _attend_gathered(q, rows, batch, attn.softmax_scale, r)
     out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)  # W_UV, applied once per query instead of per key
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 

@@ -1,5 +1,6 @@
-// Decode-time kernels: DeepSeekMoE's routed experts and Linear layers, the CPU implementations of the torch ops
-// `nanoseek_cpu::routed_experts(_int8)` and `nanoseek_cpu::linear_panels` (infer/kernels.py defines them, and
+// Decode-time kernels: DeepSeekMoE's routed experts, Linear layers and MLA's absorbed attention, the CPU
+// implementations of the torch ops `nanoseek_cpu::routed_experts(_int8)`, `nanoseek_cpu::linear_panels` and
+// `nanoseek_cpu::latent_attention` (infer/kernels.py defines them, and
 // builds this file with the machine's C++ compiler and torch's headers on first use).
 //
 // At a few tokens per step the routed experts are mat-vecs whose time is the time to read the chosen experts'
@@ -422,11 +423,185 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
   return out;
 }
 
+// MLA's absorbed attention for a decode step (infer/forward.py): every head of query row (b, t) attends over the same
+// cached rows [c_kv | k_rope] of its slot, read where the cache keeps them. torch's path first gathers the batch's
+// rows into a new tensor, then runs two small batched products (each packing its operand again) and a softmax
+// between them: at a few hundred tokens of context that was ~45% of a batch-16 step (docs/LOG.md, 2026-11-30).
+
+typedef int32_t ivec __attribute__((vector_size(V * sizeof(int32_t))));
+
+static inline vec select(ivec mask, vec a, vec b) {  // mask lanes -1: a, 0: b
+  ivec ai, bi;
+  std::memcpy(&ai, &a, sizeof a);
+  std::memcpy(&bi, &b, sizeof b);
+  const ivec r = (mask & ai) | (~mask & bi);
+  vec v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+
+static inline vec splat(float x) { return vec{} + x; }
+
+// e^x for x <= 0 (scores minus their row's maximum): Cephes' expf, a degree-5 polynomial on [-ln2/2, ln2/2] times
+// 2^n built in the exponent bits; relative error ~1e-7. x < -87.3 (a masked key's -inf) gives exactly 0.
+static inline vec exp_nonpositive(vec x) {
+  const vec lo = splat(-87.3f);
+  const ivec under = x < lo;
+  x = select(under, lo, x);
+  const vec y = x * 1.44269504088896341f + 0.5f;
+  vec n = __builtin_convertvector(__builtin_convertvector(y, ivec), vec);  // toward zero, then down: floor
+  n += __builtin_convertvector(n > y, vec);                                 // (true lanes are -1)
+  const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vec e = p * r * r + r + 1.0f;
+  ivec bits;
+  std::memcpy(&bits, &e, sizeof e);
+  bits += __builtin_convertvector(n, ivec) << 23;  // n >= -126: a normal float
+  vec out;
+  std::memcpy(&out, &bits, sizeof out);
+  return select(under, vec{}, out);
+}
+
+// s[i·K + k] = scale · q_i·key_k for G heads' queries q (stride D) over the K keys (row stride D), -inf where
+// key k is not visible. G = 4: four dot products per key read, summed across their vectors at once.
+template <int G>
+static void scores(const float* q, const float* keys, const bool* visible, int64_t K, int64_t D, float scale,
+                   float* s) {
+  for (int64_t k = 0; k < K; ++k) {
+    if (!visible[k]) {
+      for (int i = 0; i < G; ++i) s[i * K + k] = -INFINITY;
+      continue;
+    }
+    vec acc[G];
+    for (int i = 0; i < G; ++i) acc[i] = vec{};
+    for (int64_t d = 0; d < D; d += V) {
+      const vec kv = load(keys + k * D + d);
+      for (int i = 0; i < G; ++i) acc[i] += load(q + i * D + d) * kv;
+    }
+    if constexpr (G == 4) {
+      const quarter sum = hsum4(acc[0], acc[1], acc[2], acc[3]) * scale;
+      for (int i = 0; i < 4; ++i) s[i * K + k] = sum[i];
+    } else {
+      const quarter f = fold4(acc[0]);
+      s[k] = (f[0] + f[1] + f[2] + f[3]) * scale;
+    }
+  }
+}
+
+// A row of K scores -> their softmax's numerators in place; returns 1 / their sum (0 if no key is visible).
+static float softmax_numerators(float* s, int64_t K) {
+  float m = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) m = std::max(m, s[k]);
+  if (m == -INFINITY) {
+    std::fill(s, s + K, 0.0f);
+    return 0.0f;
+  }
+  vec sum = vec{};
+  int64_t k = 0;
+  for (; k + V <= K; k += V) {
+    const vec e = exp_nonpositive(load(s + k) - m);
+    std::memcpy(s + k, &e, sizeof e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int64_t i = 0; i < V; ++i) total += sum[i];
+  for (; k < K; ++k) total += s[k] = s[k] == -INFINITY ? 0.0f : std::exp(s[k] - m);
+  return 1.0f / total;
+}
+
+// out_i = inv_i · Σ_k p_i[k] · key_k[c : c + NV·V] for G heads (p: their numerators, stride K): G·NV accumulators,
+// each key's NV vectors read once for the G heads. Keys no head sees (p = 0) are skipped.
+template <int G, int NV>
+static void weighted_block(const float* p, const float* inv, const float* keys, const bool* visible, int64_t K,
+                           int64_t D, int64_t r, int64_t c, float* out) {
+  vec acc[G][NV];
+  for (int i = 0; i < G; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    if (!visible[k]) continue;
+    vec kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = load(keys + k * D + c + j * V);
+    for (int i = 0; i < G; ++i) {
+      const vec w = splat(p[i * K + k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += w * kv[j];
+    }
+  }
+  for (int i = 0; i < G; ++i)
+    for (int j = 0; j < NV; ++j) {
+      const vec a = acc[i][j] * inv[i];
+      std::memcpy(out + i * r + c + j * V, &a, sizeof a);
+    }
+}
+
+// The r latent columns in blocks of two vectors (one for a last odd one).
+template <int G>
+static void weighted_latents(const float* p, const float* inv, const float* keys, const bool* visible, int64_t K,
+                             int64_t D, int64_t r, float* out) {
+  int64_t c = 0;
+  for (; c + 2 * V <= r; c += 2 * V) weighted_block<G, 2>(p, inv, keys, visible, K, D, r, c, out);
+  if (c < r) weighted_block<G, 1>(p, inv, keys, visible, K, D, r, c, out);
+}
+
+// q [B, T, h, D] (D = r + rope) float32, rows [S, L, D] float32 (one layer's cache), slots [B] long, visible
+// [B, T, K] bool (K <= L) -> [B, T, h, r]: per query row and head, softmax(scale · q·keysᵀ) over the visible
+// keys of its slot, times the keys' first r columns (the latents are MLA's values).
+at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const at::Tensor& slots_,
+                            const at::Tensor& visible_, double scale, int64_t r) {
+  TORCH_CHECK(q_.device().is_cpu() && q_.scalar_type() == at::kFloat && q_.dim() == 4,
+              "latent_attention: q: expected a 4-d float32 CPU tensor [B, T, heads, D]");
+  TORCH_CHECK(rows_.device().is_cpu() && rows_.scalar_type() == at::kFloat && rows_.dim() == 3 &&
+                  rows_.size(2) == q_.size(3),
+              "latent_attention: rows: expected a float32 CPU cache [slots, max_len, ", q_.size(3), "]");
+  const int64_t B = q_.size(0), T = q_.size(1), h = q_.size(2), D = q_.size(3);
+  TORCH_CHECK(D % LINE == 0 && r > 0 && r % LINE == 0 && r <= D, "latent_attention: D (", D, ") and r (", r,
+              ") must be multiples of ", LINE, " with 0 < r <= D");
+  TORCH_CHECK(slots_.dim() == 1 && slots_.size(0) == B && visible_.scalar_type() == at::kBool &&
+                  visible_.dim() == 3 && visible_.size(0) == B && visible_.size(1) == T &&
+                  visible_.size(2) <= rows_.size(1),
+              "latent_attention: expected slots [B] and a bool mask visible [B, T, K] with K <= the cache's length");
+  const at::Tensor q = q_.contiguous(), rows = rows_.contiguous(), slots = slots_.to(at::kLong).contiguous(),
+                   visible = visible_.contiguous();
+  const int64_t K = visible.size(2), L = rows.size(1), S = rows.size(0);
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "latent_attention: slot ", slot[b], " out of range [0, ", S, ")");
+  at::Tensor out = at::empty({B, T, h, r}, q.options());
+  const float *qp = q.const_data_ptr<float>(), *cache = rows.const_data_ptr<float>();
+  const bool* vis = visible.const_data_ptr<bool>();
+  float* o = out.mutable_data_ptr<float>();
+  if (B * T * h == 0) return out;
+  // query rows over the threads, at least ~64 KB of keys each (fewer rows are not worth a second thread)
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D));
+  at::parallel_for(0, B * T, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(h * K), inv(h);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* keys = cache + slot[i / T] * L * D;
+      const bool* seen = vis + i * K;
+      const float* qi = qp + i * h * D;
+      int64_t g = 0;
+      for (; g + 4 <= h; g += 4) scores<4>(qi + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
+      for (; g < h; ++g) scores<1>(qi + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
+      for (g = 0; g < h; ++g) inv[g] = softmax_numerators(s.data() + g * K, K);
+      float* oi = o + i * h * r;
+      for (g = 0; g + 4 <= h; g += 4)
+        weighted_latents<4>(s.data() + g * K, inv.data() + g, keys, seen, K, D, r, oi + g * r);
+      for (; g < h; ++g) weighted_latents<1>(s.data() + g * K, inv.data() + g, keys, seen, K, D, r, oi + g * r);
+    }
+  });
+  return out;
+}
+
 // The schema is defined in infer/kernels.py (at import, before this library is built).
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
   m.impl("routed_experts", &routed_experts);
   m.impl("routed_experts_int8", &routed_experts_int8);
   m.impl("linear_panels", &linear_panels);
+  m.impl("latent_attention", &latent_attention);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CompositeExplicitAutograd, m) {  // no tensor arguments: no device to dispatch on

@@ -1,9 +1,12 @@
-"""The decode kernels (kernels.cpp), built for this machine on first use: routed experts, and Linear layers.
+"""The decode kernels (kernels.cpp), built for this machine on first use: routed experts, Linear layers, and MLA's
+attention over the latent cache.
 
 At a few tokens per step DeepSeekMoE's routed experts cost what reading the chosen experts' weights costs.
 kernels.cpp reads each chosen expert once for all the tokens that chose it (inductor's fused kernel reads it once
 per token, the model's grouped GEMMs visit every expert); docs/LOG.md has the figures. Its `linear_panels` computes
-a Linear layer's x·Wᵀ over a weight packed once, at load, into the panels a BLAS's sgemm packs at every call.
+a Linear layer's x·Wᵀ over a weight packed once, at load, into the panels a BLAS's sgemm packs at every call, and
+`latent_attention` MLA's absorbed attention over the latent cache where it lies (no gathered copy of the batch's
+rows, no packing, the softmax between the two products in one pass).
 
 `torch.ops.nanoseek_cpu.routed_experts` (and `linear_panels`) is built with the machine's C++ compiler (`$CXX`,
 else `c++`/`g++`/`clang++`: the one inductor needs for `--compile` anyway), torch's headers and `-march=native`, in
@@ -132,6 +135,24 @@ def _(x_shape, panels_shape, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * panels_shape[0] * panels_shape[2]
 
 
+torch.library.define("nanoseek_cpu::latent_attention",
+                     "(Tensor q, Tensor rows, Tensor slots, Tensor visible, float scale, int rank) -> Tensor")
+
+
+@torch.library.register_fake("nanoseek_cpu::latent_attention")
+def _(q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
+      rank: int) -> torch.Tensor:
+    return q.new_empty(*q.shape[:3], rank)
+
+
+@register_flop_formula(torch.ops.nanoseek_cpu.latent_attention)
+def _(q_shape, rows_shape, slots_shape, visible_shape, *args, out_shape=None, **kwargs) -> int:
+    """Scores (D wide) and the weighted sum of latents (rank wide) for every query row, head and key: 2 FLOPs a
+    MAC, as for the two batched products it replaces."""
+    B, T, h, D = q_shape
+    return 2 * B * T * h * visible_shape[-1] * (D + out_shape[-1])
+
+
 @register_flop_formula([torch.ops.nanoseek_cpu.routed_experts, torch.ops.nanoseek_cpu.routed_experts_int8])
 def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, *scale_shapes, out_shape=None,
       **kwargs) -> int:
@@ -204,6 +225,21 @@ def unpack_linear(panels: torch.Tensor) -> torch.Tensor:
 def linear_panels(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     """x [N, in] · Wᵀ -> [N, out] in float32, for W packed by pack_linear into panels [out / P, in, P]."""
     return torch.ops.nanoseek_cpu.linear_panels(x, panels)
+
+
+def covers_attention(q: torch.Tensor, rows: torch.Tensor, rank: int) -> bool:
+    """Whether `latent_attention` takes a decode step's queries and a layer's cache: plain float32 CPU tensors,
+    widths (rank + rope, and rank) multiples of VECTOR; and the library built."""
+    return (all(_plain_cpu(t) and t.dtype == torch.float32 for t in (q, rows)) and q.shape[-1] % VECTOR == 0
+            and rank % VECTOR == 0 and built())
+
+
+def latent_attention(q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
+                     rank: int) -> torch.Tensor:
+    """MLA's absorbed attention read from the cache in place: queries q [B, T, heads, rank + rope], one layer's
+    cache rows [slots, max_len, rank + rope], each row's slot [B] and its visible keys [B, T, K] ->
+    softmax(scale · q·keysᵀ) · keys[..., :rank], [B, T, heads, rank], float32."""
+    return torch.ops.nanoseek_cpu.latent_attention(q, rows, slots, visible, scale, rank)
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
