@@ -493,7 +493,8 @@ static void scores(const float* q, const float* keys, const bool* visible, int64
   }
 }
 
-// A row of K scores -> their softmax's numerators in place; returns 1 / their sum (0 if no key is visible).
+// A row of K scores -> their softmax's numerators in place; returns 1 / their sum. No visible key (which a decode
+// step never has: a row sees its own position) gives zeros, where torch's softmax gives NaNs.
 static float softmax_numerators(float* s, int64_t K) {
   float m = -INFINITY;
   for (int64_t k = 0; k < K; ++k) m = std::max(m, s[k]);
@@ -575,22 +576,31 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
   const bool* vis = visible.const_data_ptr<bool>();
   float* o = out.mutable_data_ptr<float>();
   if (B * T * h == 0) return out;
-  // query rows over the threads, at least ~64 KB of keys each (fewer rows are not worth a second thread)
+  // Work items: (query row, group of 4 heads; the last group may be smaller), so that one sequence's heads also
+  // spread over the threads. Each thread at least ~64 KB of keys to read: less is not worth waking a second one.
+  const int64_t groups = (h + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D));
-  at::parallel_for(0, B * T, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(h * K), inv(h);
-    for (int64_t i = i0; i < i1; ++i) {
+  at::parallel_for(0, B * T * groups, grain, [&](int64_t w0, int64_t w1) {
+    std::vector<float> s(4 * K);
+    float inv[4];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / groups, g0 = w % groups * 4, G = std::min<int64_t>(4, h - g0);
       const float* keys = cache + slot[i / T] * L * D;
       const bool* seen = vis + i * K;
-      const float* qi = qp + i * h * D;
-      int64_t g = 0;
-      for (; g + 4 <= h; g += 4) scores<4>(qi + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
-      for (; g < h; ++g) scores<1>(qi + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
-      for (g = 0; g < h; ++g) inv[g] = softmax_numerators(s.data() + g * K, K);
-      float* oi = o + i * h * r;
-      for (g = 0; g + 4 <= h; g += 4)
-        weighted_latents<4>(s.data() + g * K, inv.data() + g, keys, seen, K, D, r, oi + g * r);
-      for (; g < h; ++g) weighted_latents<1>(s.data() + g * K, inv.data() + g, keys, seen, K, D, r, oi + g * r);
+      const float* qg = qp + (i * h + g0) * D;
+      float* og = o + (i * h + g0) * r;
+      if (G == 4) {
+        scores<4>(qg, keys, seen, K, D, float(scale), s.data());
+      } else {
+        for (int64_t g = 0; g < G; ++g) scores<1>(qg + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
+      }
+      for (int64_t g = 0; g < G; ++g) inv[g] = softmax_numerators(s.data() + g * K, K);
+      if (G == 4) {
+        weighted_latents<4>(s.data(), inv, keys, seen, K, D, r, og);
+      } else {
+        for (int64_t g = 0; g < G; ++g)
+          weighted_latents<1>(s.data() + g * K, inv + g, keys, seen, K, D, r, og + g * r);
+      }
     }
   });
   return out;

@@ -16,7 +16,8 @@ them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype b
 the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
 stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
 they do not cover (not on CPU, activations not float32, widths not multiples of 16 or of the panel width),
-`covers` and `covers_linear` are False and callers keep torch's path: same results, only slower.
+`covers`, `covers_linear` and `covers_attention` are False and callers keep torch's path: same results, only
+slower.
 """
 
 from __future__ import annotations
@@ -228,17 +229,19 @@ def linear_panels(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
 
 def covers_attention(q: torch.Tensor, rows: torch.Tensor, rank: int) -> bool:
-    """Whether `latent_attention` takes a decode step's queries and a layer's cache: plain float32 CPU tensors,
-    widths (rank + rope, and rank) multiples of VECTOR; and the library built."""
-    return (all(_plain_cpu(t) and t.dtype == torch.float32 for t in (q, rows)) and q.shape[-1] % VECTOR == 0
-            and rank % VECTOR == 0 and built())
+    """Whether `latent_attention` takes a decode step's queries and a layer's cache: plain float32 CPU tensors, the
+    cache contiguous (as LatentCache keeps it: the kernel would copy any other at every call), widths (rank + rope,
+    and rank) multiples of VECTOR; and the library built."""
+    return (all(_plain_cpu(t) and t.dtype == torch.float32 for t in (q, rows)) and rows.is_contiguous()
+            and q.shape[-1] % VECTOR == 0 and rank % VECTOR == 0 and built())
 
 
 def latent_attention(q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
                      rank: int) -> torch.Tensor:
     """MLA's absorbed attention read from the cache in place: queries q [B, T, heads, rank + rope], one layer's
     cache rows [slots, max_len, rank + rope], each row's slot [B] and its visible keys [B, T, K] ->
-    softmax(scale · q·keysᵀ) · keys[..., :rank], [B, T, heads, rank], float32."""
+    softmax(scale · q·keysᵀ) · keys[..., :rank], [B, T, heads, rank], float32 (zeros for a query row that sees no
+    key, where torch's softmax gives NaNs; a decode step's rows always see their own position)."""
     return torch.ops.nanoseek_cpu.latent_attention(q, rows, slots, visible, scale, rank)
 
 
