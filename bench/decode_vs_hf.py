@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 import nanoseek
-from nanoseek.device import pick_device
+from nanoseek.device import pick_device, release_openmp_threads
 from nanoseek.infer import Engine, LatentCache, SamplingParams
 from nanoseek.infer.layout import choose_linear_layout
 
@@ -63,6 +63,7 @@ def hf_run(hf, prompts: torch.Tensor, n: int) -> tuple[float, list, Any]:
             out = generate(hf, prompts, n)
         result.extend((time.perf_counter() - t, out.sequences[:, prompts.shape[1]:].tolist(), out.past_key_values))
 
+    release_openmp_threads()  # as Engine.start does: the main thread's OpenMP team would halve the new thread's
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()

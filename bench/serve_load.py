@@ -12,7 +12,7 @@ continuous batching), with its range over the rounds.
     python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
     python bench/serve_load.py --eager              # the server without --compile
     python bench/serve_load.py --expert-dtype bf16  # routed experts stored in bf16 (half their bytes a step)
-    python bench/serve_load.py --threads 2          # the model on 2 threads (default: one fewer than the cores)
+    python bench/serve_load.py --threads 2          # the model on 2 threads (default: the server's, one per core)
 """
 
 from __future__ import annotations

@@ -1163,3 +1163,54 @@ def test_the_linear_timing_measures_each_way_at_one_and_sixteen_rows(monkeypatch
     assert sorted(set(calls)) == sorted((w, r) for w in ways for r in layout.ROWS) and len(calls) == 3 * len(ways) * 2
     assert t == {**{w: 2 for w in ways}, **{f"{w}@1": 1 for w in ways}}
 
+
+
+def test_engine_thread_starts_without_the_callers_openmp_team():
+    """Every thread that runs a parallel region keeps an OpenMP team of its own; with the loading thread's team
+    and the engine's both alive, libgomp stops letting idle workers spin and each parallel region waits ~65 µs
+    for a wake-up on a VM (a decode step ran 2-3x slower on 2 threads). The caller's team must be gone once the
+    engine runs, and release_openmp_threads must free it (counted as the process' threads, in a fresh process)."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts threads in /proc (Linux)")
+    code = """
+import os, time, torch
+import nanoseek
+from nanoseek.device import release_openmp_threads
+from nanoseek.infer import Engine, SamplingParams
+
+def threads(expect):  # a released worker exits shortly after the call returns
+    for _ in range(200):
+        n = len(os.listdir("/proc/self/task"))
+        if n == expect:
+            break
+        time.sleep(0.01)
+    return n
+
+torch.set_num_threads(3)
+x = torch.randn(2_000_000)
+model = nanoseek.NanoSeek(nanoseek.preset("tiny")).eval()
+
+class IdText:
+    eos_id = 1
+    def decode(self, ids):
+        return ""
+
+engine = Engine(model, IdText())
+engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))  # the interpreter's own threads
+base = threads(-1)
+(x * 2).sum()  # a parallel region on the main thread: its team of 2 workers
+team = threads(base + 2)
+freed = release_openmp_threads()
+after = threads(base)
+(x * 2).sum()
+again = threads(base + 2)
+engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))
+print(base, team, freed, after, again, threads(base))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    base, team, freed, after, again, after_engine = out.stdout.split()
+    if freed != "True":
+        pytest.skip("this torch's OpenMP runtime has no omp_pause_resource_all")
+    base = int(base)
+    assert (int(team), int(after), int(again), int(after_engine)) == (base + 2, base, base + 2, base)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import platform
 from pathlib import Path
 
@@ -22,6 +24,41 @@ def cpu_identity() -> str:
     keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
     found = [next((x for x in lines if x.startswith(key)), "") for key in keys]
     return "\n".join(x for x in found if x) or fallback
+
+
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its CPU threads on (libgomp in Linux wheels, libomp/libiomp elsewhere), if it
+    has OpenMP 5's omp_pause_resource_all. Found among the libraries this process has loaded, else in torch/lib."""
+    names = ("libgomp", "libiomp", "libomp")
+    try:
+        loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
+    except OSError:  # not Linux
+        loaded = []
+    shipped = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*"))]
+    paths = [p for p in dict.fromkeys(loaded + shipped) if Path(p).name.startswith(names)]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by torch: the same library, not a second runtime
+        except OSError:
+            continue
+        if hasattr(lib, "omp_pause_resource_all"):
+            return lib
+    return None
+
+
+def release_openmp_threads() -> bool:
+    """Let the calling thread's OpenMP worker threads exit, before another thread starts its own team.
+
+    OpenMP gives every thread that runs a parallel region a team of its own that lives as long as that thread. A
+    process whose main thread loaded a model (team 1) and then decodes in an engine thread (team 2) has twice as
+    many OpenMP threads as cores, and libgomp then cuts the time idle workers spin to ~1,000 iterations: they sleep
+    between parallel regions and each region waits for a wake-up, 60-70 µs on a 2-vCPU VM against ~6 µs for a
+    spinning worker. A decode step has hundreds of regions; it ran 2-3x slower on 2 threads than on 1
+    (docs/LOG.md, 2026-12-01). A thread that runs parallel work again later gets a new team. Returns whether a
+    runtime was found to ask (soft pause: LLVM's libomp keeps its state and only lets the threads sleep)."""
+    lib = _openmp_runtime()
+    return lib is not None and lib.omp_pause_resource_all(1) == 0  # 1: omp_pause_soft
 
 
 def pick_dtype(name: str, device: torch.device) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.device import pick_device, pick_dtype, release_openmp_threads
 from nanoseek.infer import kernels
 from nanoseek.infer.forward import Batch, LatentCache, decode_step, forward_cached, mtp_cached
 from nanoseek.infer.layout import choose_linear_layout
@@ -167,6 +168,8 @@ class Engine:
         if self._thread is None:
             self._stopping = False
             self.model.eval()
+            # the caller's OpenMP team (loading the model made one) would halve the engine's (release_openmp_threads)
+            release_openmp_threads()
             self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
             self._thread.start()
 
@@ -516,7 +519,6 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     experts in `dtype` until each layer's are replaced. On CPU in fp32, Linear
     layers decode through the decode kernel or the BLAS with their weights in its faster layout, whichever this
     CPU ran faster when timed at load (infer/layout.py)."""
-    from nanoseek.device import pick_device, pick_dtype
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir
 

@@ -63,10 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch ({args.max_batch}) must be at least 1 and --max-queue ({args.max_queue}) at "
                          "least 0")
-    # Before anything compiles (inductor's kernels are built for a thread count). The default leaves the HTTP
-    # server's event loop a core: on 2 cores, one model thread served one client 1.3x faster and 16 clients as
-    # fast as two threads did, which stalled whenever the loop or a client took a core (docs/LOG.md).
-    threads = args.threads or max(1, torch.get_num_threads() - 1)
+    # Before anything compiles (inductor's kernels are built for a thread count). All cores by default: on 2 cores
+    # two model threads served 1 client 1.1-1.2x and 16 clients 1.3x faster than one (docs/LOG.md, 2026-12-01; the
+    # one-fewer default of earlier sessions was measured while two OpenMP teams throttled each other).
+    threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype)
@@ -195,8 +195,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's multi-token-prediction head")
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: one fewer than torch would use, at least 1, so that the "
-                        "HTTP server keeps a core)")
+                   help="CPU threads for the model (default: torch's, one per core)")
     s.add_argument("--country", default="world", help="grid carbon intensity for /metrics (ISO 3166 alpha-3, e.g. FRA)")
     s.add_argument("--no-energy", action="store_true", help="do not meter energy (no energy per token in /metrics)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
