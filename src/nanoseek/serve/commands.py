@@ -190,7 +190,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queue-policy", choices=["reject", "wait"], default="reject",
                    help="with a full queue: answer 429 (reject) or hold the request until there is room (wait)")
     s.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile): ~3x faster decoding on a CPU after a minute of "
+                   help="compile the decode step (torch.compile): 2.5-3x faster decoding on a CPU after a minute of "
                         "compiling at start")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's multi-token-prediction head")
