@@ -10,6 +10,7 @@ continuous batching), with its range over the rounds.
 
     python bench/serve_load.py                      # a random demo-preset model with a trained tokenizer
     python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
+    python bench/serve_load.py --preset small       # a random 0.46B-parameter model (more than the CPU's cache)
     python bench/serve_load.py --eager              # the server without --compile
     python bench/serve_load.py --expert-dtype bf16  # routed experts stored in bf16 (half their bytes a step)
     python bench/serve_load.py --threads 2          # the model on 2 threads (default: the server's, one per core)
@@ -52,19 +53,19 @@ class Result:
     tokens: int
 
 
-def demo_model(out: Path) -> Path:
-    """A randomly initialised demo-preset model with a BPE tokenizer trained on the chatterbot corpus."""
+def demo_model(out: Path, name: str = "demo") -> Path:
+    """A randomly initialised model of preset `name` with a BPE tokenizer trained on the chatterbot corpus."""
     import torch
 
     from nanoseek import NanoSeek, preset
     from nanoseek.data.corpora import iter_documents
     from nanoseek.data.tokenizer import train_tokenizer
 
-    folder = out / "demo-random"
+    folder = out / f"{name}-random"
     if not (folder / "config.json").is_file():
         tok = train_tokenizer((d.text for d in iter_documents(["chatterbot"])), 8192, out / "tok")
         torch.manual_seed(0)
-        NanoSeek(preset("demo", vocab_size=tok.vocab_size)).save_pretrained(str(folder))
+        NanoSeek(preset(name, vocab_size=tok.vocab_size)).save_pretrained(str(folder))
         tok.save(folder)
     return folder
 
@@ -201,7 +202,9 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="a run or model folder (default: a random demo-preset model)")
+    p.add_argument("model", nargs="?", help="a run or model folder (default: a random model of --preset)")
+    p.add_argument("--preset", default="demo", help="the random model's size without a model folder: demo (22M "
+                                                    "parameters, fits this CPU's cache) or small (0.46B)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
     p.add_argument("--requests", type=int, default=3, help="requests per client at each level, per round")
     p.add_argument("--rounds", type=int, default=3, help="passes over the levels (medians count)")
@@ -218,7 +221,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still stop the server below
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        model_dir = Path(args.model) if args.model else demo_model(Path(tmp))
+        model_dir = Path(args.model) if args.model else demo_model(Path(tmp), args.preset)
         port = free_port()
         console.print(f"starting nanoseek serve {model_dir} on 127.0.0.1:{port} …")
         proc = start_server(model_dir, port, args, Path(tmp) / "server.log")
