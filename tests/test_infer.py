@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, EngineStopped, InferenceError, LatentCache, QueueFull, SamplingParams, kernels
-from nanoseek.infer.forward import Batch, decode_moe, forward_cached
+from nanoseek.infer.forward import Batch, _attend_gathered, decode_moe, forward_cached
 from nanoseek.infer.quant import Int8Experts, dequantize_rows, quantize_experts, quantize_rows
 from nanoseek.infer.text import TextStream
 
@@ -125,6 +125,26 @@ def test_long_prefill_attends_in_slices_with_the_same_numbers(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_stale_non_finite_rows_of_a_slot_do_not_reach_its_next_request():
+    """A slot keeps an earlier request's rows past its new length. Batched with a longer row, a shorter one's keys
+    span them; their softmax weight is 0, but 0 · NaN is NaN. Row 0 (3 cached + 2 new tokens, padded to 4) beside
+    row 1 (10 keys): NaN rows at row 0's positions 5-9 change nothing, for real and padding queries alike."""
+    model = tiny()
+    ids = torch.randint(0, 256, (2, 4))
+    batch = Batch.make([0, 1], [3, 6], [2, 4], 4, ids.device)
+    outs = []
+    for stale in (0.0, float("nan")):
+        torch.manual_seed(1)
+        cache = LatentCache(model.config, slots=2, max_len=16, device=torch.device("cpu"), dtype=torch.float32)
+        for rows in cache.rows:
+            rows.normal_()
+            rows[0, 5:] = stale
+        with torch.no_grad():
+            outs.append(forward_cached(model, cache, ids, batch))
+    assert outs[1].isfinite().all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_bf16_attention_scores_are_not_rounded_before_the_softmax():
     """A bf16 cache (a bf16 model) attends as fp32 math on the bf16 values would: q·k rounded to bf16 first would
     be off by up to 0.25 at scores near 64, which the softmax turns into weights off by ~25%."""
@@ -178,6 +198,20 @@ def test_greedy_engine_equals_full_forward(name):
         assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
         assert [e.finish_reason for e in events] == [None] * 9 + ["length"]
         assert events[-1].prompt_tokens == len(prompt) and events[-1].completion_tokens == 10
+
+
+def test_engine_attending_in_the_kernel_equals_full_forward(monkeypatch):
+    """tiny's cache rows (latent 32 + rope 8) are no width the attention kernel takes; with a rope of 16 (48) every
+    decode step attends in it, reading the cache in place, and greedy tokens stay the full forward's."""
+    kernel_built()
+    calls = []
+    real = kernels.latent_attention
+    monkeypatch.setattr(kernels, "latent_attention", lambda *args: calls.append(args[0].shape) or real(*args))
+    model = tiny(qk_rope_head_dim=16)
+    outs = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+    assert calls and all(shape[1] == 1 for shape in calls)  # decode steps: one query row a sequence
+    for prompt, events in zip(PROMPTS, outs):
+        assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
 
 
 def test_kv_cache_bytes_per_token_formula_and_mha_ratio():
@@ -721,6 +755,29 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
                                s_down[:, :8])
 
 
+def test_kernel_ops_agree_with_their_compile_time_shapes():
+    """torch.library.opcheck on each decode op: schema, the fake kernel that torch.compile traces with (shape,
+    dtype and strides of the real output: a transposed x once made a compiled call fail), AOT dispatch."""
+    kernel_built()
+    torch.manual_seed(0)
+    E, H, inner, N, k = 4, 32, 16, 3, 2
+    gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
+    indices, weights = torch.randint(0, E, (N, k)), torch.rand(N, k)
+    (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
+    batch = Batch.make([1, 0], [3, 5], [1, 1], 1, torch.device("cpu"))
+    ops = torch.ops.nanoseek_cpu
+    cases = [(ops.routed_experts, (torch.randn(N, H), indices, weights, gate_up, down)),
+             (ops.routed_experts, (torch.randn(H, N).t(), indices, weights, gate_up, down)),
+             (ops.routed_experts_int8, (torch.randn(H, N).t(), indices, weights, q_gate_up, q_down, s_gate_up,
+                                        s_down)),
+             (ops.linear_panels, (torch.randn(5, 48), kernels.pack_linear(torch.randn(2 * kernels.panel_width(), 48)))),
+             (ops.latent_attention, (torch.randn(2, 1, 3, 32), torch.randn(2, 10, 32), batch.slots, batch.visible,
+                                     0.2, 16))]
+    for op, args in cases:
+        checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+        assert set(torch.library.opcheck(op, args, test_utils=checks).values()) == {"SUCCESS"}, op
+
+
 def test_latent_attention_kernel_equals_a_naive_reference():
     """kernels.latent_attention (MLA's absorbed attention read from the cache in place) against float64 einsums over
     the gathered rows: ragged lengths in slots out of order, one and two query rows (MTP speculation), head counts
@@ -768,6 +825,24 @@ def test_latent_attention_kernel_equals_a_naive_reference():
         kernels.latent_attention(q, rows, torch.tensor([0]), torch.ones(1, 1, 11, dtype=torch.bool), 1.0, 16)
     with pytest.raises(RuntimeError, match="float32 CPU cache"):
         kernels.latent_attention(q, torch.randn(2, 10, 48), torch.tensor([0]), visible, 1.0, 16)
+
+
+def test_latent_attention_kernel_lets_a_nan_show_as_torch_does():
+    """A NaN query head, or a NaN in a key a row sees, makes those outputs NaN in the kernel as in torch's path (a
+    numerical failure upstream shows, not zeros); a NaN in a stale row that the row does not see changes nothing."""
+    kernel_built()
+    torch.manual_seed(0)
+    rows, q = torch.randn(2, 20, 32), torch.randn(2, 1, 4, 32)
+    q[0, 0, 1] = float("nan")  # one head of row 0
+    rows[1, 3] = float("nan")  # a key row 1 sees
+    rows[0, 12] = float("nan")  # past row 0's 11 positions, within the 13 keys of the batch: stale
+    batch = Batch.make([0, 1], [10, 12], [1, 1], 1, torch.device("cpu"))
+    got = kernels.latent_attention(q, rows, batch.slots, batch.visible, 32**-0.5, 16)
+    want = _attend_gathered(q, rows, batch, 32**-0.5, 16)
+    assert got[0, 0, 1].isnan().all() and got[1].isnan().all()
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = got.isfinite()
+    assert finite.sum() == 3 * 16 and torch.allclose(got[finite], want[finite], atol=1e-6)
 
 
 def test_linear_panels_kernel_equals_a_naive_reference():
@@ -988,6 +1063,7 @@ def test_int8_rows_are_symmetric_and_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(3, 40, 64) * torch.logspace(-4, 1, 40)[:, None]  # rows of very different sizes
     w[1, 7] = 0.0
+    w[2, 5] *= 1e-33  # max|row| ~1e-36: its scale is below float32's smallest normal number
     q, scale = quantize_rows(w)
     assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (3, 40) and scale.dtype == torch.float32
     assert torch.equal(scale, w.abs().amax(-1) / 127)
@@ -1112,6 +1188,26 @@ def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):
         mp.setenv("NANOSEEK_KERNELS", "0")
         mp.setenv("NANOSEEK_CACHE", str(tmp_path / "off"))
         assert kernels.load.__wrapped__() is False and not (tmp_path / "off").exists()
+
+
+def test_a_built_kernel_is_readable_and_a_cached_one_that_does_not_load_is_built_again(tmp_path):
+    """A "compiler" ($CXX with an argument of its own) whose library never loads: the file lands in the cache with
+    the mode the umask gives a compiler's output (0755 under 022: another user sharing the cache can load it),
+    and a later process that finds it unloadable builds it once more instead of falling back for good."""
+    cxx, calls = tmp_path / "cxx", tmp_path / "calls"
+    cxx.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nfor a; do [ "$a" = --version ] && echo "fake 1.0" && exit 0; '
+                   'done\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && printf junk > "$2"; shift; done\nexit 0\n')
+    cxx.chmod(0o755)
+    env = {**os.environ, "CXX": f"{cxx} -DWRAPPED", "NANOSEEK_CACHE": str(tmp_path / "cache")}
+    code = "import os; os.umask(0o022); from nanoseek.infer import kernels; print(kernels.load())"
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert result.stdout.split() == ["False"] and "could not build the decode kernel" in result.stderr
+    [library] = (tmp_path / "cache" / "kernels").iterdir()
+    assert library.stat().st_mode & 0o777 == 0o755
+    lines = [line.split() for line in calls.read_text().splitlines()]
+    assert all(args[0] == "-DWRAPPED" for args in lines)
+    assert sum("-o" in args for args in lines) == 2  # built by the first process, and again by the second
 
 
 def test_linear_weights_stored_transposed_decode_the_same():

@@ -83,10 +83,14 @@ class Batch:
         start_t = torch.tensor(starts, device=device)
         t = torch.arange(T, device=device)
         positions = start_t[:, None] + t
-        real = t < torch.tensor(n_new, device=device)[:, None]
+        new_t = torch.tensor(n_new, device=device)
+        real = t < new_t[:, None]
         row, col = real.nonzero(as_tuple=True)
         n_keys = max(s + n for s, n in zip(starts, n_new))
-        visible = torch.arange(n_keys, device=device) <= positions[..., None]  # causal: j <= own position
+        keys = torch.arange(n_keys, device=device)
+        # causal (j <= own position) and real: a row's keys past its own length are another request's stale rows,
+        # which a ragged batch's padding queries would otherwise see
+        visible = (keys <= positions[..., None]) & (keys < (start_t + new_t)[:, None, None])
         return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible)
 
 
@@ -112,6 +116,9 @@ def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: f
     """_attend over the batch's cached rows gathered into one tensor (where the decode kernel does not run)."""
     B, T, h, _ = q.shape
     keys = rows[batch.slots, : batch.n_keys]  # [B, K, r + rope]: shared by all heads
+    # A shorter row's slot holds stale rows (an earlier request's) up to the longest row: its softmax gives them
+    # weight 0, but 0 · NaN is NaN, so one request's non-finite rows would reach the next one to use the slot.
+    keys = keys.masked_fill(~batch.visible.any(1)[..., None], 0)
     keys32 = keys.float()  # for the scores (the same tensor when the cache is fp32)
     if torch.compiler.is_compiling():  # decode steps: one or two query rows
         return _attend(q, keys, keys32, batch.visible, scale, r)

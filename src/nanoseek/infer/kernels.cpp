@@ -494,10 +494,16 @@ static void scores(const float* q, const float* keys, const bool* visible, int64
 }
 
 // A row of K scores -> their softmax's numerators in place; returns 1 / their sum. No visible key (which a decode
-// step never has: a row sees its own position) gives zeros, where torch's softmax gives NaNs.
+// step never has: a row sees its own position) gives zeros, where torch's softmax gives NaNs. A NaN score makes
+// the row NaN, as in torch: a numerical failure upstream shows (std::max would skip it and hide it).
 static float softmax_numerators(float* s, int64_t K) {
   float m = -INFINITY;
-  for (int64_t k = 0; k < K; ++k) m = std::max(m, s[k]);
+  for (int64_t k = 0; k < K && m == m; ++k)
+    if (!(s[k] <= m)) m = s[k];
+  if (m != m) {
+    std::fill(s, s + K, NAN);
+    return NAN;
+  }
   if (m == -INFINITY) {
     std::fill(s, s + K, 0.0f);
     return 0.0f;

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,7 @@ def cache_dir() -> Path:
 
 
 def compiler() -> str | None:
+    """$CXX (a command, so `ccache g++` works), else the first of c++, g++, clang++ on the PATH."""
     return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
@@ -60,8 +62,9 @@ def _command(cxx: str, flags: list[str], out: Path) -> list[str]:
     lib = library_paths()[0]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     undefined = ["-undefined", "dynamic_lookup"] if platform.system() == "Darwin" else []
-    return [cxx, "-O3", "-std=c++20", "-shared", "-fPIC", abi, *flags, *(f"-I{p}" for p in include_paths()),
-            str(SOURCE), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", *undefined, "-o", str(out)]
+    return [*shlex.split(cxx), "-O3", "-std=c++20", "-shared", "-fPIC", abi, *flags,
+            *(f"-I{p}" for p in include_paths()), str(SOURCE), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10",
+            "-ltorch_cpu", *undefined, "-o", str(out)]
 
 
 def _build(cxx: str, out: Path) -> None:
@@ -72,6 +75,10 @@ def _build(cxx: str, out: Path) -> None:
             tmp_path = Path(tmp.name)
         result = subprocess.run(cmd := _command(cxx, flags, tmp_path), capture_output=True, text=True)
         if result.returncode == 0:
+            # the temporary file's mode is 0600: readable by every user the umask allows, as a compiler's output is
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp_path.chmod(0o755 & ~umask)
             os.replace(tmp_path, out)
             return
         tmp_path.unlink(missing_ok=True)
@@ -89,15 +96,25 @@ def load() -> bool:
         log.warning("no C++ compiler ($CXX, c++, g++, clang++): decoding uses torch's kernels (slower on CPU)")
         return False
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        version = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, check=True).stdout
         parts = (SOURCE.read_text(), str(FLAG_SETS), torch.__version__, cxx, version, cpu_identity())
         path = cache_dir() / f"kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
-        if not path.exists():
+        cached = path.exists()
+        if not cached:
             path.parent.mkdir(parents=True, exist_ok=True)
             log.info("building the decode kernel (once per machine) into %s", path)
             _build(cxx, path)
-        torch.ops.load_library(str(path))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        try:
+            torch.ops.load_library(str(path))
+        except OSError:
+            if not cached:
+                raise
+            # a cached library that does not load (damaged, or another user's that this one may not read): once more
+            log.info("the cached decode kernel %s does not load; building it again", path)
+            _build(cxx, path)
+            torch.ops.load_library(str(path))
+    # ImportError: torch.utils.cpp_extension (the build's include paths) needs setuptools
+    except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as e:
         log.warning("could not build the decode kernel (%s); decoding uses torch's kernels (slower on CPU)", e)
         return False
     return True
@@ -118,7 +135,7 @@ torch.library.define("nanoseek_cpu::routed_experts_int8",
 @torch.library.register_fake("nanoseek_cpu::routed_experts")
 @torch.library.register_fake("nanoseek_cpu::routed_experts_int8")
 def _(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's output is (empty_like would copy x's strides)
 
 
 torch.library.define("nanoseek_cpu::linear_panels", "(Tensor x, Tensor panels) -> Tensor")

@@ -27,8 +27,10 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., rows, n] -> (int8 Q [..., rows, n], float32 scales [..., rows]) with w ≈ scales[..., None] * Q. An
     all-zero row gets scale 0 (its Q is zeros)."""
     w = w.detach().float()
-    scale = w.abs().amax(dim=-1) / LEVELS
-    q = (w / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-LEVELS, LEVELS)
+    scale = w.abs().amax(dim=-1, keepdim=True) / LEVELS
+    # by the stored scale itself, however small (a clamped divisor would leave tiny rows off by up to a step)
+    q = torch.where(scale > 0, w / scale, 0).round_().clamp_(-LEVELS, LEVELS)
+    scale = scale.squeeze(-1)
     return q.to(torch.int8), scale
 
 
