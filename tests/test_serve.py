@@ -457,6 +457,40 @@ def test_requests_the_engine_drops_at_shutdown_get_503(model_dir, tok):
         small.shutdown()
 
 
+def test_a_failed_step_answers_500_and_keeps_the_connection(model_dir, tok):
+    """A decode step that raises (out of memory, a bug) fails the requests in it: a 500 OpenAI error body, or an
+    error event once streaming, and nothing more. The engine serves on, and so does the client's keep-alive
+    connection (an error left unhandled made uvicorn close it under the client's next request)."""
+    model, _ = load_for_inference(model_dir, device="cpu")
+    small = Engine(model, tok, max_batch=2)
+    real, fail = small._decode_step, [0]
+
+    def flaky(*args):
+        if fail[0]:
+            fail[0] -= 1
+            raise RuntimeError("simulated step failure")
+        return real(*args)
+
+    small._decode_step = flaky
+    small.start()
+    try:
+        with live_server(create_app(small, tok)) as base, httpx.Client(base_url=base, timeout=60) as c:
+            body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+            for _ in range(4):
+                fail[0] = 1
+                err = assert_error(c.post("/v1/completions", json=body), 500, code="generation_failed")
+                assert "simulated step failure" in err["message"] and err["type"] == "server_error"
+                assert c.post("/v1/completions", json=body).status_code == 200  # on the same connection
+            fail[0] = 1
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            assert r.status_code == 200 and events[-1]["error"]["code"] == "generation_failed"
+            assert c.post("/v1/completions", json=body).status_code == 200
+            assert small.stats()["running"] == 0
+    finally:
+        small.shutdown()
+
+
 def test_client_disconnect_frees_the_slot(http, engine):
     body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
 

@@ -29,17 +29,12 @@ def cpu_identity() -> str:
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime torch runs its CPU threads on (libgomp in Linux wheels, libomp/libiomp elsewhere), if it
-    has OpenMP 5's omp_pause_resource_all. Found among the libraries this process has loaded, else in torch/lib."""
-    names = ("libgomp", "libiomp", "libomp")
-    try:
-        loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
-    except OSError:  # not Linux
-        loaded = []
-    shipped = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*"))]
-    paths = [p for p in dict.fromkeys(loaded + shipped) if Path(p).name.startswith(names)]
-    for path in paths:
+    has OpenMP 5's omp_pause_resource_all. Looked up through torch's own CPU library: a symbol lookup on a
+    library's handle searches the libraries it links, so this is torch's runtime even where another package has
+    loaded a second one into the process (pausing that one would change nothing)."""
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*")):
         try:
-            lib = ctypes.CDLL(path)  # already loaded by torch: the same library, not a second runtime
+            lib = ctypes.CDLL(str(path))  # already loaded by torch: the same library
         except OSError:
             continue
         if hasattr(lib, "omp_pause_resource_all"):

@@ -150,6 +150,8 @@ class Engine:
         self._cancelled: set[_Request] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._borrowers = 0  # generate() calls running on a thread that generate() started: the last one stops it
+        self._was_training = False  # the model's mode before the first of them
         self.ready = threading.Event()  # set once the engine's thread can take requests (after compiling)
         self._stopping = False
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = \
@@ -165,7 +167,9 @@ class Engine:
     # ---- public API --------------------------------------------------------------------------------
     def start(self) -> None:
         """Run the scheduler in a background thread (servers); `generate` also works without it."""
-        if self._thread is None:
+        with self._cond:  # two callers at once must not start two schedulers over the same requests and cache
+            if self._thread is not None:
+                return
             self._stopping = False
             self.model.eval()
             # the caller's OpenMP team (loading the model made one) would halve the engine's (release_openmp_threads)
@@ -240,10 +244,14 @@ class Engine:
         q: queue.Queue[tuple[int, TokenEvent | BaseException]] = queue.Queue()
         for p, sp in zip(prompts, plist):  # all checked before any runs
             self._check(p, sp)
-        own, was_training = self._thread is None, self.model.training
-        self.start()
+        with self._cond:  # on a thread started by a generate() call, several calls may run at once: the last stops it
+            own = self._thread is None or self._borrowers > 0
+            if own and not self._borrowers:
+                self._was_training = self.model.training
+            self._borrowers += own
         reqs: list[_Request] = []
         try:
+            self.start()
             for i, (p, sp) in enumerate(zip(prompts, plist)):
                 reqs.append(self._submit(p, sp, lambda ev, i=i: q.put((i, ev)), bounded=False))
             pending = len(prompts)
@@ -257,8 +265,12 @@ class Engine:
             for r in reqs:  # left early (an error, Ctrl-C): the rest must not keep slots or run later
                 self.cancel(r)
             if own:
-                self.shutdown()
-                self.model.train(was_training)
+                with self._cond:
+                    self._borrowers -= 1
+                    last = self._borrowers == 0
+                if last:
+                    self.shutdown()
+                    self.model.train(self._was_training)
         return outs
 
     def cancel(self, req: _Request) -> None:

@@ -405,6 +405,11 @@ class Server:
             m.request_latency.observe(last - arrived)
         except EngineStopped as e:  # the server is stopping, before or during the answer: not the request's fault
             raise APIError(503, f"{e}: retry later", code="unavailable") from e
+        except APIError:
+            raise
+        except Exception as e:  # a step failed under this request: its answer, not an unhandled error (that would
+            log.exception("generation failed")  # also make uvicorn drop the client's keep-alive connection)
+            raise APIError(500, f"generation failed: {e}", code="generation_failed") from e
         finally:
             await stream.aclose()
 
