@@ -38,11 +38,12 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}  # fixed-length,
 
 
 @contextlib.contextmanager
-def live_server(app) -> Iterator[str]:
-    """uvicorn in a thread on a free loopback port (bound before the server starts: no race for the port)."""
+def live_server(app, **config) -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port (bound before the server starts: no race for the port); `config`:
+    more uvicorn.Config settings."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -491,21 +492,37 @@ def test_a_failed_step_answers_500_and_keeps_the_connection(model_dir, tok):
         small.shutdown()
 
 
+def wait_idle(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] or engine.stats()["waiting"]:
+        assert time.monotonic() < deadline, f"a gone client still holds the engine: {engine.stats()}"
+        time.sleep(0.05)
+
+
 def test_client_disconnect_frees_the_slot(http, engine):
     body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
-
-    def wait_idle() -> None:
-        deadline = time.monotonic() + 10
-        while engine.stats()["running"] or engine.stats()["waiting"]:
-            assert time.monotonic() < deadline, f"a gone client still holds the engine: {engine.stats()}"
-            time.sleep(0.05)
-
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert next(r.iter_lines()).startswith("data: ")  # generating; now hang up mid-stream
-    wait_idle()
+    wait_idle(engine)
     with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting for the whole answer
         http.post("/v1/completions", json=body, timeout=0.5)
-    wait_idle()
+    wait_idle(engine)
+
+
+def test_asyncio_and_h11_serve_the_same(engine, tok):
+    """Without uvloop and httptools (Windows, PyPy) uvicorn runs on asyncio's own loop and h11: the same answer
+    streamed or not, and a client that hangs up mid-stream still frees its slot."""
+    with (live_server(create_app(engine, tok), loop="asyncio", http="h11") as base,
+          httpx.Client(base_url=base, timeout=60) as c):
+        body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+        whole = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == whole
+        with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 400, "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # generating; now hang up
+        wait_idle(engine)
 
 
 # ---- errors: right status, OpenAI body, and the server keeps serving -----------------------------------------
