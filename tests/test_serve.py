@@ -712,6 +712,19 @@ def test_serve_command(model_dir):
     assert f"{threads} model thread{'s' * (threads > 1)}" in out, out
 
 
+def test_serve_bounds_the_wait_for_answers_in_flight_at_shutdown(model_dir, monkeypatch):
+    """uvicorn waits for every answer in flight before it exits, however long (a CPU answer can take minutes, more
+    than a service manager's grace period): --shutdown-timeout bounds it, 30 s unless told."""
+    from nanoseek.cli import main
+
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append(kw["timeout_graceful_shutdown"]))
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # serve's SIGTERM handler: not for this process
+    for flags in ([], ["--shutdown-timeout", "2.5"]):
+        assert main(["serve", str(model_dir), "--device", "cpu", "--no-energy", *flags]) == 0
+    assert seen == [30.0, 2.5]
+
+
 def test_serve_and_chat_refuse_bad_flags_before_loading(model_dir, capsys):
     from nanoseek.cli import main
 
@@ -719,6 +732,7 @@ def test_serve_and_chat_refuse_bad_flags_before_loading(model_dir, capsys):
             ("serve", ["--threads", "0"], "--threads must be at least 1"),
             ("serve", ["--port", "70000"], "--port must be in 1-65535, got 70000"),
             ("serve", ["--max-queue", "-1"], "--max-queue (-1) at least 0"),  # -1 would answer 429 to all
+            ("serve", ["--shutdown-timeout", "-1"], "--shutdown-timeout must be at least 0 seconds, got -1.0"),
             ("chat", ["--top-p", "2"], "top_p must be in (0, 1], got 2.0")]:  # before a line is typed
         assert main([command, str(model_dir), *flags]) == 2, flags
         out = capsys.readouterr()

@@ -60,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if not 0 < args.port <= 65535:
         raise ValueError(f"--port must be in 1-65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be at least 0 seconds, got {args.shutdown_timeout}")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch ({args.max_batch}) must be at least 1 and --max-queue ({args.max_queue}) at "
                          "least 0")
@@ -98,7 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                         "eagerly (see the warning above)"))
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                        timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         engine.shutdown()
     return 0
@@ -199,6 +202,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--country", default="world", help="grid carbon intensity for /metrics (ISO 3166 alpha-3, e.g. FRA)")
     s.add_argument("--no-energy", action="store_true", help="do not meter energy (no energy per token in /metrics)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, how long answers in flight may take to finish before they are cut "
+                        "(default 30; a long answer on a CPU can take minutes, longer than a service manager waits)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="chat with a model in the terminal (streaming, history, /reset)")
