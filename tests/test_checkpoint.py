@@ -214,6 +214,29 @@ def test_not_a_checkpoint(tmp_path):
         nanoseek.from_pretrained(tmp_path)
 
 
+def test_training_checkpoint_of_tied_embeddings_saves_resumes_and_exports(tmp_path):
+    """tie_word_embeddings: lm_head.weight is the embedding, one tensor under two names, which safetensors will not
+    store twice (every save of such a run failed). Stored once; resume restores both names, still tied."""
+    from nanoseek.train.checkpoint import TrainState, export_checkpoint, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    m = nanoseek.NanoSeek(nanoseek.preset("tiny", tie_word_embeddings=True))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16))
+    out = m(ids, ids)
+    (out.ce_sum + out.mtp_ce_sums[0]).backward()  # every parameter gets a gradient, and AdamW state
+    opt.step()
+    ckpt = save_checkpoint(tmp_path, m, m, opt, TrainState(step=1), keep=2)
+    torch.manual_seed(1)
+    back = nanoseek.NanoSeek(nanoseek.preset("tiny", tie_word_embeddings=True))
+    opt2 = torch.optim.AdamW(back.parameters(), lr=1e-2)
+    assert load_checkpoint(ckpt, back, back, opt2).step == 1
+    assert back.lm_head.weight is back.embed_tokens.weight and _same(back, m)
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    export_checkpoint(ckpt, tmp_path / "hf")
+    assert _same(nanoseek.from_pretrained(tmp_path / "hf"), m)
+
+
 def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
     """A run resumed from LATEST's step 500 while a complete step_000600 of the run that died before naming it
     remains: the next save (step 550) is the one LATEST names, and pruning to one must not delete it."""
@@ -308,6 +331,22 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
             os.umask(old)
         assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
         assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_saved_weights_get_the_usual_file_mode(model, tmp_path):
+    """safetensors' save_file creates its files 0600; an exported model (and a training checkpoint's files) must be
+    readable by the other accounts the umask allows, e.g. a server run by another user."""
+    from nanoseek.train.checkpoint import TrainState, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ck")
+        ckpt = save_checkpoint(tmp_path / "run", model, model, torch.optim.AdamW(model.parameters()), TrainState(),
+                               keep=1)
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "ck").glob("*.safetensors"), *ckpt.rglob("*.safetensors")]
+    assert len(files) >= 4 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}, files
 
 
 def test_damaged_files_are_named(model, tmp_path):

@@ -36,6 +36,15 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     fsync_entries(path.parent)
 
 
+def usual_mode(path: str | Path, executable: bool = False) -> None:
+    """Give a file the mode a plain open() (or a compiler) would: 0666 (0777) less the umask. For files written
+    by tools that create them 0600 (safetensors' save_file, a temporary file renamed into place), which would
+    hide an exported model or a built library from the other accounts of a machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

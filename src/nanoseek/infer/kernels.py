@@ -38,6 +38,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from nanoseek.device import cpu_identity
 from nanoseek.io import cache_dir as nanoseek_cache
+from nanoseek.io import usual_mode
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -75,10 +76,7 @@ def _build(cxx: str, out: Path) -> None:
             tmp_path = Path(tmp.name)
         result = subprocess.run(cmd := _command(cxx, flags, tmp_path), capture_output=True, text=True)
         if result.returncode == 0:
-            # the temporary file's mode is 0600: readable by every user the umask allows, as a compiler's output is
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp_path.chmod(0o755 & ~umask)
+            usual_mode(tmp_path, executable=True)  # not the temporary file's 0600: other users may load it
             os.replace(tmp_path, out)
             return
         tmp_path.unlink(missing_ok=True)

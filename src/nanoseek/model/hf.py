@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
-from nanoseek.io import fsync_dir, replace_dir
+from nanoseek.io import fsync_dir, replace_dir, usual_mode
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Experts
 
@@ -373,6 +373,7 @@ def write_checkpoint(model: NanoSeek, folder: Path, max_shard_size: int | str = 
         shard = {key: t.detach().to("cpu", written_dtype(key)).clone().contiguous()
                  for key, t in itertools.islice(tensors, n)}
         save_file(shard, folder / fname, metadata={"format": "pt"})
+        usual_mode(folder / fname)  # save_file's 0600 would hide the model from a server run by another account
         weight_map |= dict.fromkeys(shard, fname)
         total += sum(t.numel() * t.element_size() for t in shard.values())
         del shard  # before the next shard's copies

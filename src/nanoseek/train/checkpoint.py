@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
-from nanoseek.io import fsync_dir, replace_dir, write_atomic
+from nanoseek.io import fsync_dir, replace_dir, usual_mode, write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.hf import TOKENIZER_FILES, CheckpointError, write_checkpoint
 
@@ -74,11 +75,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _twins(msd: dict[str, Any]) -> dict[str, str]:
+    """{key: the earlier key whose tensor it is}: tied weights (`tie_word_embeddings`: lm_head.weight is the
+    embedding), which safetensors refuses to store twice. Stored once, restored from the twin."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    twins = {}
+    for k, v in msd.items():
+        t = v.to_local() if isinstance(v, DTensor) else v
+        if isinstance(t, torch.Tensor) and t.numel():
+            where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            twins.update({k: first[where]} if where in first else {})
+            first.setdefault(where, k)
+    return twins
+
+
+def _model_flat(msd: dict[str, Any]) -> dict[str, Any]:
+    twins = _twins(msd)
+    return {f"model.{k}": v for k, v in msd.items() if k not in twins}
+
+
+def _model_restored(msd: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    twins = _twins(msd)
+    return {k: flat[f"model.{twins.get(k, k)}"] for k in msd}
+
+
 def _flat(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The model and optimizer state as one flat {name: tensor} dict (what the safetensors storage holds)."""
     msd = get_model_state_dict(model)
     osd = get_optimizer_state_dict(model, opt)
-    flat = {f"model.{k}": v for k, v in msd.items()}
+    flat = _model_flat(msd)
     flat.update({f"optim.{k}.{kk}": v for k, s in osd["state"].items() for kk, v in s.items()})
     return flat, msd, osd
 
@@ -108,6 +133,7 @@ def save_checkpoint(run_dir: Path, module: NanoSeek, model: nn.Module, opt: torc
         _single_process_quiet(dcp.save, flat, storage_writer=HuggingFaceStorageWriter(
             str(tmp / STATE_DIR), save_distributed=_distributed()), no_dist=not _distributed())
         save_file(_rng_state(), tmp / f"rng-{rank}.safetensors")
+        usual_mode(tmp / f"rng-{rank}.safetensors")
         if export if export is not None else not _distributed():
             _export(module, model, tmp, tokenizer_dir)
         if rank == 0:
@@ -247,8 +273,7 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
         raise ValueError(f"checkpoint {ckpt} was written for a different model (parameter names differ)")
     flat, msd, osd = _flat(model, opt)
     _load_sharded_state(flat, ckpt, no_dist=not _distributed())
-    for k in msd:
-        msd[k] = flat[f"model.{k}"]
+    msd = _model_restored(msd, flat)
     for k, s in osd["state"].items():
         for kk in s:
             s[kk] = flat[f"optim.{k}.{kk}"]
@@ -282,8 +307,8 @@ def export_checkpoint(ckpt: Path, out: Path) -> None:
     if meta["param_names"] != [n for n, _ in model.named_parameters()]:
         raise ValueError(f"checkpoint {ckpt} does not match its config (parameter names differ)")
     msd = get_model_state_dict(model)
-    flat = {f"model.{k}": v for k, v in msd.items()}
+    flat = _model_flat(msd)
     _load_sharded_state(flat, ckpt, no_dist=True)
-    model.load_state_dict({k: flat[f"model.{k}"] for k in msd})
+    model.load_state_dict(_model_restored(msd, flat))
     save_pretrained(model, out)
     copy_tokenizer([ckpt, ckpt.parents[1] / "tokenizer"], out, config.max_position_embeddings)
