@@ -173,7 +173,12 @@ def test_overrides_take_their_fields_type(tmp_path):
                         ("mtp.weight=-1", r"mtp.weight=-1 must be >= 0"),
                         ("optim.lr=nan", r"optim.lr=nan and optim.eps=1e-08 must be positive numbers"),
                         ("optim.betas=[0.9]", r"optim.betas=\[0.9\] must be two numbers in \[0, 1\)"),
-                        ("optim.betas=[0.9,1.0]", r"must be two numbers in \[0, 1\)")]:
+                        ("optim.betas=[0.9,1.0]", r"must be two numbers in \[0, 1\)"),
+                        # numpy's seeds are >= 0: caught here, not at the first batch after run.toml is written
+                        ("train.seed=-1", r"train.seed=-1 must be >= 0"),
+                        ("train.batch_ramp_tokens=-1000", r"train.batch_ramp_tokens=-1000 must be >= 0 \(0: no ramp\)"),
+                        ("optim.min_lr_ratio=2", r"optim.min_lr_ratio=2 must be at most 1"),
+                        ("optim.weight_decay=inf", r"optim.weight_decay=inf and optim.grad_clip=1.0 finite")]:
         with pytest.raises(ConfigError, match=match):
             load_run_config(tiny, [item])
     bad = tmp_path / "bad.toml"

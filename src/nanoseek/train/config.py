@@ -150,6 +150,8 @@ class RunConfig:
                     "eval.temperature": (self.eval.temperature, 0, "greedy"), "eval.top_k": (self.eval.top_k, 0, "all"),
                     "optim.warmup": (o.warmup, 0, "none"), "optim.weight_decay": (o.weight_decay, 0, "none"),
                     "optim.grad_clip": (o.grad_clip, 0, "no clipping"), "optim.min_lr_ratio": (o.min_lr_ratio, 0, ""),
+                    "train.seed": (t.seed, 0, ""), "train.batch_size_start": (t.batch_size_start, 0, "no ramp"),
+                    "train.batch_ramp_tokens": (t.batch_ramp_tokens, 0, "no ramp"),
                     "mtp.weight": (self.mtp.weight, 0, "no MTP loss"),
                     "mtp.weight_after": (self.mtp.weight_after, 0, "no MTP loss"),
                     "balance.bias_update_speed": (self.balance.bias_update_speed, 0, "no bias update"),
@@ -157,6 +159,10 @@ class RunConfig:
         for key, (value, low, zero) in at_least.items():
             if not value >= low:  # NaN too
                 raise ConfigError(f"{key}={value} must be >= {low}" + (f" (0: {zero})" if zero else ""))
+        if not (o.min_lr_ratio <= 1 and o.weight_decay < math.inf and o.grad_clip < math.inf):
+            raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be at most 1 (the schedule's end, a "
+                              f"fraction of optim.lr), and optim.weight_decay={o.weight_decay} and "
+                              f"optim.grad_clip={o.grad_clip} finite")
         if not (0 < o.lr < math.inf and 0 < o.eps < math.inf):
             raise ConfigError(f"optim.lr={o.lr} and optim.eps={o.eps} must be positive numbers")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
