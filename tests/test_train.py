@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 import warnings
 
 import pytest
@@ -402,13 +403,49 @@ def test_resume_with_a_longer_time_budget_trains_longer(tmp_path):
     run = tmp_path / "run"
     state = read_state(latest_checkpoint(run))["state"]
     assert first.stop_reason in ("done", "time") and state["planned_max_time"] == 1.0
-    assert state["seconds_per_step"] > 0
+    assert state["seconds_per_token"] > 0
     resumed = train(resume=run, overrides=["train.max_time=2.0"], batches=ReverseTask(), val=[], progress=False)
     plans = MetricsLog(run / "metrics.jsonl").records("plan")
     assert plans[-1]["step"] == state["step"] and plans[-1]["total_steps"] > state["step"]  # re-planned at once
     assert resumed.summary["steps"] > state["step"]
     again = read_state(latest_checkpoint(run))["state"]
-    assert again["planned_max_time"] == 2.0 and again["seconds_per_step"] == state["seconds_per_step"]
+    assert again["planned_max_time"] == 2.0 and again["seconds_per_token"] == state["seconds_per_token"]
+
+
+def test_a_time_budget_with_a_batch_ramp_is_planned_per_token(tmp_path, monkeypatch):
+    """The steps a time-budgeted run times for its plan are the batch ramp's smallest; planned per step, the run
+    took its budget's time at a fraction of its steps, its schedule far from the end. On a clock where a step costs
+    10 ms a sequence, the plan fits the budget and the run ends with its schedule ("done"); a budget spent before
+    the steps were timed (no plan) says "time"."""
+    from nanoseek.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real = loop.Trainer.step
+
+    def step(self):
+        result = real(self)
+        clock[0] += 0.01 * result.batch_size
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "step", step)
+    task = ReverseTask()
+    ramp = {"steps": 0, "batch_size": 16, "micro_batch_size": 4, "batch_size_start": 4,
+            "batch_ramp_tokens": 16 * task.seq_len * 10}
+    for budget, why in ((3.0, "done"), (0.15, "time")):
+        run = tmp_path / why
+        result = train(_cfg(tmp_path, task, train={**ramp, "max_time": budget, "out_dir": str(run)}),
+                       batches=ReverseTask(), val=[], progress=False)
+        log = MetricsLog(run / "metrics.jsonl")
+        steps, plans = log.records("train"), log.records("plan")
+        assert result.stop_reason == why, (budget, len(steps), plans)
+        if why == "done":
+            (plan,) = plans
+            assert len(steps) == plan["total_steps"] > 20 and {4, 16} <= {r["batch_size"] for r in steps}
+            assert 0.9 * budget <= sum(0.01 * r["batch_size"] for r in steps) <= budget
+            assert steps[-1]["lr"] < 0.15 * 3e-3  # the cosine's end: 0.1 of the peak
+        else:
+            assert plans == [] and len(steps) < 6
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -581,6 +581,8 @@ def run_config(plan: Plan, data_path: str = "", out_dir: str = "runs/planned") -
     count = plan.hardware.count
     per_machine = 1 if plan.hardware.device == "cpu" else count / math.ceil(count / GPUS_PER_MACHINE)
     cfg.cost.price_per_hour = plan.budget.price_per_hour * per_machine
-    t.max_time = plan.budget.hours * 3600  # a hard stop at the budget, whatever the real speed turns out to be
+    # a hard stop for the training steps at the budget, whatever the real speed turns out to be (evaluations and
+    # checkpoints come on top: the plan's steps fill at most 90% of it)
+    t.max_time = plan.budget.hours * 3600
     cfg.validate()
     return cfg

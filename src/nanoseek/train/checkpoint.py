@@ -52,13 +52,13 @@ class TrainState:
     step: int = 0  # optimizer steps done (skipped non-finite steps included)
     tokens: int = 0  # tokens consumed, all ranks
     nonfinite_streak: int = 0
-    elapsed: float = 0.0  # seconds of training, across resumes
+    elapsed: float = 0.0  # seconds of training steps (not evaluations or checkpoints), across resumes
     total_steps: int = 0  # the plan: fixed at the start (or after calibration, for time-budgeted runs)
     total_tokens: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # the train loader's (global) position
-    # a time-budgeted run's plan: the train.max_time it was made for and the step time it assumed (0: none)
+    # a time-budgeted run's plan: the train.max_time it was made for and the time per token it assumed (0: none)
     planned_max_time: float = 0.0
-    seconds_per_step: float = 0.0
+    seconds_per_token: float = 0.0
     world_size: int = 1
 
 
@@ -284,7 +284,9 @@ def load_checkpoint(ckpt: Path, module: NanoSeek, model: nn.Module, opt: torch.o
     _set_rng_state(load_file(rng if rng.is_file() else ckpt / "rng-0.safetensors"))
     if rank and not rng.is_file():  # a rank the saving run did not have: rank 0's numbers, made its own
         torch.manual_seed(int(torch.randint(2**62, ())) + rank)
-    return TrainState(**meta["state"])
+    # seconds_per_step: a plan's step time, written before plans were made per token (2026-12-01); without it a
+    # resumed time-budgeted run keeps its plan rather than re-planning for another train.max_time
+    return TrainState(**{k: v for k, v in meta["state"].items() if k != "seconds_per_step"})
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> None:

@@ -36,7 +36,8 @@ class TrainConfig:
     out_dir: str = "runs/run"
     tokens: int = 0  # training length in tokens (0: use steps)
     steps: int = 0  # training length in optimizer steps (0: use tokens)
-    max_time: float = 0.0  # seconds; stop (with a checkpoint) when reached. 0: no limit
+    max_time: float = 0.0  # seconds of training steps (evaluations, checkpoints not counted); stop (with a
+    # checkpoint) when reached. 0: no limit
     batch_size: int = 32  # sequences per optimizer step, all ranks together
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     batch_size_start: int = 0  # batch-size ramp: start here (0: no ramp) ...

@@ -272,21 +272,27 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.module, self.model, self.opt, self.state, self.cfg.checkpoint.keep,
                                self.tokenizer_dir, export=True if final else None)
 
-    def calibrate(self, step_seconds: list[float]) -> None:
-        """Time-budgeted run: fix the plan from the measured step time, once (then it is saved and reused)."""
-        self._plan_for_time(sorted(step_seconds)[len(step_seconds) // 2] / 0.95)  # a margin: the speed varies
+    def calibrate(self, step_seconds: list[float], step_tokens: list[int]) -> None:
+        """Time-budgeted run: fix the plan from the measured time per token, once (then it is saved and reused).
+        Per token, not per step: with a batch-size ramp the timed steps are the ramp's smallest, and a plan of
+        steps that long overran the budget several times over, its schedule never reaching its end."""
+        per_token = sorted(dt / n for dt, n in zip(step_seconds, step_tokens))[len(step_seconds) // 2]
+        self._plan_for_time(per_token / 0.95)  # a margin: the speed varies
 
-    def _plan_for_time(self, per_step: float) -> None:
-        """The steps that train.max_time leaves at `per_step` seconds a step, and the schedule over them."""
-        s, t = self.state, self.cfg.train
-        remaining = max(t.max_time - s.elapsed, 0.0)
-        # every rank must follow the same plan (their clocks differ a little): take the largest
-        s.total_steps = self.world.max_int(s.step + max(int(remaining / per_step), 1))
-        _, s.total_tokens = plan_length(self.ramp, self.cfg.data.seq_len, s.total_steps, start=(s.step, s.tokens))
-        s.planned_max_time, s.seconds_per_step = t.max_time, per_step
+    def _plan_for_time(self, per_token: float) -> None:
+        """The steps that train.max_time leaves at `per_token` seconds a token (following the batch ramp), and the
+        schedule over them."""
+        s, t, seq_len = self.state, self.cfg.train, self.cfg.data.seq_len
+        budget = s.tokens + int(max(t.max_time - s.elapsed, 0.0) / per_token)
+        steps, tokens = plan_length(self.ramp, seq_len, tokens=budget, start=(s.step, s.tokens))
+        steps -= tokens > budget  # whole steps within the time left (the last one would pass it) ...
+        # ... at least one; every rank must follow the same plan (their clocks differ a little): take the largest
+        s.total_steps = self.world.max_int(max(steps, s.step + 1))
+        _, s.total_tokens = plan_length(self.ramp, seq_len, s.total_steps, start=(s.step, s.tokens))
+        s.planned_max_time, s.seconds_per_token = t.max_time, per_token
         self._make_schedule()
         self.log({"kind": "plan", "step": s.step, "total_steps": s.total_steps, "total_tokens": s.total_tokens,
-                  "seconds_per_step": per_step})
+                  "seconds_per_token": per_token})
 
     def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
         """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
@@ -294,8 +300,8 @@ class Trainer:
         if cfg.train.steps or cfg.train.tokens:  # (again on resume: a run can be extended) else calibrated below
             state.total_steps, state.total_tokens = self.plan()
             self._make_schedule()
-        elif state.seconds_per_step and cfg.train.max_time != state.planned_max_time:
-            self._plan_for_time(state.seconds_per_step)  # resumed with another train.max_time: re-plan at once
+        elif state.seconds_per_token and cfg.train.max_time != state.planned_max_time:
+            self._plan_for_time(state.seconds_per_token)  # resumed with another train.max_time: re-plan at once
         received: list[int] = []
 
         def handler(signum: int, frame: Any) -> None:
@@ -309,16 +315,18 @@ class Trainer:
         except ValueError:  # not the main thread: no signal handling
             previous = {}
         step_times: list[float] = []
+        step_tokens: list[int] = []
         finished = self.world.max_int(int(self.done()))  # decisions are unanimous: clocks and signals differ
         try:
             while not finished:
-                t0 = time.perf_counter()
+                t0, tokens = time.perf_counter(), state.tokens
                 result = self.step()
                 dt = time.perf_counter() - t0
                 state.elapsed += dt
                 step_times.append(dt)
+                step_tokens.append(state.tokens - tokens)
                 if not state.total_steps and len(step_times) == 6:
-                    self.calibrate(step_times[1:])  # the first step pays one-time costs
+                    self.calibrate(step_times[1:], step_tokens[1:])  # the first step pays one-time costs
                 if on_step is not None:
                     on_step(result, dt)
                 if state.nonfinite_streak >= cfg.train.max_nonfinite:
@@ -339,8 +347,8 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-        if self.stop_reason is None:
-            short = state.total_steps and state.step < state.total_steps
+        if self.stop_reason is None:  # no plan yet: a time budget spent before the steps were timed
+            short = not state.total_steps or state.step < state.total_steps
             self.stop_reason = "time" if short else "done"
         if self.evaluate is not None and self.stop_reason != "signal":
             self.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **self.evaluate(self.module, state)})
