@@ -186,6 +186,36 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_signal_at_an_evaluation_step_evaluates_on_resume(tmp_path):
+    """SIGTERM during step 8 with eval.every=4: the run saves step 8 and stops before that step's evaluation, which
+    the resumed run makes first: the evaluations are the uninterrupted run's. A finished run resumed as it is adds
+    none."""
+    import signal
+
+    task, val = ReverseTask(), [ReverseTask(seed=1).next(8)]
+    sections = dict(train={"steps": 12}, eval={"every": 4})
+    train(_cfg(tmp_path / "a", task, **sections), batches=ReverseTask(), val=val, progress=False)
+
+    class Interrupting(ReverseTask):
+        def next(self, n):
+            if self.cursor == 7:  # during step 8
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next(n)
+
+    run_b = tmp_path / "b" / "run"
+    first = train(_cfg(tmp_path / "b", task, **sections), batches=Interrupting(), val=val, progress=False)
+    assert first.stop_reason == "signal" and latest_checkpoint(run_b).name == "step_000008"
+
+    def evals(run):
+        return [(r["step"], r["val_loss"]) for r in MetricsLog(run / "metrics.jsonl").records("eval")]
+
+    assert [step for step, _ in evals(run_b)] == [4]
+    train(resume=run_b, batches=ReverseTask(), val=val, progress=False)
+    assert evals(run_b) == evals(tmp_path / "a" / "run") and [step for step, _ in evals(run_b)] == [4, 8, 12]
+    train(resume=run_b, batches=ReverseTask(), val=val, progress=False)
+    assert len(evals(run_b)) == 3
+
+
 def test_resume_after_hard_kill_uses_last_checkpoint(tmp_path):
     """kill -9 leaves metrics past the last checkpoint; resume rewinds to it and still matches exactly."""
     task = ReverseTask()

@@ -60,6 +60,7 @@ class TrainState:
     planned_max_time: float = 0.0
     seconds_per_token: float = 0.0
     world_size: int = 1
+    last_eval_step: int = -1  # the step of the latest evaluation logged (-1: none)
 
 
 def _distributed() -> bool:

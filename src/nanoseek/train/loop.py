@@ -294,6 +294,12 @@ class Trainer:
         self.log({"kind": "plan", "step": s.step, "total_steps": s.total_steps, "total_tokens": s.total_tokens,
                   "seconds_per_token": per_token})
 
+    def _log_eval(self) -> None:
+        s = self.state
+        assert self.evaluate is not None
+        self.log({"kind": "eval", "step": s.step, "tokens": s.tokens, **self.evaluate(self.module, s)})
+        s.last_eval_step = s.step
+
     def fit(self, on_step: Callable[[StepResult, float], None] | None = None) -> str:
         """Train until the plan, the time budget, a signal or too many non-finite losses stop it. Returns why."""
         cfg, state = self.cfg, self.state
@@ -317,6 +323,10 @@ class Trainer:
         step_times: list[float] = []
         step_tokens: list[int] = []
         finished = self.world.max_int(int(self.done()))  # decisions are unanimous: clocks and signals differ
+        every = cfg.eval.every
+        if self.evaluate is not None and every and state.step and state.step % every == 0 and \
+                state.last_eval_step != state.step and not finished:
+            self._log_eval()  # the one due where a signal stopped the run, before it could evaluate
         try:
             while not finished:
                 t0, tokens = time.perf_counter(), state.tokens
@@ -340,8 +350,7 @@ class Trainer:
                 if finished:
                     break
                 if self.evaluate is not None and cfg.eval.every and state.step % cfg.eval.every == 0:
-                    self.log({"kind": "eval", "step": state.step, "tokens": state.tokens,
-                              **self.evaluate(self.module, state)})
+                    self._log_eval()
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                     self.checkpoint()
         finally:
@@ -350,8 +359,8 @@ class Trainer:
         if self.stop_reason is None:  # no plan yet: a time budget spent before the steps were timed
             short = not state.total_steps or state.step < state.total_steps
             self.stop_reason = "time" if short else "done"
-        if self.evaluate is not None and self.stop_reason != "signal":
-            self.log({"kind": "eval", "step": state.step, "tokens": state.tokens, **self.evaluate(self.module, state)})
+        if self.evaluate is not None and self.stop_reason != "signal" and state.last_eval_step != state.step:
+            self._log_eval()  # (a finished run resumed as it was has its final evaluation already)
         self.checkpoint(final=True)
         return self.stop_reason
 
