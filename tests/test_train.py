@@ -344,8 +344,28 @@ def test_metrics_log_survives_a_record_cut_short(tmp_path):
     with pytest.warns(UserWarning, match="metrics.jsonl:4: not a JSON record"):
         assert [r["step"] for r in log.records("train")] == [1, 2, 3]
     with pytest.warns(UserWarning):
-        log.truncate_after(2)  # what resume from step 2 does: the cut record goes too
+        log.truncate_after(2, 200)  # what resume from step 2 does: the cut record goes too
     assert log.path.read_text().count("\n") == 2 and [r["step"] for r in log.records()] == [1, 2]
+
+
+def test_steps_redone_on_resume_keep_what_they_spent(tmp_path):
+    """A run killed at step 6 resumes from step 4's checkpoint: steps 5 and 6 are redone and their records go, but
+    their energy, cost and CO2 were spent. They stay in a "redone" record, which the totals and the report count."""
+    from nanoseek.train.run import interval_total
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 7):
+        log({"kind": "train", "step": step, "tokens": 100 * step, "energy_kwh": 0.5, "cost_usd": 0.25, "co2_kg": 0.125,
+             "energy_source": "estimated" if step == 6 else "measured"})
+    total = {k: interval_total(log.records(), k) for k in ("energy_kwh", "cost_usd", "co2_kg")}
+    log.truncate_after(4, 400)
+    (redone,) = log.records("redone")
+    assert [r["step"] for r in log.records("train")] == [1, 2, 3, 4]
+    assert redone == {"kind": "redone", "step": 4, "tokens": 400, "energy_kwh": 1.0, "cost_usd": 0.5, "co2_kg": 0.25,
+                      "energy_source": "estimated"}
+    log.truncate_after(2, 200)  # killed again before the next checkpoint: everything after step 2 is redone
+    assert [r["kind"] for r in log.records()] == ["train", "train", "redone"]
+    assert {k: interval_total(log.records(), k) for k in total} == total
 
 
 def test_keep_last_k_checkpoints(tmp_path):

@@ -47,7 +47,7 @@ class RunRecords:
     cfg: RunConfig
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
-    final: list[dict[str, Any]]
+    final: list[dict[str, Any]]  # metered outside the train records: the tail of a session, steps redone on resume
     plans: list[dict[str, Any]]
     summary: dict[str, Any]
     resumes: list[dict[str, Any]]  # resumes that changed settings
@@ -71,7 +71,7 @@ class RunRecords:
                           f"{last_step}: the report is made from the records", stacklevel=2)
             summary = {}
         return cls(run_dir, run_config_from_dict(load_toml(run_dir / "run.toml")), kind("train"),
-                   [r for r in kind("eval") if "val_loss" in r], kind("final"), kind("plan"), summary,
+                   [r for r in kind("eval") if "val_loss" in r], kind("final") + kind("redone"), kind("plan"), summary,
                    kind("resume"))
 
 

@@ -50,11 +50,20 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records from steps after the checkpoint, which the resumed run will redo (and a
-        record cut short by a crash)."""
-        if self.path.exists():
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records() if r.get("step", 0) <= step))
+    def truncate_after(self, step: int, tokens: int) -> None:
+        """On resume: drop records from steps after the checkpoint (step, tokens), which the resumed run will redo
+        (and a record cut short by a crash). What those steps spent was spent: their energy, cost and CO2 stay,
+        summed in one "redone" record that the run's totals count."""
+        if not self.path.exists():
+            return
+        records = self.records()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        dropped = [r for r in records if r.get("step", 0) > step]
+        spent = {k: interval_total(dropped, k) for k in ("energy_kwh", "cost_usd", "co2_kg")}
+        if any(v is not None for v in spent.values()):
+            kept.append({"kind": "redone", "step": step, "tokens": tokens, **spent,
+                         "energy_source": energy_source(dropped)})
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -354,7 +363,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
             state.world_size = world.size
         batches.load_state_dict(state.data)
         if world.is_main:
-            log.truncate_after(state.step)
+            log.truncate_after(state.step, state.tokens)
             console.print(f"resuming {run_dir} from {ckpt.name} (step {state.step}, {state.tokens:,} tokens)")
             changed = _record_overrides(cfg, run_dir)
             if changed:  # the report says that run.toml alone no longer reproduces the run
@@ -445,6 +454,12 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     return RunResult(run_dir, reason, summary)
 
 
+def energy_source(records: list[dict[str, Any]]) -> str:
+    """measured if every metered record's energy was, estimated if any was, off if none was metered."""
+    sources = {r["energy_source"] for r in records if "energy_source" in r}
+    return "measured" if sources == {"measured"} else "estimated" if "estimated" in sources else "off"
+
+
 def interval_total(records: list[dict[str, Any]], key: str) -> float | None:
     """The sum of a per-interval figure over the records that have it; None when none has."""
     values = [r[key] for r in records if r.get(key) is not None]
@@ -467,8 +482,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
                   machines: int) -> dict[str, Any]:
     """The run's totals: sums over every interval of metrics.jsonl, this session's and earlier ones'."""
     train_records = log.records("train")
-    metered = train_records + log.records("final")
-    sources = {r["energy_source"] for r in metered if "energy_source" in r}
+    metered = train_records + log.records("final") + log.records("redone")
     prices = Tariff.of(cfg.cost, machines)
     return {
         "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
@@ -476,7 +490,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
         "peak_flops": next((r["peak_flops"] for r in reversed(train_records) if "peak_flops" in r), None),
         "peak_source": next((r["peak_source"] for r in reversed(train_records) if "peak_source" in r), None),
         "energy_kwh": interval_total(metered, "energy_kwh"),
-        "energy_source": "measured" if sources == {"measured"} else "estimated" if "estimated" in sources else "off",
+        "energy_source": energy_source(metered),
         "energy_method": " | ".join(dict.fromkeys(r["energy_method"] for r in metered if r.get("energy_method"))),
         "energy_scope": energy_scope(machines),
         "cost_usd": interval_total(metered, "cost_usd"), "cost_basis": prices.basis,
