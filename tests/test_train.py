@@ -99,6 +99,9 @@ def test_lr_schedules_at_known_points():
     assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     wsd = LRSchedule(peak=2.0, total=100, warmup=10, kind="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
     assert wsd(50) == 2.0 and wsd(80) == 2.0 and wsd(90) == pytest.approx(1.0) and wsd(100) == pytest.approx(0.0)
+    # a decay reaching back into the warmup starts where the warmup ends: the peak is reached, then a linear decay
+    long = LRSchedule(peak=2.0, total=100, warmup=20, kind="wsd", decay_fraction=0.9, min_lr_ratio=0.0)
+    assert long(20) == 2.0 and long(60) == pytest.approx(1.0) and long(100) == pytest.approx(0.0)
     ms = LRSchedule(peak=4.2e-4, total=1000, warmup=20, kind="multistep")  # DeepSeek LLM: ×0.316 at 80%, ×0.1 at 90%
     assert ms(500) == 4.2e-4 and ms(799) == 4.2e-4
     assert ms(800) == pytest.approx(4.2e-4 * 0.316) and ms(950) == pytest.approx(4.2e-5)

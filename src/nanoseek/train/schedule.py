@@ -53,11 +53,11 @@ class LRSchedule:
         if self.kind == "cosine":
             p = min((t - self.warmup) / (self.total - self.warmup), 1.0)
             return lo + (self.peak - lo) * 0.5 * (1 + math.cos(math.pi * p))
-        if self.kind == "wsd":
-            start = 1.0 - self.decay_fraction
-            if frac <= start:
+        if self.kind == "wsd":  # the decay starts after the warmup, even where decay_fraction reaches back into it
+            start = max(self.warmup, (1.0 - self.decay_fraction) * self.total)
+            if t <= start:
                 return self.peak
-            return self.peak + (lo - self.peak) * (frac - start) / self.decay_fraction
+            return self.peak + (lo - self.peak) * min((t - start) / (self.total - start), 1.0)
         if self.kind == "multistep":
             lr = self.peak
             for milestone, factor in zip(self.milestones, self.factors):
