@@ -10,10 +10,11 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# With no torch and no NVIDIA GPU, take the CPU build from PyTorch's CPU index (PyPI's `torch`, pinned or not,
-	@# is the multi-GB CUDA build on Linux); where that index is out of reach, the pin from pip's own index.
+	@# is the multi-GB CUDA build on Linux); where that index is out of reach (one retry, not pip's five: ~75 s
+	@# of waiting offline), the pin from pip's own index.
 	@$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-	  else $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || \
+	  else $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1 || \
 	    $(PY) -m pip install -q torch==2.13.0; fi; }
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
