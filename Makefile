@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@# of waiting offline), the pin from pip's own index.
 	@$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-	  else $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1 || \
+	  else $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15 || \
 	    $(PY) -m pip install -q torch==2.13.0; fi; }
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
