@@ -499,13 +499,20 @@ def wait_idle(engine: Engine) -> None:
         time.sleep(0.05)
 
 
-def test_client_disconnect_frees_the_slot(http, engine):
+def test_client_disconnect_frees_the_slot(http, engine, monkeypatch):
     body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert next(r.iter_lines()).startswith("data: ")  # generating; now hang up mid-stream
     wait_idle(engine)
-    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting for the whole answer
-        http.post("/v1/completions", json=body, timeout=0.5)
+    # not streamed: the client gives up waiting for the whole answer, which the decode steps, held back, cannot
+    # finish first (400 tokens of the tiny model took less than the client's 0.5 s on a fast machine)
+    gate, decode = threading.Event(), engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda: (gate.wait(), decode())[1])
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body, timeout=0.5)
+    finally:
+        gate.set()
     wait_idle(engine)
 
 
