@@ -237,6 +237,20 @@ def test_training_checkpoint_of_tied_embeddings_saves_resumes_and_exports(tmp_pa
     assert _same(nanoseek.from_pretrained(tmp_path / "hf"), m)
 
 
+def test_a_checkpoint_from_before_per_token_plans_still_resumes(model, tmp_path):
+    """trainer_state.json written before time budgets were planned per token holds `seconds_per_step` instead of
+    `seconds_per_token`: it loads, without a time per token (such a run keeps its plan)."""
+    from nanoseek.train.checkpoint import STATE_FILE, TrainState, load_checkpoint, save_checkpoint
+
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = save_checkpoint(tmp_path, model, model, opt, TrainState(step=3, planned_max_time=60.0), keep=1)
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    meta["state"]["seconds_per_step"] = meta["state"].pop("seconds_per_token") + 0.25
+    (ckpt / STATE_FILE).write_text(json.dumps(meta))
+    state = load_checkpoint(ckpt, model, model, opt)
+    assert (state.step, state.planned_max_time, state.seconds_per_token) == (3, 60.0, 0.0)
+
+
 def test_pruning_keeps_the_checkpoint_just_saved(model, tmp_path):
     """A run resumed from LATEST's step 500 while a complete step_000600 of the run that died before naming it
     remains: the next save (step 550) is the one LATEST names, and pruning to one must not delete it."""
