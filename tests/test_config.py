@@ -259,3 +259,37 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
                             n or including_emulation)
         assert pick_dtype("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
     assert pick_dtype("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_threads_follow_a_containers_cpu_quota(tmp_path, monkeypatch):
+    """In a container limited to N CPUs (`docker run --cpus N`), torch's default threads follow the host's cores:
+    64 threads on 2 CPUs' worth of time. The quota, read from cgroup v2 or v1, caps them (rounded up), unless
+    OMP_NUM_THREADS chose them."""
+    import torch
+
+    from nanoseek import device
+
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    for text, want in (("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None)):
+        (v2 / "cpu.max").write_text(text)
+        assert device.cpu_quota(v2) == want, text
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, want in (("300000", 3), ("-1", None)):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert device.cpu_quota(v1) == want, quota
+    assert device.cpu_quota(tmp_path / "none") is None
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device, "cpu_quota", lambda: 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        device.fit_threads_to_quota()
+        assert torch.get_num_threads() == 2  # the user's choice stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        device.fit_threads_to_quota()
+        assert device.usable_cores() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

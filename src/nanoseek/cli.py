@@ -16,6 +16,7 @@ from nanoseek.config import PRESETS, ConfigError, preset
 from nanoseek.cost.commands import add_commands as add_plan
 from nanoseek.data.commands import add_commands as add_data
 from nanoseek.demo import add_command as add_demo
+from nanoseek.device import fit_threads_to_quota
 from nanoseek.model import NanoSeek, load_pretrained
 from nanoseek.model.summary import parameter_counts
 from nanoseek.report import add_commands as add_report
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, positional, [*getattr(args, positional), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    fit_threads_to_quota()  # before any parallel work: in a container, its CPU quota, not the host's cores
     try:
         return args.func(args)
     except (ValueError, DistributedError, NonFiniteLossError) as e:  # ConfigError, DataError, ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -24,6 +25,35 @@ def cpu_identity() -> str:
     keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
     found = [next((x for x in lines if x.startswith(key)), "") for key in keys]
     return "\n".join(x for x in found if x) or fallback
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs a container's quota allows (`docker run --cpus 2`, a Kubernetes CPU limit), rounded up; None
+    without one. cgroup v2's cpu.max ("200000 100000", or "max ..."), else v1's cpu.cfs_quota_us / cfs_period_us."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = ((cgroup / "cpu" / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within a container's CPU quota. torch's default thread
+    count follows the affinity alone, so in a container limited to 2 CPUs on a 64-core host it would run 64
+    threads on 2 CPUs' worth of time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, cpu_quota() or cores)
+
+
+def fit_threads_to_quota() -> None:
+    """torch's threads down to the container's CPU quota, unless OMP_NUM_THREADS chose them."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cores():
+        torch.set_num_threads(usable_cores())
 
 
 @functools.cache

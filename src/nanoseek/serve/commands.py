@@ -198,7 +198,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's multi-token-prediction head")
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: torch's, one per core)")
+                   help="CPU threads for the model (default: one per core, within a container's CPU quota)")
     s.add_argument("--country", default="world", help="grid carbon intensity for /metrics (ISO 3166 alpha-3, e.g. FRA)")
     s.add_argument("--no-energy", action="store_true", help="do not meter energy (no energy per token in /metrics)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.device import usable_cores
 from nanoseek.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE, Router, expert_mlp
 from nanoseek.train.config import ParallelConfig
@@ -158,8 +159,7 @@ def init_world(cfg: ParallelConfig) -> World:
     else:
         device, backend = torch.device("cpu"), "gloo"
         # torchrun starts each rank with OMP_NUM_THREADS=1: give each rank its share of the cores instead
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        share = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(int(os.environ.get("NANOSEEK_THREADS", share)))
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout),
