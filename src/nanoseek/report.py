@@ -34,7 +34,7 @@ from nanoseek.io import write_atomic
 from nanoseek.model import NanoSeek
 from nanoseek.model.summary import parameter_counts
 from nanoseek.train.config import RunConfig, run_config_from_dict
-from nanoseek.train.run import MetricsLog, data_folder, interval_total, mean_mfu, runs_inside
+from nanoseek.train.run import METERED_BESIDE, MetricsLog, data_folder, interval_total, mean_mfu, runs_inside
 
 console = Console()
 
@@ -71,8 +71,8 @@ class RunRecords:
                           f"{last_step}: the report is made from the records", stacklevel=2)
             summary = {}
         return cls(run_dir, run_config_from_dict(load_toml(run_dir / "run.toml")), kind("train"),
-                   [r for r in kind("eval") if "val_loss" in r], kind("final") + kind("redone"), kind("plan"), summary,
-                   kind("resume"))
+                   [r for r in kind("eval") if "val_loss" in r], [r for k in METERED_BESIDE for r in kind(k)],
+                   kind("plan"), summary, kind("resume"))
 
 
 def _json_object(path: Path) -> dict[str, Any]:

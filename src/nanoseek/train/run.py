@@ -2,7 +2,8 @@
 
     RUN_DIR/run.toml        the resolved configuration (what --resume reads)
     RUN_DIR/metrics.jsonl   one JSON record per log interval ("train"), evaluation ("eval") and plan ("plan"), and
-                            a "final" one with the energy spent after the last "train" record
+                            a "final" one with the energy spent after the last "train" record, and a "redone"
+                            one with what steps redone after a resume had spent
     RUN_DIR/tokenizer/      a copy of the data's tokenizer
     RUN_DIR/checkpoints/    see train/checkpoint.py
     RUN_DIR/summary.json    the run's figures at the end
@@ -454,6 +455,9 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, world: World, progress
     return RunResult(run_dir, reason, summary)
 
 
+METERED_BESIDE = ("final", "redone")  # records whose energy, cost and CO2 count beside the "train" intervals
+
+
 def energy_source(records: list[dict[str, Any]]) -> str:
     """measured if every metered record's energy was, estimated if any was, off if none was metered."""
     sources = {r["energy_source"] for r in records if "energy_source" in r}
@@ -482,7 +486,7 @@ def _cost_summary(cfg: RunConfig, state: TrainState, log: MetricsLog, flops_per_
                   machines: int) -> dict[str, Any]:
     """The run's totals: sums over every interval of metrics.jsonl, this session's and earlier ones'."""
     train_records = log.records("train")
-    metered = train_records + log.records("final") + log.records("redone")
+    metered = train_records + [r for k in METERED_BESIDE for r in log.records(k)]
     prices = Tariff.of(cfg.cost, machines)
     return {
         "flops_per_token": flops_per_token, "total_flops": state.tokens * flops_per_token,
