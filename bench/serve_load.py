@@ -13,6 +13,7 @@ continuous batching), with its range over the rounds.
     python bench/serve_load.py --preset small       # a random 0.46B-parameter model (more than the CPU's cache)
     python bench/serve_load.py --eager              # the server without --compile
     python bench/serve_load.py --expert-dtype bf16  # routed experts stored in bf16 (half their bytes a step)
+    python bench/serve_load.py --matmul-dtype bf16  # Linear and expert products in bf16 (AVX512-BF16 CPUs)
     python bench/serve_load.py --threads 2          # the model on 2 threads (default: the server's, one per core)
 """
 
@@ -81,7 +82,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace, log_path: Pat
            "--max-batch", str(args.max_batch), "--max-queue", "1024", "--queue-policy", "wait", "--log-level",
            "warning", "--dtype", args.dtype] + ([] if args.eager else ["--compile"]) + (
            ["--threads", str(args.threads)] if args.threads else []) + (
-           ["--expert-dtype", args.expert_dtype] if args.expert_dtype else [])
+           ["--expert-dtype", args.expert_dtype] if args.expert_dtype else []) + (
+           ["--matmul-dtype", args.matmul_dtype] if args.matmul_dtype != "fp32" else [])
     with open(log_path, "w") as log:  # a file, not a pipe that nobody reads: a full pipe would block the server
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "NANOSEEK_API_KEY": ""})
@@ -215,6 +217,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="the server's --dtype")
     p.add_argument("--expert-dtype", choices=["fp32", "bf16", "int8"],
                    help="the server's --expert-dtype (default: --dtype)")
+    p.add_argument("--matmul-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the server's --matmul-dtype (bf16: Linear and expert products in bf16, on CPU)")
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own default)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -246,6 +250,7 @@ def main() -> None:
 
     mode = ("" if args.eager else " --compile") + f" --dtype {args.dtype}" + (
         f" --expert-dtype {args.expert_dtype}" if args.expert_dtype else "") + (
+        f" --matmul-dtype {args.matmul_dtype}" if args.matmul_dtype != "fp32" else "") + (
         f" --threads {args.threads}" if args.threads else "")
     table = Table(title=f"nanoseek serve{mode}: {model}, {args.max_tokens} tokens per request, max batch "
                         f"{args.max_batch}")

@@ -708,6 +708,11 @@ def test_decode_expert_path_equals_grouped_gemm(tokens):
     assert (fast - grouped).abs().max() < 1e-6
 
 
+# The kernel library built with other flags, for a test that runs these tests in a subprocess (their own cache)
+if os.environ.get("NANOSEEK_TEST_KERNEL_FLAGS") is not None:
+    kernels.FLAG_SETS = (os.environ["NANOSEEK_TEST_KERNEL_FLAGS"].split(),)
+
+
 def kernel_built() -> None:
     if kernels.compiler() is None:
         pytest.skip("no C++ compiler here: the decode kernel is not built and torch's path serves")
@@ -787,6 +792,9 @@ def test_kernel_ops_agree_with_their_compile_time_shapes():
     torch.manual_seed(0)
     E, H, inner, N, k = 4, 32, 16, 3, 2
     gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
+    if kernels.panel_width() == 32:  # bf16 panels: H and 2I multiples of the panel width
+        gate_up, down = torch.randn(E, 4 * inner, 2 * H) * 0.2, torch.randn(E, 2 * H, 2 * inner) * 0.2
+        H, inner = 2 * H, 2 * inner
     indices, weights = torch.randint(0, E, (N, k)), torch.rand(N, k)
     (q_gate_up, s_gate_up), (q_down, s_down) = quantize_rows(gate_up), quantize_rows(down)
     batch = Batch.make([1, 0], [3, 5], [1, 1], 1, torch.device("cpu"))
@@ -796,6 +804,10 @@ def test_kernel_ops_agree_with_their_compile_time_shapes():
              (ops.routed_experts_int8, (torch.randn(H, N).t(), indices, weights, q_gate_up, q_down, s_gate_up,
                                         s_down)),
              (ops.linear_panels, (torch.randn(5, 48), kernels.pack_linear(torch.randn(2 * kernels.panel_width(), 48)))),
+             (ops.linear_panels, (torch.randn(5, 48), kernels.pack_linear(torch.randn(2 * kernels.panel_width(), 48),
+                                                                          torch.bfloat16))),
+             (ops.routed_experts_bf16, (torch.randn(H, N).t(), indices, weights, kernels.pack_experts(gate_up),
+                                        kernels.pack_experts(down))),
              (ops.latent_attention, (torch.randn(2, 1, 3, 32), torch.randn(2, 10, 32), batch.slots, batch.visible,
                                      0.2, 16))]
     for op, args in cases:
@@ -918,6 +930,76 @@ def test_linear_panels_kernel_equals_a_naive_reference():
         kernels.linear_panels(torch.randn(2, 48), w)  # a weight that was not packed
     with pytest.raises(RuntimeError, match="x: expected a 2-d float32 CPU tensor"):
         kernels.linear_panels(torch.randn(2, 48).double(), panels)
+
+
+def bf16_values(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16 (to nearest even), as float64: what a bf16 product reads."""
+    return t.bfloat16().double()
+
+
+def test_bf16_products_kernels_equal_a_naive_reference():
+    """--matmul-dtype bf16 (infer/bf16.py): linear_panels over bf16 panels, and routed_experts_bf16 over experts packed
+    the same way, against float64 products of the bf16-rounded factors (x, the weights, and the experts' hidden
+    activations silu(gate)·up·gate weight): row counts that fill the tiles of 8 rows and leave each remainder, rows in
+    several chunks and panels over two threads, tokens sharing experts. On a CPU with AVX512-BF16 that is
+    `vdpbf16ps`; elsewhere both factors widened. The packing round-trips to the bf16 weights; what the kernels do not
+    take is refused or not covered."""
+    kernel_built()
+    torch.manual_seed(0)
+    P = kernels.panel_width()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for out_features, in_features, row_counts in ((P, 16, range(0, 18)), (3 * P, 130, (1, 8, 9, 33)),
+                                                          (4 * P, 6000, (13,)), (64 * P, 64, (16,))):
+                w = torch.randn(out_features, in_features) * 0.2
+                panels = kernels.pack_linear(w, torch.bfloat16)
+                assert panels.shape == (out_features // P, in_features // 2, P, 2) and panels.dtype == torch.bfloat16
+                assert torch.equal(panels[0, 1, 3], w[3, 2:4].bfloat16())  # column 3's pair (k = 2, 3)
+                assert torch.equal(kernels.unpack_linear(panels), w.bfloat16())
+                for rows in row_counts:
+                    x = torch.randn(rows, in_features)
+                    got = kernels.linear_panels(x, panels)
+                    want = bf16_values(x) @ bf16_values(w).T
+                    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+                    torch.testing.assert_close(got.double(), want, rtol=0,
+                                               atol=1e-5 * max([1.0, *want.abs().flatten().tolist()]))
+                    if rows and in_features < 1000:  # really rounded: float32 products differ by more
+                        assert (x.double() @ w.double().T - want).abs().max() > 1e-4
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels.covers_linear(torch.randn(P, 48), torch.bfloat16)
+    assert kernels.covers_linear(torch.randn(P, 48).bfloat16(), torch.bfloat16)  # a bf16 checkpoint's weight
+    assert not kernels.covers_linear(torch.randn(P, 47), torch.bfloat16)  # pairs: an even width
+    assert kernels.covers_linear(torch.randn(P, 47))  # float32 products take any
+    with pytest.raises(RuntimeError, match=r"expected bfloat16 panels \[out / \d+, 16, \d+, 2\] for x \[N, 32\]"):
+        kernels.linear_panels(torch.randn(2, 32), kernels.pack_linear(torch.randn(P, 48), torch.bfloat16))
+
+    E, H, inner, k = 8, 2 * P, P, 3
+    gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
+    packed_gate_up, packed_down = kernels.pack_experts(gate_up), kernels.pack_experts(down)
+    assert packed_gate_up.shape == (E, 2 * inner // P, H // 2, P, 2) and packed_down.shape == (E, H // P, inner // 2,
+                                                                                                 P, 2)
+    assert torch.equal(kernels.unpack_experts(packed_gate_up), gate_up.bfloat16())
+    assert torch.equal(kernels.unpack_experts(packed_down), down.bfloat16())
+    for tokens in (1, 3, 16, 40):
+        x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
+        indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
+        with FlopCounterMode(display=False) as counter:
+            got = kernels.routed_experts_bf16(x, indices, weights, packed_gate_up, packed_down)
+        assert counter.get_total_flops() == 2 * tokens * k * 3 * H * inner
+        want = torch.zeros(tokens, H, dtype=torch.float64)
+        for t in range(tokens):
+            for e, w in zip(indices[t].tolist(), weights[t].tolist()):
+                gate, up = (bf16_values(gate_up[e]) @ bf16_values(x[t])).chunk(2)
+                hidden = (F.silu(gate) * up * w).float()  # float32 in the kernel, then rounded
+                want[t] += bf16_values(down[e]) @ bf16_values(hidden)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match=r"expected bfloat16 CPU panels gate_up \[E, 2I / \d+"):
+        kernels.routed_experts_bf16(x, indices, weights, gate_up.bfloat16(), down.bfloat16())  # not packed
+    with pytest.raises(RuntimeError, match="mismatched shapes"):
+        kernels.routed_experts_bf16(torch.randn(2, 2 * H), indices[:2], weights[:2], packed_gate_up, packed_down)
 
 
 def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch, tmp_path):
@@ -1194,6 +1276,98 @@ def test_int8_experts_decode_as_fp32_with_dequantized_experts(monkeypatch, tmp_p
     with pytest.raises(CheckpointError, match="routed experts are int8, quantized for serving"):
         loaded.save_pretrained(str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()
+
+
+def test_kernels_built_for_any_cpu_compute_the_same(tmp_path):
+    """The library built without -march (no AVX2, AVX-512 or AVX512-BF16: gcc's generic vectors, as on a CPU without
+    them): the kernel tests pass there too; bf16 products are computed by widening both factors."""
+    kernel_built()
+    env = {**os.environ, "NANOSEEK_TEST_KERNEL_FLAGS": "-fopenmp", "NANOSEEK_CACHE": str(tmp_path)}
+    tests = ("bf16_products_kernels or routed_experts_kernel_equals or linear_panels_kernel_equals or "
+             "latent_attention_kernel_equals or compile_time_shapes")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests,
+                             "-c", os.devnull, "--rootdir", str(Path(__file__).parents[1])],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+    probe = ("from nanoseek.infer import kernels; kernels.FLAG_SETS = (['-fopenmp'],); "
+             "print(kernels.load(), kernels.bf16_products(), kernels.panel_width())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["True", "False", "16"]  # built, no bf16 instructions, panels of two 8-float vectors
+
+
+def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp_path):
+    """--matmul-dtype bf16 (infer/bf16.py): the Linear layers the kernel takes and the routed experts (main layers and
+    MTP) are packed in bf16, half the bytes; the engine (eager, compiled, MTP speculation) gives the tokens of the
+    packed model's own full forward, which stays close to the fp32 model's logits without being them. state_dict and
+    save_pretrained give the bf16-rounded weights in their usual layout, load_state_dict takes them; cast, the
+    experts are an `Experts` again; with gradients wanted the experts multiply unpacked copies."""
+    from nanoseek.infer.bf16 import PackedExperts, use_bf16_products
+    from nanoseek.model.moe import Experts
+
+    kernel_built()
+    model, plain = tiny(num_nextn_predict_layers=1), tiny(num_nextn_predict_layers=1)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    experts_bytes = sum(p.nbytes for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    linears, experts = use_bf16_products(model)
+    assert experts == 2 and linears >= 10  # one MoE layer and the MTP module's; the head and most projections
+    packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    assert len(packed) == 2 and sum(p.nbytes for m in packed for p in m.parameters()) == experts_bytes // 2
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.embed_tokens.weight.dtype == torch.float32
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k].float(), before[k].bfloat16().float() if state[k].dtype == torch.bfloat16
+                           else before[k]) for k in before)
+    assert state["layers.1.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+
+    want = [greedy_reference(model, p, 10) for p in PROMPTS]
+
+    def tokens(engine: Engine) -> list[list[int]]:
+        return [[e.token_id for e in evs] for evs in engine.generate(PROMPTS, GREEDY)]
+
+    assert tokens(Engine(model, IdText(), max_batch=3)) == want
+    compiled = Engine(model, IdText(), max_batch=3, compile=True)
+    assert tokens(compiled) == want and compiled.compile
+    assert tokens(Engine(model, IdText(), max_batch=3, speculative="mtp")) == want
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        got, ref = model(ids), plain(ids)
+    assert 1e-4 < (got - ref).abs().max() < 0.02 * ref.abs().max()  # bf16 rounding: close, not equal
+
+    # gradients wanted: the experts' unpacked copies (the kernels have no backward)
+    model(ids).float().logsumexp(-1).sum().backward()
+    assert all(m.gate_up_proj.grad is None for m in packed)  # frozen: packed for serving
+    model.zero_grad()
+
+    model.save_pretrained(str(tmp_path / "saved"))
+    saved = nanoseek.NanoSeek.from_pretrained(str(tmp_path / "saved"), dtype="fp32").state_dict()
+    assert all(torch.equal(saved[k], state[k].float()) for k in state)
+    model.load_state_dict(plain.state_dict())  # weights in their usual layout, packed (rounded) again
+    assert torch.equal(model.state_dict()["layers.1.mlp.experts.down_proj"],
+                       plain.state_dict()["layers.1.mlp.experts.down_proj"].bfloat16())
+    model.to(torch.float64)  # cast: unpacked, the model's own modules again
+    assert all(type(m) is Experts and m.gate_up_proj.dim() == 3 for m in model.modules() if isinstance(m, Experts))
+
+
+def test_load_for_inference_with_bf16_products(tmp_path, data_dir):
+    """`--matmul-dtype bf16` from a checkpoint folder: packed at load, said in the layout line; combinations it cannot
+    serve are refused with what to do instead."""
+    from nanoseek.infer.bf16 import PackedExperts
+    from nanoseek.infer.engine import load_for_inference
+
+    kernel_built()
+    tiny(vocab_size=512).save_pretrained(str(tmp_path / "m"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).write_bytes((data_dir / name).read_bytes())
+    model, _ = load_for_inference(tmp_path / "m", device="cpu", matmul_dtype="bf16")
+    assert isinstance(model.layers[1].mlp.experts, PackedExperts)
+    assert model.linear_layout.startswith("bf16 products (") and "routed-expert modules packed" in model.linear_layout
+    for kw, message in ((dict(device="meta", dtype="fp32"), "--matmul-dtype bf16 is for CPUs .* not meta"),
+                        (dict(device="cpu", dtype="bf16"), "keeps the activations in fp32"),
+                        (dict(device="cpu", expert_dtype="int8"), "multiplies bf16 experts, not int8"),
+                        (dict(device="cpu", expert_dtype="fp32"), "multiplies bf16 experts, not fp32")):
+        with pytest.raises(InferenceError, match=message):
+            load_for_inference(tmp_path / "m", matmul_dtype="bf16", **kw)
 
 
 def test_kernel_build_failure_is_a_warning_and_leaves_nothing_behind(tmp_path):

@@ -32,6 +32,7 @@ import torch
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.device import pick_device, pick_dtype, release_openmp_threads
 from nanoseek.infer import kernels
+from nanoseek.infer.bf16 import use_bf16_products
 from nanoseek.infer.forward import Batch, LatentCache, decode_step, forward_cached, mtp_cached
 from nanoseek.infer.layout import choose_linear_layout
 from nanoseek.infer.quant import quantize_experts
@@ -518,7 +519,7 @@ def _mark_dynamic(tokens: torch.Tensor, batch: Batch) -> None:
 
 
 def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str | None = None,
-                       dtype: str = "auto") -> tuple[NanoSeek, Tokenizer]:
+                       dtype: str = "auto", matmul_dtype: str = "fp32") -> tuple[NanoSeek, Tokenizer]:
     """A run folder (its latest checkpoint) or an HF deepseek_v3 folder with tokenizer files -> model, tokenizer.
 
     `dtype` ("auto", "fp32", "bf16"): the weights and the math (`--dtype`). auto: bf16 on a GPU with bf16 tensor
@@ -530,7 +531,9 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     (CPU only) quarters them, quantized once at load with a scale per row (infer/quant.py); loading holds the
     experts in `dtype` until each layer's are replaced. On CPU in fp32, Linear
     layers decode through the decode kernel or the BLAS with their weights in its faster layout, whichever this
-    CPU ran faster when timed at load (infer/layout.py)."""
+    CPU ran faster when timed at load (infer/layout.py). `matmul_dtype` "bf16" (`--matmul-dtype`, CPU, fp32 math):
+    Linear layers and routed experts multiply in bf16 with float32 sums, their weights stored in bf16 and packed
+    for the decode kernel (infer/bf16.py): faster where the CPU has AVX512-BF16."""
     from nanoseek.model.hf import load_pretrained
     from nanoseek.train.commands import resolve_model_dir
 
@@ -545,6 +548,12 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
         raise InferenceError("--expert-dtype fp32 with bf16 math would cast the experts to bf16 at every step: use "
                              "--dtype fp32 (fp32 math, optionally over bf16 experts) or leave --expert-dtype out")
     int8 = expert_dtype == "int8"
+    bf16_products = matmul_dtype == "bf16"
+    if matmul_dtype not in ("fp32", "bf16"):
+        raise InferenceError(f"matmul_dtype must be 'fp32' or 'bf16', got {matmul_dtype!r}")
+    if bf16_products:
+        _check_bf16_products(dev, dtype, expert_dtype)
+        expert_dtype = "bf16"  # read straight into bf16 storage: packing then holds no float32 copy of them
     if int8 and dev.type != "cpu":
         raise InferenceError(f"--expert-dtype int8 is for CPUs (its kernels are CPU kernels), not {dev.type}: add "
                              "--device cpu, or use --expert-dtype bf16 on this device")
@@ -567,8 +576,32 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
     if eos is not None:  # generation_config.json's end ids replace config.json's for generation (transformers)
         model.config.eos_token_id = eos
     model.name_or_path = Path(path).resolve().name
-    model.linear_layout = choose_linear_layout(model)  # said by `nanoseek serve` at start-up
+    if bf16_products:
+        linears, experts = use_bf16_products(model)
+        model.linear_layout = (f"bf16 products ({'AVX512-BF16' if kernels.bf16_products() else 'emulated'}): "
+                               f"{linears} linear layers and {experts} routed-expert modules packed")
+    else:
+        model.linear_layout = choose_linear_layout(model)  # said by `nanoseek serve` at start-up
     return model, tokenizer
+
+
+def _check_bf16_products(dev: torch.device, dtype: str, expert_dtype: str | None) -> None:
+    """`--matmul-dtype bf16` is for CPUs, over fp32 activations and bf16 experts, through the decode kernel."""
+    if dev.type != "cpu":
+        raise InferenceError(f"--matmul-dtype bf16 is for CPUs (its kernels are CPU kernels), not {dev.type}: there "
+                             "--dtype bf16 multiplies in bf16 already")
+    if dtype != "fp32":
+        raise InferenceError("--matmul-dtype bf16 keeps the activations in fp32 and rounds only the products' inputs: "
+                             "use --dtype fp32, the default on a CPU")
+    if expert_dtype not in (None, "bf16"):
+        raise InferenceError(f"--matmul-dtype bf16 multiplies bf16 experts, not {expert_dtype}: leave --expert-dtype "
+                             "out (or --expert-dtype bf16)")
+    if not kernels.load():
+        raise InferenceError("--matmul-dtype bf16 needs the decode kernel, which could not be built (see the warning "
+                             "above): install a C++ compiler, or leave --matmul-dtype out")
+    if not kernels.bf16_products():
+        warnings.warn("this CPU has no AVX512-BF16: --matmul-dtype bf16 computes its products by widening both factors "
+                      "to fp32, the same numbers more slowly than --matmul-dtype fp32", stacklevel=3)
 
 
 def generation_eos(folder: Path) -> int | list[int] | None:

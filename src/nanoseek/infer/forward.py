@@ -25,6 +25,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.infer import kernels, quant
+from nanoseek.infer.bf16 import PackedExperts
 from nanoseek.model.mla import MLA
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE
@@ -174,7 +175,9 @@ def decode_moe(moe: MoE, x: torch.Tensor, kernel: bool) -> torch.Tensor:
     weights, indices, _ = moe.gate(flat)
     experts = moe.experts
     gate_up_scale, down_scale = quant.scales(experts)
-    if kernel:
+    if isinstance(experts, PackedExperts):  # the index path below cannot read packed panels (_block: always kernel)
+        out = kernels.routed_experts_bf16(flat, indices, weights, experts.gate_up_proj, experts.down_proj)
+    elif kernel:
         out = kernels.routed_experts(flat, indices, weights, experts.gate_up_proj, experts.down_proj, gate_up_scale,
                                      down_scale)
     else:
@@ -203,17 +206,22 @@ def _block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     # the model's own experts only: a parallel wrapper (train/parallel.py) holds a shard and exchanges tokens
     if isinstance(mlp, MoE) and isinstance(mlp.experts, Experts):
         n, compiling = x.shape[0] * x.shape[1], torch.compiler.is_compiling()
-        int8 = mlp.experts.gate_up_proj.dtype == torch.int8
-        # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode kernel;
-        # several rows: the decode kernel where this CPU has the registers for its tiles (kernels.beats_inductor).
-        # int8 experts: always the kernel (inductor's int8 reads made the batch-16 engine 0.34x as fast, docs/LOG.md)
-        if compiling:
-            kernel = int8 or (n != 1 and kernels.beats_inductor())
+        if isinstance(mlp.experts, PackedExperts):  # packed for bf16 products: their kernel at any number of rows
+            if kernels.takes_packed(x):
+                return h + decode_moe(mlp, x, True)
         else:
-            kernel = n <= (INT8_ROWS if int8 else DECODE_ROWS)
-        kernel = kernel and kernels.covers(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
-        if compiling or kernel:
-            return h + decode_moe(mlp, x, kernel)
+            int8 = mlp.experts.gate_up_proj.dtype == torch.int8
+            # compiled, one row: inductor's kernel, fused with its neighbours, was 4-13% faster than the decode
+            # kernel; several rows: the decode kernel where this CPU has the registers for its tiles
+            # (kernels.beats_inductor). int8 experts: always the kernel (inductor's int8 reads made the batch-16
+            # engine 0.34x as fast, docs/LOG.md)
+            if compiling:
+                kernel = int8 or (n != 1 and kernels.beats_inductor())
+            else:
+                kernel = n <= (INT8_ROWS if int8 else DECODE_ROWS)
+            kernel = kernel and kernels.covers(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+            if compiling or kernel:
+                return h + decode_moe(mlp, x, kernel)
     y = mlp(x)
     return h + (y[0] if isinstance(y, tuple) else y)  # MoE also returns its (unused) balance term
 

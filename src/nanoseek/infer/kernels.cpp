@@ -11,9 +11,11 @@
 // stream (docs/LOG.md, 2026-11-29: figures against inductor's kernel and the model's grouped GEMMs).
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -159,6 +161,35 @@ __attribute__((noinline)) static void rows_one(const W* w, int64_t ldw, int64_t 
   }
 }
 
+// bfloat16 products (`--matmul-dtype bf16`): on a CPU with AVX512-BF16, `vdpbf16ps` multiplies 32 pairs of
+// bf16 numbers and adds each lane's two products into a float32 sum, one instruction where float32 weights take
+// two FMAs and int8 or bf16 ones a widening as well; the weights are half float32's bytes. Both operands must be
+// bf16: the activations are rounded once per call (round_bf16), the sums stay float32, as a GPU's bf16 matmul does.
+// Elsewhere the same numbers are computed by widening both (exactly) to float32: slower, not different.
+
+// float32 -> bfloat16 bits, rounded to nearest even (a NaN stays a NaN), as torch's .to(torch.bfloat16).
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t(u >> 16 | 0x40);
+  return uint16_t((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
+static void round_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 32 <= n; i += 32)  // the instruction's rounding is the same (to nearest even)
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) out[i] = to_bf16(x[i]);
+}
+
+#if defined(__AVX512BF16__)
+constexpr int64_t BV = 32;  // bf16 numbers per vector (one cache line)
+
+static inline __m512bh load_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+#endif
+
 // out[j*ldo + r] = w[r]·x[j] for rows r in [r0, r1) of w (whole tiles) and m vectors x[j] of length n.
 // Rows outer, vectors inner: a tile of rows is read from memory once and from L1 for the other vectors.
 template <typename W>
@@ -196,6 +227,57 @@ static void check(const at::Tensor& t, int64_t dim, const char* name, Weights ki
   TORCH_CHECK(t.device().is_cpu() && ok && t.dim() == dim && t.size(-1) % LINE == 0, name, ": expected a ", dim,
               kind == Weights::int8 ? "-d int8" : kind == Weights::bf16 ? "-d float32 or bfloat16" : "-d float32",
               " CPU tensor whose last size is a multiple of ", LINE);
+}
+
+typedef int32_t ivec __attribute__((vector_size(V * sizeof(int32_t))));
+
+static inline vec select(ivec mask, vec a, vec b) {  // mask lanes -1: a, 0: b
+  ivec ai, bi;
+  std::memcpy(&ai, &a, sizeof a);
+  std::memcpy(&bi, &b, sizeof b);
+  const ivec r = (mask & ai) | (~mask & bi);
+  vec v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+
+static inline vec splat(float x) { return vec{} + x; }
+
+// e^x for x <= 0 (scores minus their row's maximum): Cephes' expf, a degree-5 polynomial on [-ln2/2, ln2/2] times
+// 2^n built in the exponent bits; relative error ~1e-7. x < -87.3 (a masked key's -inf) gives exactly 0.
+static inline vec exp_nonpositive(vec x) {
+  const vec lo = splat(-87.3f);
+  const ivec under = x < lo;
+  x = select(under, lo, x);
+  const vec y = x * 1.44269504088896341f + 0.5f;
+  vec n = __builtin_convertvector(__builtin_convertvector(y, ivec), vec);  // toward zero, then down: floor
+  n += __builtin_convertvector(n > y, vec);                                 // (true lanes are -1)
+  const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vec e = p * r * r + r + 1.0f;
+  ivec bits;
+  std::memcpy(&bits, &e, sizeof e);
+  bits += __builtin_convertvector(n, ivec) << 23;  // n >= -126: a normal float
+  vec out;
+  std::memcpy(&out, &bits, sizeof out);
+  return select(under, vec{}, out);
+}
+
+// m = silu(g)·u·w over I numbers (a multiple of V): σ(g) from t = e^(-|g|), which never overflows: 1 / (1 + t) for
+// g >= 0, t / (1 + t) below. glibc's scalar expf here took ~40 µs of a 16-token layer's ~150, on one thread.
+static void silu_times(const float* g, const float* u, float w, int64_t I, float* m) {
+  for (int64_t i = 0; i < I; i += V) {
+    const vec gv = load(g + i);
+    const ivec negative = gv < 0;
+    const vec t = exp_nonpositive(select(negative, gv, -gv));
+    const vec out = gv * (select(negative, t, splat(1.0f)) / (1.0f + t)) * load(u + i) * w;
+    std::memcpy(m + i, &out, sizeof out);
+  }
 }
 
 // The (token, expert) pairs sorted by expert: pair[begin[e]:begin[e+1]] are the pairs that chose expert e.
@@ -252,8 +334,7 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
   });
   for (int64_t q = 0; q < P; ++q) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
     const float* g = gu.data() + q * 2 * I;
-    const float w = gate[s.pair[q]];
-    for (int64_t i = 0; i < I; ++i) mid[q * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i] * w;
+    silu_times(g, g + I, gate[s.pair[q]], I, mid.data() + q * I);
   }
   over_rows(H, I * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
     for (int64_t e = 0; e < E; ++e)
@@ -392,11 +473,195 @@ static void panel_rest(int64_t m, const float* p, int64_t K, const float* x, int
 
 int64_t panel_width() { return P; }
 
+// Whether bf16 products run on the CPU's own instructions (AVX512-BF16), not widened to float32.
+bool bf16_products() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// bf16 panels (`--matmul-dtype bf16`): [O / P, K2, P, 2] bf16, K2 = ceil(K / 2), panels[b][kk][j] = (W[b·P + j][2kk],
+// W[b·P + j][2kk + 1]) (a zero past an odd K): the pair `vdpbf16ps` multiplies with a pair of x's, broadcast. x is
+// rounded to bf16 pairs once per call, x2[i][kk] = (x[i][2kk], x[i][2kk + 1]) in one 32-bit word.
+#if defined(__AVX512BF16__)
+constexpr int MR2 = 8;  // rows per tile: 16 accumulators + 2 weight vectors + 1 broadcast of AVX-512's 32 registers
+
+template <int M>
+__attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx,
+                                                    float* out, int64_t ldo) {
+  static_assert(P == 2 * V && V == 16 && M >= 1 && M <= MR2, "a panel step: two vectors of 16 column pairs");
+  __m512 c[M][2];
+  for (int i = 0; i < M; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  if constexpr (M == 1) {  // one row: two pairs at a time into two sets of sums, 4 chains, not 2
+    __m512 d0 = _mm512_setzero_ps(), d1 = d0;
+    for (; kk + 2 <= K2; kk += 2) {
+      for (int64_t l = 0; l < 4 * P; l += 2 * LINE) __builtin_prefetch(p + (kk + AHEAD_K) * 2 * P + l);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(x[kk])), b = (__m512bh)_mm512_set1_epi32(int(x[kk + 1]));
+      c[0][0] = _mm512_dpbf16_ps(c[0][0], a, load_bh(p + kk * 2 * P));
+      c[0][1] = _mm512_dpbf16_ps(c[0][1], a, load_bh(p + kk * 2 * P + BV));
+      d0 = _mm512_dpbf16_ps(d0, b, load_bh(p + (kk + 1) * 2 * P));
+      d1 = _mm512_dpbf16_ps(d1, b, load_bh(p + (kk + 1) * 2 * P + BV));
+    }
+    c[0][0] = _mm512_add_ps(c[0][0], d0);
+    c[0][1] = _mm512_add_ps(c[0][1], d1);
+  }
+  for (; kk < K2; ++kk) {
+    for (int64_t l = 0; l < 2 * P; l += 2 * LINE) __builtin_prefetch(p + (kk + AHEAD_K) * 2 * P + l);
+    const __m512bh w0 = load_bh(p + kk * 2 * P), w1 = load_bh(p + kk * 2 * P + BV);
+    for (int i = 0; i < M; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(x[i * ldx + kk]));
+      c[i][0] = _mm512_dpbf16_ps(c[i][0], a, w0);
+      c[i][1] = _mm512_dpbf16_ps(c[i][1], a, w1);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    _mm512_storeu_ps(out + i * ldo, c[i][0]);
+    _mm512_storeu_ps(out + i * ldo + V, c[i][1]);
+  }
+}
+
+static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx, float* out,
+                            int64_t ldo) {
+  for (; m >= MR2; m -= MR2, x += MR2 * ldx, out += MR2 * ldo) panel_tile_dp<MR2>(p, K2, x, ldx, out, ldo);
+  switch (m) {
+    case 1: return panel_tile_dp<1>(p, K2, x, ldx, out, ldo);
+    case 2: return panel_tile_dp<2>(p, K2, x, ldx, out, ldo);
+    case 3: return panel_tile_dp<3>(p, K2, x, ldx, out, ldo);
+    case 4: return panel_tile_dp<4>(p, K2, x, ldx, out, ldo);
+    case 5: return panel_tile_dp<5>(p, K2, x, ldx, out, ldo);
+    case 6: return panel_tile_dp<6>(p, K2, x, ldx, out, ldo);
+    case 7: return panel_tile_dp<7>(p, K2, x, ldx, out, ldo);
+    default: return;
+  }
+}
+#else
+// Without AVX512-BF16: the same products, both factors widened exactly to float32 (a bf16 is a float32's upper half).
+static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx, float* out,
+                            int64_t ldo) {
+  typedef uint32_t uvec __attribute__((vector_size(V * sizeof(uint32_t))));
+  const auto as_float = [](uvec u) {
+    vec v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  };
+  for (int64_t i = 0; i < m; ++i) {
+    vec c[P / V];
+    for (auto& a : c) a = vec{};
+    for (int64_t kk = 0; kk < K2; ++kk) {
+      const uint32_t two = x[i * ldx + kk];
+      const float lo = std::bit_cast<float>(two << 16), hi = std::bit_cast<float>(two & 0xffff0000u);
+      for (int64_t h = 0; h < P / V; ++h) {
+        uvec u;
+        std::memcpy(&u, p + (kk * P + h * V) * 2, sizeof u);
+        c[h] += lo * as_float(u << 16) + hi * as_float(u & 0xffff0000u);
+      }
+    }
+    std::memcpy(out + i * ldo, c, sizeof c);
+  }
+}
+#endif
+
+static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels_) {
+  const int64_t N = x.size(0), K = x.size(1), K2 = (K + 1) / 2;
+  TORCH_CHECK(panels_.dim() == 4 && panels_.size(1) == K2 && panels_.size(2) == P && panels_.size(3) == 2,
+              "linear_panels: expected bfloat16 panels [out / ", P, ", ", K2, ", ", P, ", 2] for x [N, ", K,
+              "] (kernels.pack_linear packs a weight [out, in] so)");
+  const at::Tensor panels = panels_.contiguous();
+  const int64_t B = panels.size(0), O = B * P;
+  at::Tensor out = at::empty({N, O}, x.options());
+  if (N == 0 || B == 0) return out;
+  if (K == 0) return out.zero_();
+  std::vector<uint32_t> x2(N * K2, 0);  // x's rows rounded to bf16, in pairs (the last half zero for an odd K)
+  const float* xp = x.const_data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) round_bf16(xp + i * K, K, reinterpret_cast<uint16_t*>(x2.data() + i * K2));
+  const auto* pp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
+  float* o = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 131072 / (K2 * P * 4));  // ~128 KB of weights a thread at least
+  const int64_t chunk = std::max<int64_t>(8, 32768 / K2 / 8 * 8);     // ~128 KB of x's pairs, kept in cache
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = 0; r0 < N; r0 += chunk)
+      for (int64_t b = b0; b < b1; ++b)
+        panel_rows_bf16(std::min(N, r0 + chunk) - r0, pp + b * K2 * 2 * P, K2, x2.data() + r0 * K2, K2,
+                        o + r0 * O + b * P, O);
+  });
+  return out;
+}
+
+// Routed experts in bf16 products (`--matmul-dtype bf16`): each expert's two matrices packed as Linear weights are
+// (gate_up [E, 2I / P, H / 2, P, 2], down [E, H / P, I / 2, P, 2]), and each chosen expert applied, as a small Linear
+// layer, to the rows of the tokens that chose it, gathered in expert order. A dot-product form (a row of weights
+// times each token, then a sum across the vector, as experts_for_pairs does) spent as long on those sums as on the
+// products at H = 256, I = 128: the outer products here have none.
+at::Tensor routed_experts_bf16(const at::Tensor& x_, const at::Tensor& indices_, const at::Tensor& weights_,
+                               const at::Tensor& gate_up_, const at::Tensor& down_) {
+  check(x_, 2, "x", Weights::none);
+  TORCH_CHECK(gate_up_.device().is_cpu() && down_.device().is_cpu() && gate_up_.scalar_type() == at::kBFloat16 &&
+                  down_.scalar_type() == at::kBFloat16 && gate_up_.dim() == 5 && down_.dim() == 5 &&
+                  gate_up_.size(3) == P && down_.size(3) == P && gate_up_.size(4) == 2 && down_.size(4) == 2,
+              "routed_experts_bf16: expected bfloat16 CPU panels gate_up [E, 2I / ", P, ", H / 2, ", P,
+              ", 2] and down [E, H / ", P, ", I / 2, ", P, ", 2] (kernels.pack_experts)");
+  const at::Tensor x = x_.contiguous(), indices = indices_.to(at::kLong).contiguous(),
+                   weights = weights_.to(at::kFloat).contiguous(), gate_up = gate_up_.contiguous(),
+                   down = down_.contiguous();
+  const int64_t N = x.size(0), k = indices.size(1), E = down.size(0), H = down.size(1) * P, I2 = down.size(2),
+                I = 2 * I2, H2 = H / 2, Pn = N * k;
+  TORCH_CHECK(x.size(1) == H && gate_up.size(0) == E && gate_up.size(1) * P == 2 * I && gate_up.size(2) == H2 &&
+                  indices.size(0) == N && weights.sizes() == indices.sizes(),
+              "routed_experts_bf16: mismatched shapes");
+  if (Pn == 0) return at::zeros({N, H}, x.options());
+  const Pairs s = sort_pairs(indices.const_data_ptr<int64_t>(), Pn, E);
+  const std::vector<int64_t>& begin = s.begin;
+  // the tokens' rows in expert order, rounded to bf16 pairs
+  std::vector<uint32_t> x2(Pn * H2), mid2(Pn * I2);
+  std::vector<uint16_t> rounded(N * H);
+  round_bf16(x.const_data_ptr<float>(), N * H, rounded.data());
+  for (int64_t q = 0; q < Pn; ++q) std::memcpy(x2.data() + q * H2, rounded.data() + s.pair[q] / k * H, H * 2);
+  std::vector<float> gu(Pn * 2 * I), mid(Pn * I), y(Pn * H);
+  const auto* w_gu = reinterpret_cast<const uint16_t*>(gate_up.const_data_ptr<at::BFloat16>());
+  const auto* w_down = reinterpret_cast<const uint16_t*>(down.const_data_ptr<at::BFloat16>());
+  const float* gate = weights.const_data_ptr<float>();
+  // each thread its panels of every chosen expert (at least ~128 KB of weights)
+  const auto over_panels = [&](int64_t panels, int64_t K2, const auto& body) {
+    const int64_t grain = std::max<int64_t>(1, 131072 / (K2 * P * 4 * s.chosen));
+    at::parallel_for(0, panels, grain, body);
+  };
+  over_panels(2 * I / P, H2, [&](int64_t b0, int64_t b1) {
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t b = b0; b < b1 && begin[e + 1] > begin[e]; ++b)
+        panel_rows_bf16(begin[e + 1] - begin[e], w_gu + ((e * 2 * I / P) + b) * H2 * 2 * P, H2,
+                        x2.data() + begin[e] * H2, H2, gu.data() + begin[e] * 2 * I + b * P, 2 * I);
+  });
+  for (int64_t q = 0; q < Pn; ++q) {  // silu(gate)·up, times the gate weight, rounded to bf16 pairs
+    const float* g = gu.data() + q * 2 * I;
+    silu_times(g, g + I, gate[s.pair[q]], I, mid.data() + q * I);
+  }
+  round_bf16(mid.data(), Pn * I, reinterpret_cast<uint16_t*>(mid2.data()));
+  at::Tensor out = at::empty({N, H}, x.options());
+  float* o = out.mutable_data_ptr<float>();
+  over_panels(H / P, I2, [&](int64_t b0, int64_t b1) {
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t b = b0; b < b1 && begin[e + 1] > begin[e]; ++b)
+        panel_rows_bf16(begin[e + 1] - begin[e], w_down + ((e * H / P) + b) * I2 * 2 * P, I2,
+                        mid2.data() + begin[e] * I2, I2, y.data() + begin[e] * H + b * P, H);
+    const int64_t h0 = b0 * P, h1 = b1 * P;
+    for (int64_t n = 0; n < N; ++n) std::fill(o + n * H + h0, o + n * H + h1, 0.0f);
+    for (int64_t q = 0; q < Pn; ++q)  // each token's k rows over this thread's columns: no write races
+      for (int64_t h = h0; h < h1; ++h) o[s.pair[q] / k * H + h] += y[q * H + h];
+  });
+  return out;
+}
+
 at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
   TORCH_CHECK(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2,
               "linear_panels: x: expected a 2-d float32 CPU tensor");
-  TORCH_CHECK(panels_.device().is_cpu() && panels_.scalar_type() == at::kFloat && panels_.dim() == 3 &&
-                  panels_.size(1) == x_.size(1) && panels_.size(2) == P,
+  TORCH_CHECK(panels_.device().is_cpu() && (panels_.scalar_type() == at::kFloat ||
+                                            panels_.scalar_type() == at::kBFloat16),
+              "linear_panels: expected float32 or bfloat16 CPU panels, got ", panels_.scalar_type());
+  if (panels_.scalar_type() == at::kBFloat16) return linear_panels_bf16(x_.contiguous(), panels_);
+  TORCH_CHECK(panels_.dim() == 3 && panels_.size(1) == x_.size(1) && panels_.size(2) == P,
               "linear_panels: expected float32 CPU panels [out / ", P, ", ", x_.size(1), ", ", P, "] for x [N, ",
               x_.size(1), "] (kernels.pack_linear packs a weight [out, in] so)");
   const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
@@ -427,45 +692,6 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
 // cached rows [c_kv | k_rope] of its slot, read where the cache keeps them. torch's path first gathers the batch's
 // rows into a new tensor, then runs two small batched products (each packing its operand again) and a softmax
 // between them: at a few hundred tokens of context that was ~45% of a batch-16 step (docs/LOG.md, 2026-11-30).
-
-typedef int32_t ivec __attribute__((vector_size(V * sizeof(int32_t))));
-
-static inline vec select(ivec mask, vec a, vec b) {  // mask lanes -1: a, 0: b
-  ivec ai, bi;
-  std::memcpy(&ai, &a, sizeof a);
-  std::memcpy(&bi, &b, sizeof b);
-  const ivec r = (mask & ai) | (~mask & bi);
-  vec v;
-  std::memcpy(&v, &r, sizeof v);
-  return v;
-}
-
-static inline vec splat(float x) { return vec{} + x; }
-
-// e^x for x <= 0 (scores minus their row's maximum): Cephes' expf, a degree-5 polynomial on [-ln2/2, ln2/2] times
-// 2^n built in the exponent bits; relative error ~1e-7. x < -87.3 (a masked key's -inf) gives exactly 0.
-static inline vec exp_nonpositive(vec x) {
-  const vec lo = splat(-87.3f);
-  const ivec under = x < lo;
-  x = select(under, lo, x);
-  const vec y = x * 1.44269504088896341f + 0.5f;
-  vec n = __builtin_convertvector(__builtin_convertvector(y, ivec), vec);  // toward zero, then down: floor
-  n += __builtin_convertvector(n > y, vec);                                 // (true lanes are -1)
-  const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vec e = p * r * r + r + 1.0f;
-  ivec bits;
-  std::memcpy(&bits, &e, sizeof e);
-  bits += __builtin_convertvector(n, ivec) << 23;  // n >= -126: a normal float
-  vec out;
-  std::memcpy(&out, &bits, sizeof out);
-  return select(under, vec{}, out);
-}
 
 // s[i·K + k] = scale · q_i·key_k for G heads' queries q (stride D) over the K keys (row stride D), -inf where
 // key k is not visible. G = 4: four dot products per key read, summed across their vectors at once.
@@ -616,10 +842,12 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CPU, m) {
   m.impl("routed_experts", &routed_experts);
   m.impl("routed_experts_int8", &routed_experts_int8);
+  m.impl("routed_experts_bf16", &routed_experts_bf16);
   m.impl("linear_panels", &linear_panels);
   m.impl("latent_attention", &latent_attention);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek_cpu, CompositeExplicitAutograd, m) {  // no tensor arguments: no device to dispatch on
   m.impl("panel_width", &panel_width);
+  m.impl("bf16_products", &bf16_products);
 }

@@ -14,7 +14,9 @@ else `c++`/`g++`/`clang++`: the one inductor needs for `--compile` anyway), torc
 hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops, so a compiled decode step calls
 them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half
 the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
-stays float32. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
+stays float32. With `--matmul-dtype bf16` (infer/bf16.py) the Linear and expert weights are packed in bf16 and the
+products are bf16 with float32 sums (`linear_panels` over bf16 panels, `routed_experts_bf16`): AVX512-BF16's
+`vdpbf16ps` where the CPU has it (`bf16_products()`), both factors widened to float32 elsewhere. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
 they do not cover (not on CPU, activations not float32, widths not multiples of 16 or of the panel width),
 `covers`, `covers_linear` and `covers_attention` are False and callers keep torch's path: same results, only
 slower.
@@ -128,16 +130,20 @@ torch.library.define("nanoseek_cpu::routed_experts",
 torch.library.define("nanoseek_cpu::routed_experts_int8",
                      "(Tensor x, Tensor indices, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
                      "Tensor gate_up_scale, Tensor down_scale) -> Tensor")
+torch.library.define("nanoseek_cpu::routed_experts_bf16",
+                     "(Tensor x, Tensor indices, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor")
 
 
 @torch.library.register_fake("nanoseek_cpu::routed_experts")
 @torch.library.register_fake("nanoseek_cpu::routed_experts_int8")
+@torch.library.register_fake("nanoseek_cpu::routed_experts_bf16")
 def _(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)  # contiguous, as the kernel's output is (empty_like would copy x's strides)
 
 
 torch.library.define("nanoseek_cpu::linear_panels", "(Tensor x, Tensor panels) -> Tensor")
 torch.library.define("nanoseek_cpu::panel_width", "() -> int")
+torch.library.define("nanoseek_cpu::bf16_products", "() -> bool")
 
 
 @torch.library.register_fake("nanoseek_cpu::linear_panels")
@@ -147,7 +153,7 @@ def _(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
 @register_flop_formula(torch.ops.nanoseek_cpu.linear_panels)
 def _(x_shape, panels_shape, out_shape=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add: N rows × in × out (out = panels × their width)."""
+    """2 FLOPs per multiply-add: N rows × in × out (out = panels × their width; bf16 panels too)."""
     return 2 * x_shape[0] * x_shape[1] * panels_shape[0] * panels_shape[2]
 
 
@@ -169,11 +175,14 @@ def _(q_shape, rows_shape, slots_shape, visible_shape, *args, out_shape=None, **
     return 2 * B * T * h * visible_shape[-1] * (D + out_shape[-1])
 
 
-@register_flop_formula([torch.ops.nanoseek_cpu.routed_experts, torch.ops.nanoseek_cpu.routed_experts_int8])
+@register_flop_formula([torch.ops.nanoseek_cpu.routed_experts, torch.ops.nanoseek_cpu.routed_experts_int8,
+                        torch.ops.nanoseek_cpu.routed_experts_bf16])
 def _(x_shape, indices_shape, weights_shape, gate_up_shape, down_shape, *scale_shapes, out_shape=None,
       **kwargs) -> int:
-    """For FlopCounterMode: per (token, expert) pair, gate+up [2I, H] and down [H, I], 2 FLOPs a MAC."""
-    (n, k), (_, hidden, inner) = indices_shape, down_shape
+    """For FlopCounterMode: per (token, expert) pair, gate+up [2I, H] and down [H, I], 2 FLOPs a MAC (down [E, H, I],
+    or packed for bf16 products, [E, H / P, I / 2, P, 2])."""
+    (n, k), hidden = indices_shape, x_shape[-1]
+    inner = down_shape[2] * (2 if len(down_shape) == 5 else 1)
     return 2 * n * k * 3 * hidden * inner
 
 
@@ -213,33 +222,51 @@ def panel_width() -> int:
     return torch.ops.nanoseek_cpu.panel_width()
 
 
-def covers_linear(weight: torch.Tensor) -> bool:
-    """Whether `linear_panels` can take this Linear weight [out, in] once packed: a plain float32 CPU tensor, in > 0,
-    out a multiple of the panel width; and the library built."""
-    return (_plain_cpu(weight) and weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[1] > 0
-            and built() and weight.shape[0] % panel_width() == 0)
+def covers_linear(weight: torch.Tensor, products: torch.dtype = torch.float32) -> bool:
+    """Whether `linear_panels` can take this Linear weight [out, in] once packed for products in `products`: a plain
+    CPU tensor, in > 0, out a multiple of the panel width, and the library built; for float32 products a float32
+    weight, for bfloat16 ones (infer/bf16.py) a float32 or bfloat16 weight of an even width (pairs)."""
+    dtypes, pairs = ((torch.float32,), 1) if products == torch.float32 else ((torch.float32, torch.bfloat16), 2)
+    return (_plain_cpu(weight) and weight.dim() == 2 and weight.dtype in dtypes and weight.shape[1] > 0
+            and weight.shape[1] % pairs == 0 and built() and weight.shape[0] % panel_width() == 0)
+
+
+@functools.cache
+def bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 numbers in hardware (AVX512-BF16, as the library was built for it); elsewhere
+    the kernels compute bf16 products by widening both factors to float32: the same numbers, slower than float32."""
+    return built() and torch.ops.nanoseek_cpu.bf16_products()
 
 
 def takes_panels(x: torch.Tensor, panels: torch.Tensor) -> bool:
     """Whether `linear_panels` takes x and packed panels as they are now (a model moved or cast after packing is
-    not): plain float32 CPU tensors."""
-    return all(_plain_cpu(t) and t.dtype == torch.float32 for t in (x, panels))
+    not): plain CPU tensors, x float32, the panels as pack_linear made them (3-d float32 or 4-d bfloat16)."""
+    return (_plain_cpu(x) and _plain_cpu(panels) and x.dtype == torch.float32
+            and (panels.dtype, panels.dim()) in ((torch.float32, 3), (torch.bfloat16, 4)))
 
 
-def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """A Linear weight [out, in] -> panels [out / P, in, P] (P = panel_width()), panels[b, k, j] = weight[b·P + j, k]:
-    the layout `linear_panels` reads in order."""
+def pack_linear(weight: torch.Tensor, products: torch.dtype = torch.float32) -> torch.Tensor:
+    """A Linear weight [out, in] -> the layout `linear_panels` reads in order (P = panel_width()):
+    - float32 products: panels [out / P, in, P], panels[b, k, j] = weight[b·P + j, k];
+    - bfloat16 products: panels [out / P, in / 2, P, 2] in bf16 (rounded to nearest even), panels[b, kk, j] =
+      (weight[b·P + j, 2kk], weight[b·P + j, 2kk + 1]): the pairs AVX512-BF16's dot product multiplies."""
     out, inner = weight.shape
-    return weight.detach().reshape(out // panel_width(), panel_width(), inner).transpose(1, 2).contiguous()
+    w = weight.detach().reshape(out // panel_width(), panel_width(), inner)
+    if products == torch.bfloat16:
+        return w.to(torch.bfloat16).view(w.shape[0], panel_width(), inner // 2, 2).transpose(1, 2).contiguous()
+    return w.float().transpose(1, 2).contiguous()
 
 
 def unpack_linear(panels: torch.Tensor) -> torch.Tensor:
-    """pack_linear's inverse: panels [out / P, in, P] -> weight [out, in] (a copy; gradients flow through it)."""
+    """pack_linear's inverse: panels -> weight [out, in] in the panels' dtype (a copy; gradients flow through it)."""
+    if panels.dim() == 4:
+        return panels.transpose(1, 2).reshape(panels.shape[0] * panels.shape[2], -1)
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])
 
 
 def linear_panels(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """x [N, in] · Wᵀ -> [N, out] in float32, for W packed by pack_linear into panels [out / P, in, P]."""
+    """x [N, in] · Wᵀ -> [N, out] in float32, for W packed by pack_linear; with bf16 panels, x is rounded to bf16 and
+    the products' sums are float32."""
     return torch.ops.nanoseek_cpu.linear_panels(x, panels)
 
 
@@ -273,3 +300,30 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
         return torch.ops.nanoseek_cpu.routed_experts(x, indices, weights, gate_up_proj, down_proj)
     return torch.ops.nanoseek_cpu.routed_experts_int8(x, indices, weights, gate_up_proj, down_proj, gate_up_scale,
                                                       down_scale)
+
+
+def pack_experts(weight: torch.Tensor) -> torch.Tensor:
+    """Stacked expert weights [E, out, in] -> bf16 panels [E, out / P, in / 2, P, 2], each expert's as pack_linear
+    packs a Linear weight for bf16 products."""
+    E, out, inner = weight.shape
+    return pack_linear(weight.detach().reshape(E * out, inner), torch.bfloat16).view(E, out // panel_width(),
+                                                                                      inner // 2, panel_width(), 2)
+
+
+def unpack_experts(panels: torch.Tensor) -> torch.Tensor:
+    """pack_experts' inverse: [E, out / P, in / 2, P, 2] -> [E, out, in] in bf16 (a copy)."""
+    E = panels.shape[0]
+    return unpack_linear(panels.flatten(0, 1)).view(E, -1, panels.shape[2] * 2)
+
+
+def takes_packed(x: torch.Tensor) -> bool:
+    """Whether `routed_experts_bf16` takes these activations: a plain float32 CPU tensor (the panels were checked when
+    packed, infer/bf16.py)."""
+    return _plain_cpu(x) and x.dtype == torch.float32
+
+
+def routed_experts_bf16(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
+    """routed_experts in bf16 products (`--matmul-dtype bf16`) over expert weights packed by pack_experts: x and the
+    experts' hidden activations are rounded to bf16 before each product; the sums are float32."""
+    return torch.ops.nanoseek_cpu.routed_experts_bf16(x, indices, weights, gate_up, down)

@@ -36,8 +36,9 @@ ROWS = (1, 16)  # the timed decode steps: one sequence, a full batch
 
 
 class KernelLinear(nn.Linear):
-    """nn.Linear whose weight is packed into the decode kernel's panels [out / P, in, P] (kernels.pack_linear) and
-    whose products go through the kernel, at any number of rows. state_dict gives, and load_state_dict takes, the
+    """nn.Linear whose weight is packed into the decode kernel's panels (kernels.pack_linear: float32 [out / P, in, P],
+    or bf16 [out / P, in / 2, P, 2] for bf16 products, infer/bf16.py) and whose products go through the kernel, at
+    any number of rows. state_dict gives, and load_state_dict takes, the
     weight [out, in] (a copy: `state_dict(keep_vars=True)` does not give the live parameter). The kernel has no
     backward: a forward whose gradients are wanted computes with the BLAS over an unpacked copy, and gradients reach
     the panels; a model to train comes from `load_pretrained`, not from the inference loader (the model's fused
@@ -47,14 +48,15 @@ class KernelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if grad or not kernels.takes_panels(x, self.weight):
-            return F.linear(x, kernels.unpack_linear(self.weight), self.bias)
+            return F.linear(x, kernels.unpack_linear(self.weight).to(x.dtype), self.bias)
         y = kernels.linear_panels(x.reshape(-1, self.in_features), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         super()._apply(fn, recurse)
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:  # `.to(...)`: the kernel is gone
+        packed = (torch.float32, 3), (torch.bfloat16, 4)
+        if self.weight.device.type != "cpu" or (self.weight.dtype, self.weight.dim()) not in packed:  # `.to(...)`
             self.weight = nn.Parameter(kernels.unpack_linear(self.weight.detach()),
                                        requires_grad=self.weight.requires_grad)
             self.__class__ = nn.Linear
@@ -65,10 +67,10 @@ class KernelLinear(nn.Linear):
         destination[prefix + "weight"] = kernels.unpack_linear(destination[prefix + "weight"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        key, width = prefix + "weight", self.weight.shape[-1]
+        key = prefix + "weight"
         weight = state_dict.get(key)
-        if weight is not None and weight.dim() == 2 and weight.shape[0] % width == 0:  # else super() names the sizes
-            state_dict = {**state_dict, key: kernels.pack_linear(weight)}
+        if weight is not None and weight.dim() == 2 and weight.shape[0] % kernels.panel_width() == 0:  # else super()
+            state_dict = {**state_dict, key: kernels.pack_linear(weight, self.weight.dtype)}  # names the sizes
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -112,15 +114,15 @@ def timings(out_features: int, in_features: int, repeats: int = 9) -> dict[str, 
             **{f"{name}@1": median[name, 1] for name in ways}}
 
 
-def use_decode_kernel(model: nn.Module) -> int:
-    """Pack every Linear weight the kernel takes into its panels and route the layer through it; returns how many.
-    Left as they are: kv_b_proj, whose weight absorbed attention reads as stored, and a weight another module shares
-    (an lm_head tied to the embedding)."""
+def use_decode_kernel(model: nn.Module, products: torch.dtype = torch.float32) -> int:
+    """Pack every Linear weight the kernel takes into its panels for products in `products` (float32, or bfloat16:
+    infer/bf16.py) and route the layer through it; returns how many. Left as they are: kv_b_proj, whose weight
+    absorbed attention reads as stored, and a weight another module shares (an lm_head tied to the embedding)."""
     shared = _shared(model)
     layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and not name.endswith("kv_b_proj")
-              and id(m.weight) not in shared and kernels.covers_linear(m.weight)]
+              and id(m.weight) not in shared and kernels.covers_linear(m.weight, products)]
     for m in layers:
-        m.weight = nn.Parameter(kernels.pack_linear(m.weight), requires_grad=m.weight.requires_grad)
+        m.weight = nn.Parameter(kernels.pack_linear(m.weight, products), requires_grad=m.weight.requires_grad)
         m.__class__ = KernelLinear
     return len(layers)
 

@@ -1,0 +1,96 @@
+"""bf16 products on CPU for serving (`--matmul-dtype bf16`): Linear layers and routed experts multiply in bfloat16,
+with float32 sums, as a GPU's bf16 matmul does.
+
+A decode step of 16 sequences on a CPU is bound by arithmetic, not by reading weights: the float32 Linear kernel ran
+at ~90% of this VM's matmul peak there (docs/LOG.md, 2026-12-01). CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel
+Cooper Lake, Sapphire Rapids and later) have `vdpbf16ps`: 32 products of bf16 pairs into 16 float32 sums, one
+instruction where float32 takes two FMAs. So the weights are stored in bf16 (half the bytes, which a one-sequence
+step is bound by), packed once at load into the panels the kernels read (infer/kernels.cpp: pairs of inputs side
+by side), and each product's other input (a Linear layer's x, an expert's x and hidden activation) is rounded to
+bf16 as the kernel reads it. The rest stays float32: the residual stream, norms, the router, attention and its
+latent cache, the softmax, the logits' sums.
+
+What it changes: the model computes with weights and Linear/expert inputs rounded to bf16 (8 bits of mantissa);
+docs/LOG.md has the logits' difference from float32. Where the CPU lacks AVX512-BF16 the kernels compute the same
+products by widening both factors to float32 (the same numbers, slower than float32 products), and the loader
+warns. Inference only: the packed module's state_dict gives, and load_state_dict takes, weights in the usual
+layout ([out, in]; [E, 2I, H] and [E, H, I]), so `save_pretrained` writes a bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanoseek.infer import kernels
+from nanoseek.model.moe import Experts
+
+
+class PackedExperts(Experts):
+    """`Experts` whose stacked weights are bf16 panels for `kernels.routed_experts_bf16` (kernels.pack_experts):
+    `gate_up_proj` [E, 2I / P, H / 2, P, 2], `down_proj` [E, H / P, I / 2, P, 2]. Every forward without gradients
+    goes through the kernel, at any number of rows (decode steps, prefills, the model's own forward): one set of
+    numbers. With gradients wanted (the kernel has no backward) it multiplies unpacked copies as `Experts` does.
+    Moved off the CPU or cast, the module unpacks and is an `Experts` again."""
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not kernels.takes_packed(x):
+            return super().forward(x, indices, weights, counts)
+        return kernels.routed_experts_bf16(x, indices, weights, self.gate_up_proj, self.down_proj)
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)  # not Experts.__init__, which would allocate the float weights again
+        self.n_experts = experts.n_experts
+        self.gate_up_proj = nn.Parameter(kernels.pack_experts(experts.gate_up_proj), requires_grad=False)
+        self.down_proj = nn.Parameter(kernels.pack_experts(experts.down_proj), requires_grad=False)
+        self.train(experts.training)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.unpack_experts(self.gate_up_proj), kernels.unpack_experts(self.down_proj)
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.unpack_experts(self.gate_up_proj[e:e + 1])[0], kernels.unpack_experts(self.down_proj[e:e + 1])[0]
+
+    @staticmethod
+    def takes(experts: nn.Module) -> bool:
+        """Plain `Experts` on the CPU whose matrices the panels take as Linear weights: H and 2I multiples of the
+        panel width, H and I even."""
+        return (type(experts) is Experts and experts.n_experts > 0
+                and all(kernels.covers_linear(w[0], torch.bfloat16) for w in (experts.gate_up_proj, experts.down_proj)))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        if self.gate_up_proj.device.type != "cpu" or self.gate_up_proj.dtype != torch.bfloat16:
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(self, name, nn.Parameter(kernels.unpack_experts(getattr(self, name).detach()),
+                                                 requires_grad=False))
+            self.__class__ = Experts
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("gate_up_proj", "down_proj"):
+            destination[prefix + name] = kernels.unpack_experts(destination[prefix + name])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict = {**state_dict, **{prefix + name: kernels.pack_experts(state_dict[prefix + name])
+                                       for name in ("gate_up_proj", "down_proj")
+                                       if getattr(state_dict.get(prefix + name), "dim", lambda: 0)() == 3}}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def use_bf16_products(model: nn.Module) -> tuple[int, int]:
+    """Pack the model's Linear layers (as infer/layout.py's kernel path takes them) and routed experts for bf16
+    products, one module at a time (each float copy is freed as it is replaced); returns (Linear layers, expert
+    modules) packed."""
+    from nanoseek.infer.layout import use_decode_kernel
+
+    linears = use_decode_kernel(model, torch.bfloat16)
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if PackedExperts.takes(child)]
+    for parent, name in places:
+        setattr(parent, name, PackedExperts(getattr(parent, name)))
+    return linears, len(places)
