@@ -762,6 +762,9 @@ def test_routed_experts_kernel_rejects_bad_input_clearly():
     gate_up, down, x = torch.randn(E, 2 * inner, H), torch.randn(E, H, inner), torch.randn(2, H)
     assert kernels.routed_experts(x[:0], torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), gate_up,
                                   down).shape == (0, H)
+    no_inner = kernels.routed_experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), torch.randn(E, 0, H),
+                                      torch.randn(E, H, 0))  # I = 0: an empty sum (it once divided by zero)
+    assert torch.equal(no_inner, torch.zeros(2, H))
     with pytest.raises(RuntimeError, match="expert index 4 out of range"):
         kernels.routed_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2), gate_up, down)
     with pytest.raises(RuntimeError, match="mismatched shapes"):
@@ -945,6 +948,8 @@ def test_bf16_products_kernels_equal_a_naive_reference():
     `vdpbf16ps`; elsewhere both factors widened. The packing round-trips to the bf16 weights; what the kernels do not
     take is refused or not covered."""
     kernel_built()
+    if os.environ.get("NANOSEEK_TEST_KERNEL_FLAGS") == "-fopenmp":  # built for any CPU: the widened products
+        assert not kernels.bf16_products()
     torch.manual_seed(0)
     P = kernels.panel_width()
     threads = torch.get_num_threads()
@@ -975,6 +980,8 @@ def test_bf16_products_kernels_equal_a_naive_reference():
     assert kernels.covers_linear(torch.randn(P, 47))  # float32 products take any
     with pytest.raises(RuntimeError, match=r"expected bfloat16 panels \[out / \d+, 16, \d+, 2\] for x \[N, 32\]"):
         kernels.linear_panels(torch.randn(2, 32), kernels.pack_linear(torch.randn(P, 48), torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"for x \[N, 47\]"):  # one short of the weight's 48: not its pairs
+        kernels.linear_panels(torch.randn(2, 47), kernels.pack_linear(torch.randn(P, 48), torch.bfloat16))
 
     E, H, inner, k = 8, 2 * P, P, 3
     gate_up, down = torch.randn(E, 2 * inner, H) * 0.2, torch.randn(E, H, inner) * 0.2
@@ -983,7 +990,7 @@ def test_bf16_products_kernels_equal_a_naive_reference():
                                                                                                  P, 2)
     assert torch.equal(kernels.unpack_experts(packed_gate_up), gate_up.bfloat16())
     assert torch.equal(kernels.unpack_experts(packed_down), down.bfloat16())
-    for tokens in (1, 3, 16, 40):
+    def experts_case(tokens: int) -> None:
         x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
         indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
         with FlopCounterMode(display=False) as counter:
@@ -996,6 +1003,18 @@ def test_bf16_products_kernels_equal_a_naive_reference():
                 hidden = (F.silu(gate) * up * w).float()  # float32 in the kernel, then rounded
                 want[t] += bf16_values(down[e]) @ bf16_values(hidden)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+    for tokens in (1, 3, 16, 40):
+        experts_case(tokens)
+    try:  # wide enough for each matrix's panels to be split over two threads
+        torch.set_num_threads(2)
+        E, H, inner = 4, 24 * P, 12 * P
+        gate_up, down = torch.randn(E, 2 * inner, H) * 0.05, torch.randn(E, H, inner) * 0.05
+        packed_gate_up, packed_down = kernels.pack_experts(gate_up), kernels.pack_experts(down)
+        experts_case(5)
+    finally:
+        torch.set_num_threads(threads)
+    x, weights, indices = torch.randn(2, H), torch.rand(2, k), torch.tensor([[0, 1, 2], [3, 2, 1]])
     with pytest.raises(RuntimeError, match=r"expected bfloat16 CPU panels gate_up \[E, 2I / \d+"):
         kernels.routed_experts_bf16(x, indices, weights, gate_up.bfloat16(), down.bfloat16())  # not packed
     with pytest.raises(RuntimeError, match="mismatched shapes"):

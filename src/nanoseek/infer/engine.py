@@ -588,8 +588,8 @@ def load_for_inference(path: str | Path, device: str = "auto", expert_dtype: str
 def _check_bf16_products(dev: torch.device, dtype: str, expert_dtype: str | None) -> None:
     """`--matmul-dtype bf16` is for CPUs, over fp32 activations and bf16 experts, through the decode kernel."""
     if dev.type != "cpu":
-        raise InferenceError(f"--matmul-dtype bf16 is for CPUs (its kernels are CPU kernels), not {dev.type}: there "
-                             "--dtype bf16 multiplies in bf16 already")
+        raise InferenceError(f"--matmul-dtype bf16 is for CPUs (its kernels are CPU kernels), not {dev.type}: add "
+                             f"--device cpu, or leave it out ({dev.type} multiplies in bf16 with --dtype bf16)")
     if dtype != "fp32":
         raise InferenceError("--matmul-dtype bf16 keeps the activations in fp32 and rounds only the products' inputs: "
                              "use --dtype fp32, the default on a CPU")

@@ -11,7 +11,6 @@
 // stream (docs/LOG.md, 2026-11-29: figures against inductor's kernel and the model's grouped GEMMs).
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -165,20 +164,26 @@ __attribute__((noinline)) static void rows_one(const W* w, int64_t ldw, int64_t 
 // bf16 numbers and adds each lane's two products into a float32 sum, one instruction where float32 weights take
 // two FMAs and int8 or bf16 ones a widening as well; the weights are half float32's bytes. Both operands must be
 // bf16: the activations are rounded once per call (round_bf16), the sums stay float32, as a GPU's bf16 matmul does.
-// Elsewhere the same numbers are computed by widening both (exactly) to float32: slower, not different.
+// Elsewhere the same products are computed by widening both (exactly) to float32: slower, and equal up to the
+// float32 rounding of sums taken in another order.
 
-// float32 -> bfloat16 bits, rounded to nearest even (a NaN stays a NaN), as torch's .to(torch.bfloat16).
+// float32 -> bfloat16 bits, rounded to nearest even (a NaN stays a NaN), as torch's .to(torch.bfloat16); with
+// AVX512-BF16, a denormal float becomes a signed zero, as the vector conversion makes it (and `vdpbf16ps` reads
+// denormal bf16 numbers as zeros): the tail of a row must round as the rest of it does.
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t(u >> 16 | 0x40);
+#if defined(__AVX512BF16__)
+  if ((u & 0x7f800000u) == 0) return uint16_t(u >> 16 & 0x8000);
+#endif
   return uint16_t((u + 0x7fffu + (u >> 16 & 1)) >> 16);
 }
 
 static void round_bf16(const float* x, int64_t n, uint16_t* out) {
   int64_t i = 0;
 #if defined(__AVX512BF16__)
-  for (; i + 32 <= n; i += 32)  // the instruction's rounding is the same (to nearest even)
+  for (; i + 32 <= n; i += 32)  // to nearest even, denormals to zero
     _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
 #endif
   for (; i < n; ++i) out[i] = to_bf16(x[i]);
@@ -378,7 +383,7 @@ static at::Tensor experts_op(const at::Tensor& x_, const at::Tensor& indices_, c
                     s_gu.sizes() == gate_up.sizes().slice(0, 2) && s_down.sizes() == down.sizes().slice(0, 2),
                 "routed_experts: scales must be CPU tensors [E, 2I] and [E, H]");
   }
-  if (P == 0) return at::zeros({N, H}, x.options());
+  if (P == 0 || H == 0 || I == 0) return at::zeros({N, H}, x.options());
   const Pairs s = sort_pairs(indices.const_data_ptr<int64_t>(), P, E);
   at::Tensor out = at::empty({N, H}, x.options());
   const float *xp = x.const_data_ptr<float>(), *gate = weights.const_data_ptr<float>();
@@ -482,14 +487,20 @@ bool bf16_products() {
 #endif
 }
 
-// bf16 panels (`--matmul-dtype bf16`): [O / P, K2, P, 2] bf16, K2 = ceil(K / 2), panels[b][kk][j] = (W[b·P + j][2kk],
-// W[b·P + j][2kk + 1]) (a zero past an odd K): the pair `vdpbf16ps` multiplies with a pair of x's, broadcast. x is
-// rounded to bf16 pairs once per call, x2[i][kk] = (x[i][2kk], x[i][2kk + 1]) in one 32-bit word.
+// bf16 panels (`--matmul-dtype bf16`): [O / P, K2, P, 2] bf16, K = 2·K2, panels[b][kk][j] = (W[b·P + j][2kk],
+// W[b·P + j][2kk + 1]): the pair `vdpbf16ps` multiplies with a pair of x's, broadcast. x is rounded to bf16 once
+// per call; its pair kk of row i, (x[i][2kk], x[i][2kk + 1]), is read as one 32-bit word (pair()).
+static inline uint32_t pair(const uint16_t* x, int64_t kk) {
+  uint32_t two;
+  std::memcpy(&two, x + 2 * kk, sizeof two);
+  return two;
+}
+
 #if defined(__AVX512BF16__)
 constexpr int MR2 = 8;  // rows per tile: 16 accumulators + 2 weight vectors + 1 broadcast of AVX-512's 32 registers
 
 template <int M>
-__attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx,
+__attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K2, const uint16_t* x, int64_t ldx,
                                                     float* out, int64_t ldo) {
   static_assert(P == 2 * V && V == 16 && M >= 1 && M <= MR2, "a panel step: two vectors of 16 column pairs");
   __m512 c[M][2];
@@ -499,7 +510,8 @@ __attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K
     __m512 d0 = _mm512_setzero_ps(), d1 = d0;
     for (; kk + 2 <= K2; kk += 2) {
       for (int64_t l = 0; l < 4 * P; l += 2 * LINE) __builtin_prefetch(p + (kk + AHEAD_K) * 2 * P + l);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(x[kk])), b = (__m512bh)_mm512_set1_epi32(int(x[kk + 1]));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(pair(x, kk))),
+                     b = (__m512bh)_mm512_set1_epi32(int(pair(x, kk + 1)));
       c[0][0] = _mm512_dpbf16_ps(c[0][0], a, load_bh(p + kk * 2 * P));
       c[0][1] = _mm512_dpbf16_ps(c[0][1], a, load_bh(p + kk * 2 * P + BV));
       d0 = _mm512_dpbf16_ps(d0, b, load_bh(p + (kk + 1) * 2 * P));
@@ -512,7 +524,7 @@ __attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K
     for (int64_t l = 0; l < 2 * P; l += 2 * LINE) __builtin_prefetch(p + (kk + AHEAD_K) * 2 * P + l);
     const __m512bh w0 = load_bh(p + kk * 2 * P), w1 = load_bh(p + kk * 2 * P + BV);
     for (int i = 0; i < M; ++i) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(x[i * ldx + kk]));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(pair(x + i * ldx, kk)));
       c[i][0] = _mm512_dpbf16_ps(c[i][0], a, w0);
       c[i][1] = _mm512_dpbf16_ps(c[i][1], a, w1);
     }
@@ -523,7 +535,7 @@ __attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K
   }
 }
 
-static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx, float* out,
+static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint16_t* x, int64_t ldx, float* out,
                             int64_t ldo) {
   for (; m >= MR2; m -= MR2, x += MR2 * ldx, out += MR2 * ldo) panel_tile_dp<MR2>(p, K2, x, ldx, out, ldo);
   switch (m) {
@@ -539,7 +551,7 @@ static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint
 }
 #else
 // Without AVX512-BF16: the same products, both factors widened exactly to float32 (a bf16 is a float32's upper half).
-static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint32_t* x, int64_t ldx, float* out,
+static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint16_t* x, int64_t ldx, float* out,
                             int64_t ldo) {
   typedef uint32_t uvec __attribute__((vector_size(V * sizeof(uint32_t))));
   const auto as_float = [](uvec u) {
@@ -551,8 +563,10 @@ static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint
     vec c[P / V];
     for (auto& a : c) a = vec{};
     for (int64_t kk = 0; kk < K2; ++kk) {
-      const uint32_t two = x[i * ldx + kk];
-      const float lo = std::bit_cast<float>(two << 16), hi = std::bit_cast<float>(two & 0xffff0000u);
+      const uint32_t two = pair(x + i * ldx, kk), lo_bits = two << 16, hi_bits = two & 0xffff0000u;
+      float lo, hi;
+      std::memcpy(&lo, &lo_bits, sizeof lo);
+      std::memcpy(&hi, &hi_bits, sizeof hi);
       for (int64_t h = 0; h < P / V; ++h) {
         uvec u;
         std::memcpy(&u, p + (kk * P + h * V) * 2, sizeof u);
@@ -565,8 +579,8 @@ static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint
 #endif
 
 static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels_) {
-  const int64_t N = x.size(0), K = x.size(1), K2 = (K + 1) / 2;
-  TORCH_CHECK(panels_.dim() == 4 && panels_.size(1) == K2 && panels_.size(2) == P && panels_.size(3) == 2,
+  const int64_t N = x.size(0), K = x.size(1), K2 = K / 2;
+  TORCH_CHECK(panels_.dim() == 4 && 2 * panels_.size(1) == K && panels_.size(2) == P && panels_.size(3) == 2,
               "linear_panels: expected bfloat16 panels [out / ", P, ", ", K2, ", ", P, ", 2] for x [N, ", K,
               "] (kernels.pack_linear packs a weight [out, in] so)");
   const at::Tensor panels = panels_.contiguous();
@@ -574,9 +588,8 @@ static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& pane
   at::Tensor out = at::empty({N, O}, x.options());
   if (N == 0 || B == 0) return out;
   if (K == 0) return out.zero_();
-  std::vector<uint32_t> x2(N * K2, 0);  // x's rows rounded to bf16, in pairs (the last half zero for an odd K)
-  const float* xp = x.const_data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) round_bf16(xp + i * K, K, reinterpret_cast<uint16_t*>(x2.data() + i * K2));
+  std::vector<uint16_t> x2(N * K);  // x rounded to bf16
+  round_bf16(x.const_data_ptr<float>(), N * K, x2.data());
   const auto* pp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
   float* o = out.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 131072 / (K2 * P * 4));  // ~128 KB of weights a thread at least
@@ -584,7 +597,7 @@ static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& pane
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk)
       for (int64_t b = b0; b < b1; ++b)
-        panel_rows_bf16(std::min(N, r0 + chunk) - r0, pp + b * K2 * 2 * P, K2, x2.data() + r0 * K2, K2,
+        panel_rows_bf16(std::min(N, r0 + chunk) - r0, pp + b * K2 * 2 * P, K2, x2.data() + r0 * K, K,
                         o + r0 * O + b * P, O);
   });
   return out;
@@ -611,14 +624,13 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_, const at::Tensor& indices_,
   TORCH_CHECK(x.size(1) == H && gate_up.size(0) == E && gate_up.size(1) * P == 2 * I && gate_up.size(2) == H2 &&
                   indices.size(0) == N && weights.sizes() == indices.sizes(),
               "routed_experts_bf16: mismatched shapes");
-  if (Pn == 0) return at::zeros({N, H}, x.options());
+  if (Pn == 0 || H == 0 || I == 0) return at::zeros({N, H}, x.options());
   const Pairs s = sort_pairs(indices.const_data_ptr<int64_t>(), Pn, E);
   const std::vector<int64_t>& begin = s.begin;
-  // the tokens' rows in expert order, rounded to bf16 pairs
-  std::vector<uint32_t> x2(Pn * H2), mid2(Pn * I2);
-  std::vector<uint16_t> rounded(N * H);
+  // the tokens' rows in expert order, rounded to bf16
+  std::vector<uint16_t> x2(Pn * H), mid2(Pn * I), rounded(N * H);
   round_bf16(x.const_data_ptr<float>(), N * H, rounded.data());
-  for (int64_t q = 0; q < Pn; ++q) std::memcpy(x2.data() + q * H2, rounded.data() + s.pair[q] / k * H, H * 2);
+  for (int64_t q = 0; q < Pn; ++q) std::memcpy(x2.data() + q * H, rounded.data() + s.pair[q] / k * H, H * 2);
   std::vector<float> gu(Pn * 2 * I), mid(Pn * I), y(Pn * H);
   const auto* w_gu = reinterpret_cast<const uint16_t*>(gate_up.const_data_ptr<at::BFloat16>());
   const auto* w_down = reinterpret_cast<const uint16_t*>(down.const_data_ptr<at::BFloat16>());
@@ -632,20 +644,20 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_, const at::Tensor& indices_,
     for (int64_t e = 0; e < E; ++e)
       for (int64_t b = b0; b < b1 && begin[e + 1] > begin[e]; ++b)
         panel_rows_bf16(begin[e + 1] - begin[e], w_gu + ((e * 2 * I / P) + b) * H2 * 2 * P, H2,
-                        x2.data() + begin[e] * H2, H2, gu.data() + begin[e] * 2 * I + b * P, 2 * I);
+                        x2.data() + begin[e] * H, H, gu.data() + begin[e] * 2 * I + b * P, 2 * I);
   });
   for (int64_t q = 0; q < Pn; ++q) {  // silu(gate)·up, times the gate weight, rounded to bf16 pairs
     const float* g = gu.data() + q * 2 * I;
     silu_times(g, g + I, gate[s.pair[q]], I, mid.data() + q * I);
   }
-  round_bf16(mid.data(), Pn * I, reinterpret_cast<uint16_t*>(mid2.data()));
+  round_bf16(mid.data(), Pn * I, mid2.data());
   at::Tensor out = at::empty({N, H}, x.options());
   float* o = out.mutable_data_ptr<float>();
   over_panels(H / P, I2, [&](int64_t b0, int64_t b1) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t b = b0; b < b1 && begin[e + 1] > begin[e]; ++b)
         panel_rows_bf16(begin[e + 1] - begin[e], w_down + ((e * H / P) + b) * I2 * 2 * P, I2,
-                        mid2.data() + begin[e] * I2, I2, y.data() + begin[e] * H + b * P, H);
+                        mid2.data() + begin[e] * I, I, y.data() + begin[e] * H + b * P, H);
     const int64_t h0 = b0 * P, h1 = b1 * P;
     for (int64_t n = 0; n < N; ++n) std::fill(o + n * H + h0, o + n * H + h1, 0.0f);
     for (int64_t q = 0; q < Pn; ++q)  // each token's k rows over this thread's columns: no write races

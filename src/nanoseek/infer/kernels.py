@@ -16,10 +16,10 @@ them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype b
 the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
 stays float32. With `--matmul-dtype bf16` (infer/bf16.py) the Linear and expert weights are packed in bf16 and the
 products are bf16 with float32 sums (`linear_panels` over bf16 panels, `routed_experts_bf16`): AVX512-BF16's
-`vdpbf16ps` where the CPU has it (`bf16_products()`), both factors widened to float32 elsewhere. Without a compiler, with `NANOSEEK_KERNELS=0`, or for tensors
-they do not cover (not on CPU, activations not float32, widths not multiples of 16 or of the panel width),
-`covers`, `covers_linear` and `covers_attention` are False and callers keep torch's path: same results, only
-slower.
+`vdpbf16ps` where the CPU has it (`bf16_products()`), both factors widened to float32 elsewhere. Without a
+compiler, with `NANOSEEK_KERNELS=0`, or for tensors they do not cover (not on CPU, activations not float32, widths
+not multiples of 16 or of the panel width), `covers`, `covers_linear` and `covers_attention` are False and callers
+keep torch's path: same results, only slower.
 """
 
 from __future__ import annotations
