@@ -1369,8 +1369,8 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
 
 
 def test_load_for_inference_with_bf16_products(tmp_path, data_dir):
-    """`--matmul-dtype bf16` from a checkpoint folder: packed at load, said in the layout line; combinations it cannot
-    serve are refused with what to do instead."""
+    """`--matmul-dtype bf16` from a checkpoint folder: packed at load, said in the layout line (and suggested there
+    without it, on a CPU with AVX512-BF16); combinations it cannot serve are refused with what to do instead."""
     from nanoseek.infer.bf16 import PackedExperts
     from nanoseek.infer.engine import load_for_inference
 
@@ -1381,6 +1381,8 @@ def test_load_for_inference_with_bf16_products(tmp_path, data_dir):
     model, _ = load_for_inference(tmp_path / "m", device="cpu", matmul_dtype="bf16")
     assert isinstance(model.layers[1].mlp.experts, PackedExperts)
     assert model.linear_layout.startswith("bf16 products (") and "routed-expert modules packed" in model.linear_layout
+    plain, _ = load_for_inference(tmp_path / "m", device="cpu")  # fp32 products: a hint where bf16 ones are native
+    assert ("--matmul-dtype bf16 decodes" in plain.linear_layout) == kernels.bf16_products()
     for kw, message in ((dict(device="meta", dtype="fp32"), "--matmul-dtype bf16 is for CPUs .* not meta"),
                         (dict(device="cpu", dtype="bf16"), "keeps the activations in fp32"),
                         (dict(device="cpu", expert_dtype="int8"), "multiplies bf16 experts, not int8"),
