@@ -532,6 +532,63 @@ def test_mailbox_wakes_the_loop_once_per_batch_of_events():
     box.post(queues[1], "late")  # and posting for a loop that is gone is a no-op, not an error
 
 
+def test_a_step_posts_its_events_while_the_mailbox_is_held():
+    """While held (one prefill or decode step), posts wake nothing, even once the loop has emptied the mailbox (on
+    an idle core it did, and every event woke it again); the release wakes the loop once for all of them. The
+    engine holds its loops' mailboxes around every step that emits: all stream events are posted held."""
+    from nanoseek.infer.engine import _Mailbox
+
+    wakeups = []
+
+    class Counted(_Mailbox):
+        def _deliver(self) -> None:
+            wakeups.append(len(self.pending))
+            super()._deliver()
+
+    loop = asyncio.new_event_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    box = Counted(loop)
+    try:
+        box.hold()
+        box.post(q, 1)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert wakeups == []  # held: no wake-up for the first event
+        box.post(q, 2)
+        box.release()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert wakeups == [2] and [q.get_nowait(), q.get_nowait()] == [1, 2]
+        box.hold()
+        box.release()  # nothing posted: nothing to wake for
+        loop.run_until_complete(asyncio.sleep(0))
+        assert wakeups == [2]
+    finally:
+        loop.close()
+
+    held = []
+    real = _Mailbox.post
+
+    def spy(self, events, ev):
+        held.append(self.held)
+        real(self, events, ev)
+
+    engine = Engine(tiny(), IdText(), max_batch=4)
+
+    async def streams() -> list[list[int]]:
+        async def one(prompt: list[int]) -> list[int]:
+            return [ev.token_id async for ev in engine.stream(prompt, GREEDY)]
+        return await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
+
+    _Mailbox.post = spy
+    try:
+        got = asyncio.run(streams())
+    finally:
+        _Mailbox.post = real
+        engine.shutdown()
+    assert got == [[e.token_id for e in evs] for evs in Engine(tiny(), IdText(), max_batch=4).generate(PROMPTS[:4],
+                                                                                                       GREEDY)]
+    assert len(held) == 4 * 10 and all(held)
+
+
 def test_bad_requests_are_clear_errors():
     engine = Engine(tiny(), IdText())
     with pytest.raises(InferenceError, match="exceeds the model's context of 128"):
