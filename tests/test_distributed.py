@@ -181,6 +181,18 @@ def test_resume_across_world_sizes(data_dir, reference, tmp_path):
     assert not torch.equal(*rng)  # the rank the one-process run did not have drew numbers of its own
 
 
+def test_a_time_budgeted_run_plans_alike_on_every_rank(data_dir, tmp_path):
+    """train.max_time on 2 ranks: the plan made after the timed first steps, and its check halfway through the rest
+    (a collective decision: each rank's clock differs), are the same on both ranks; the job ends together."""
+    out = tmp_path / "run"
+    torchrun(data_dir, out, "parallel.dp=ddp", "train.max_time=6", steps=0)
+    log = MetricsLog(out / "metrics.jsonl")
+    plans, steps = log.records("plan"), log.records("train")
+    assert plans and plans[-1]["total_steps"] >= steps[-1]["step"] >= 2 * 10  # long enough to be checked
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] in ("done", "time")
+
+
 def test_export_consolidates_a_sharded_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
     torchrun(data_dir, run, "parallel.dp=fsdp", "parallel.ep=2", "checkpoint.every=3")

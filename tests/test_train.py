@@ -25,7 +25,7 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import load_run_config, run_config_from_dict
 from nanoseek.train.loop import NonFiniteLossError, Trainer, World, batch_ramp, make_optimizer, update_routing_bias
-from nanoseek.train.run import MetricsLog, describe_plan, train
+from nanoseek.train.run import MetricsLog, RunResult, describe_plan, train
 from nanoseek.train.schedule import BatchRamp, LRSchedule, piecewise, plan_length
 from tests.tasks import ReverseTask
 
@@ -458,11 +458,13 @@ def test_resume_with_a_longer_time_budget_trains_longer(tmp_path):
     assert first.stop_reason in ("done", "time") and state["planned_max_time"] == 1.0
     assert state["seconds_per_token"] > 0
     resumed = train(resume=run, overrides=["train.max_time=2.0"], batches=ReverseTask(), val=[], progress=False)
-    plans = MetricsLog(run / "metrics.jsonl").records("plan")
-    assert plans[-1]["step"] == state["step"] and plans[-1]["total_steps"] > state["step"]  # re-planned at once
+    plans = [p for p in MetricsLog(run / "metrics.jsonl").records("plan") if p["step"] >= state["step"]]
+    assert plans[0]["step"] == state["step"] and plans[0]["total_steps"] > state["step"]  # re-planned at once ...
+    assert plans[0]["seconds_per_token"] == state["seconds_per_token"]  # ... from the time it had measured
     assert resumed.summary["steps"] > state["step"]
     again = read_state(latest_checkpoint(run))["state"]
-    assert again["planned_max_time"] == 2.0 and again["seconds_per_token"] == state["seconds_per_token"]
+    # (later, slower steps re-plan the rest at their speed: the last plan's)
+    assert again["planned_max_time"] == 2.0 and again["seconds_per_token"] == plans[-1]["seconds_per_token"]
 
 
 def test_a_time_budget_with_a_batch_ramp_is_planned_per_token(tmp_path, monkeypatch):
@@ -499,6 +501,47 @@ def test_a_time_budget_with_a_batch_ramp_is_planned_per_token(tmp_path, monkeypa
             assert steps[-1]["lr"] < 0.15 * 3e-3  # the cosine's end: 0.1 of the peak
         else:
             assert plans == [] and len(steps) < 6
+
+
+def test_a_time_budget_re_plans_when_the_steps_slow_down(tmp_path, monkeypatch):
+    """The first steps time the plan; when the steps after them are slower (here 10 ms a sequence while timed, then
+    13 ms), the plan is checked halfway through what is left of it and made again at the measured speed: the run
+    ends with its schedule ("done", the cosine at its end) within the budget, where the first plan alone stopped on
+    time short of its end. At a steady speed the first plan stands (one plan record)."""
+    from nanoseek.train import loop
+
+    def run(name: str, slower: float, recheck: bool) -> tuple[RunResult, list[dict], list[dict]]:
+        clock = [0.0]
+        monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+        real = loop.Trainer.step
+
+        def step(self):
+            result = real(self)
+            clock[0] += (0.01 if self.state.step <= 6 else slower) * result.batch_size
+            return result
+
+        monkeypatch.setattr(loop.Trainer, "step", step)
+        if not recheck:
+            monkeypatch.setattr(loop.Trainer, "recheck_plan", lambda self, *args: None)
+        task = ReverseTask()
+        cfg = _cfg(tmp_path, task, train={"steps": 0, "batch_size": 8, "micro_batch_size": 8, "max_time": 4.0,
+                                          "out_dir": str(tmp_path / name)})
+        result = train(cfg, batches=task, val=[], progress=False)
+        monkeypatch.undo()
+        log = MetricsLog(tmp_path / name / "metrics.jsonl")
+        return result, log.records("train"), log.records("plan")
+
+    result, steps, plans = run("fixed", 0.013, recheck=False)  # the first plan only: short of its end
+    assert result.stop_reason == "time" and len(plans) == 1 and len(steps) < plans[0]["total_steps"]
+    assert steps[-1]["lr"] > 0.15 * 3e-3
+    result, steps, plans = run("rechecked", 0.013, recheck=True)
+    assert result.stop_reason == "done", plans
+    assert len(plans) >= 2 and plans[-1]["total_steps"] == len(steps) < plans[0]["total_steps"]
+    assert plans[-1]["seconds_per_token"] > plans[0]["seconds_per_token"]
+    spent = sum((0.01 if r["step"] <= 6 else 0.013) * r["batch_size"] for r in steps)
+    assert 0.85 * 4.0 <= spent <= 4.0 and steps[-1]["lr"] < 0.15 * 3e-3  # the budget used; the cosine's end
+    result, steps, plans = run("steady", 0.01, recheck=True)
+    assert result.stop_reason == "done" and len(plans) == 1 and len(steps) == plans[0]["total_steps"]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -464,16 +465,18 @@ __attribute__((noinline)) static void panel_tile(const float* p, int64_t K, cons
   if constexpr (M > 5) put(5, c50, c51);
 }
 
+// tile(std::integral_constant<int, m>{}) for rows m in [1, MAX] (a tile's height is a template argument); nothing
+// for m outside.
+template <int MAX, typename F>
+static void with_height(int64_t m, const F& tile) {
+  [&]<int... H>(std::integer_sequence<int, H...>) {
+    ((m == H + 1 ? (tile(std::integral_constant<int, H + 1>{}), 0) : 0), ...);
+  }(std::make_integer_sequence<int, MAX>{});
+}
+
 // m < MR rows left over: the tile of that height.
 static void panel_rest(int64_t m, const float* p, int64_t K, const float* x, int64_t ldx, float* out, int64_t ldo) {
-  switch (m) {
-    case 1: return panel_tile<1>(p, K, x, ldx, out, ldo);
-    case 2: return panel_tile<2>(p, K, x, ldx, out, ldo);
-    case 3: return panel_tile<3>(p, K, x, ldx, out, ldo);
-    case 4: return panel_tile<4>(p, K, x, ldx, out, ldo);
-    case 5: return panel_tile<5>(p, K, x, ldx, out, ldo);
-    default: return;
-  }
+  with_height<MR - 1>(m, [&](auto M) { panel_tile<decltype(M)::value>(p, K, x, ldx, out, ldo); });
 }
 
 int64_t panel_width() { return P; }
@@ -538,16 +541,7 @@ __attribute__((noinline)) static void panel_tile_dp(const uint16_t* p, int64_t K
 static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint16_t* x, int64_t ldx, float* out,
                             int64_t ldo) {
   for (; m >= MR2; m -= MR2, x += MR2 * ldx, out += MR2 * ldo) panel_tile_dp<MR2>(p, K2, x, ldx, out, ldo);
-  switch (m) {
-    case 1: return panel_tile_dp<1>(p, K2, x, ldx, out, ldo);
-    case 2: return panel_tile_dp<2>(p, K2, x, ldx, out, ldo);
-    case 3: return panel_tile_dp<3>(p, K2, x, ldx, out, ldo);
-    case 4: return panel_tile_dp<4>(p, K2, x, ldx, out, ldo);
-    case 5: return panel_tile_dp<5>(p, K2, x, ldx, out, ldo);
-    case 6: return panel_tile_dp<6>(p, K2, x, ldx, out, ldo);
-    case 7: return panel_tile_dp<7>(p, K2, x, ldx, out, ldo);
-    default: return;
-  }
+  with_height<MR2 - 1>(m, [&](auto M) { panel_tile_dp<decltype(M)::value>(p, K2, x, ldx, out, ldo); });
 }
 #else
 // Without AVX512-BF16: the same products, both factors widened exactly to float32 (a bf16 is a float32's upper half).

@@ -59,6 +59,7 @@ class TrainState:
     # a time-budgeted run's plan: the train.max_time it was made for and the time per token it assumed (0: none)
     planned_max_time: float = 0.0
     seconds_per_token: float = 0.0
+    replan_step: int = 0  # where the plan is checked against the time the steps took since it was made (0: never)
     world_size: int = 1
     last_eval_step: int = -1  # the step of the latest evaluation logged (-1: none)
 

@@ -29,6 +29,12 @@ from nanoseek.train.checkpoint import TrainState, save_checkpoint
 from nanoseek.train.config import RunConfig
 from nanoseek.train.schedule import BatchRamp, LRSchedule, lr_schedule, piecewise, plan_length
 
+# A time-budgeted run plans its steps from the time a token took (train.max_time): for this fraction of the time
+# left, as the speed varies; and checks the plan against the steps' time halfway through what is left of it, while
+# that is at least 2 x REPLAN_MIN_STEPS steps.
+PLAN_MARGIN = 0.95
+REPLAN_MIN_STEPS = 10
+
 
 class BatchSource(Protocol):
     """What the loop reads training batches from (nanoseek.data.loader.Batches, or a synthetic task)."""
@@ -277,7 +283,23 @@ class Trainer:
         Per token, not per step: with a batch-size ramp the timed steps are the ramp's smallest, and a plan of
         steps that long overran the budget several times over, its schedule never reaching its end."""
         per_token = sorted(dt / n for dt, n in zip(step_seconds, step_tokens))[len(step_seconds) // 2]
-        self._plan_for_time(per_token / 0.95)  # a margin: the speed varies
+        self._plan_for_time(per_token / PLAN_MARGIN)
+
+    def recheck_plan(self, step_seconds: list[float], step_tokens: list[int]) -> None:
+        """Halfway through what is left of a time-budgeted run's plan: if its steps since the plan took longer a
+        token than the plan assumed (margin included), plan the rest again at that speed, so that the schedule
+        still ends within the budget. A `make demo` of 538 planned steps ran 5-9% slower than its first steps
+        and stopped on time at step 514, its cosine short of its end (docs/LOG.md, 2026-12-01)."""
+        per_token = sum(step_seconds) / sum(step_tokens)  # all of them: a slow step spends the budget too
+        if self.world.max_int(int(per_token > self.state.seconds_per_token)):  # every rank, or none, re-plans
+            self._plan_for_time(per_token / PLAN_MARGIN)
+        else:  # on plan: look again halfway through the rest
+            self._set_replan_step()
+
+    def _set_replan_step(self) -> None:
+        s = self.state
+        left = s.total_steps - s.step
+        s.replan_step = s.step + left // 2 if left >= 2 * REPLAN_MIN_STEPS else 0
 
     def _plan_for_time(self, per_token: float) -> None:
         """The steps that train.max_time leaves at `per_token` seconds a token (following the batch ramp), and the
@@ -290,6 +312,7 @@ class Trainer:
         s.total_steps = self.world.max_int(max(steps, s.step + 1))
         _, s.total_tokens = plan_length(self.ramp, seq_len, s.total_steps, start=(s.step, s.tokens))
         s.planned_max_time, s.seconds_per_token = t.max_time, per_token
+        self._set_replan_step()
         self._make_schedule()
         self.log({"kind": "plan", "step": s.step, "total_steps": s.total_steps, "total_tokens": s.total_tokens,
                   "seconds_per_token": per_token})
@@ -337,6 +360,12 @@ class Trainer:
                 step_tokens.append(state.tokens - tokens)
                 if not state.total_steps and len(step_times) == 6:
                     self.calibrate(step_times[1:], step_tokens[1:])  # the first step pays one-time costs
+                    step_times.clear()
+                    step_tokens.clear()
+                elif state.replan_step and state.step >= state.replan_step and len(step_times) >= REPLAN_MIN_STEPS:
+                    self.recheck_plan(step_times, step_tokens)  # the steps since the plan (or this session's start)
+                    step_times.clear()
+                    step_tokens.clear()
                 if on_step is not None:
                     on_step(result, dt)
                 if state.nonfinite_streak >= cfg.train.max_nonfinite:
