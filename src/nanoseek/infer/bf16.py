@@ -12,9 +12,10 @@ latent cache, the softmax, the logits' sums.
 
 What it changes: the model computes with weights and Linear/expert inputs rounded to bf16 (8 bits of mantissa);
 docs/LOG.md has the logits' difference from float32. Where the CPU lacks AVX512-BF16 the kernels compute the same
-products by widening both factors to float32 (the same numbers, slower than float32 products), and the loader
-warns. Inference only: the packed module's state_dict gives, and load_state_dict takes, weights in the usual
-layout ([out, in]; [E, 2I, H] and [E, H, I]), so `save_pretrained` writes a bf16 checkpoint.
+products by widening both factors to float32 (equal up to the rounding of sums taken in another order; slower than
+float32 products), and the loader warns. Inference only: the packed module's state_dict gives, and
+load_state_dict takes, weights in the usual layout ([out, in]; [E, 2I, H] and [E, H, I]), so `save_pretrained`
+writes a bf16 checkpoint.
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ class PackedExperts(Experts):
     numbers. With gradients wanted (the kernel has no backward) it multiplies unpacked copies as `Experts` does.
     Moved off the CPU or cast, the module unpacks and is an `Experts` again."""
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not kernels.takes_packed(x):
-            return super().forward(x, indices, weights, counts)
-        return kernels.routed_experts_bf16(x, indices, weights, self.gate_up_proj, self.down_proj)
-
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)  # not Experts.__init__, which would allocate the float weights again
         self.n_experts = experts.n_experts
         self.gate_up_proj = nn.Parameter(kernels.pack_experts(experts.gate_up_proj), requires_grad=False)
         self.down_proj = nn.Parameter(kernels.pack_experts(experts.down_proj), requires_grad=False)
         self.train(experts.training)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not kernels.takes_packed(x):
+            return super().forward(x, indices, weights, counts)
+        return kernels.routed_experts_bf16(x, indices, weights, self.gate_up_proj, self.down_proj)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         return kernels.unpack_experts(self.gate_up_proj), kernels.unpack_experts(self.down_proj)

@@ -638,7 +638,7 @@ def _check_bf16_products(dev: torch.device, dtype: str, expert_dtype: str | None
                              "above): install a C++ compiler, or leave --matmul-dtype out")
     if not kernels.bf16_products():
         warnings.warn("this CPU has no AVX512-BF16: --matmul-dtype bf16 computes its products by widening both factors "
-                      "to fp32, the same numbers more slowly than --matmul-dtype fp32", stacklevel=3)
+                      "to fp32 (the same products, up to rounding), more slowly than --matmul-dtype fp32", stacklevel=3)
 
 
 def generation_eos(folder: Path) -> int | list[int] | None:
