@@ -307,6 +307,23 @@ static Pairs sort_pairs(const int64_t* index, int64_t P, int64_t E) {
   return s;
 }
 
+// mid[q] = silu(gate_q)·up_q times pair q's gate weight, for every pair q (gu: each pair's 2I outputs, gate then up).
+// The gate weight comes before down_proj, which is linear: I wide, not H.
+static void hidden_of_pairs(const Pairs& s, const float* gate, const float* gu, int64_t I, float* mid) {
+  for (size_t q = 0; q < s.pair.size(); ++q) {
+    const float* g = gu + q * 2 * I;
+    silu_times(g, g + I, gate[s.pair[q]], I, mid + q * I);
+  }
+}
+
+// o[n][h0:h1] = the sum of token n's k rows y[q][h0:h1]: each thread its own columns, no write races.
+static void sum_pairs(const Pairs& s, int64_t k, int64_t N, int64_t H, const float* y, int64_t h0, int64_t h1,
+                      float* o) {
+  for (int64_t n = 0; n < N; ++n) std::fill(o + n * H + h0, o + n * H + h1, 0.0f);
+  for (size_t q = 0; q < s.pair.size(); ++q)
+    for (int64_t h = h0; h < h1; ++h) o[s.pair[q] / k * H + h] += y[q * H + h];
+}
+
 // Rows [r0, r1) of the m outputs at out (row stride ldo) times their rows' scales s (none for float weights).
 static void scale_rows(const float* s, int64_t r0, int64_t r1, int64_t m, float* out, int64_t ldo) {
   if (s == nullptr) return;
@@ -338,10 +355,7 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
                    2 * I);
       }
   });
-  for (int64_t q = 0; q < P; ++q) {  // silu(gate)·up, times the gate weight (down is linear: I wide, not H)
-    const float* g = gu.data() + q * 2 * I;
-    silu_times(g, g + I, gate[s.pair[q]], I, mid.data() + q * I);
-  }
+  hidden_of_pairs(s, gate, gu.data(), I, mid.data());
   over_rows(H, I * s.chosen * int64_t(sizeof(W)), [&](int64_t r0, int64_t r1) {
     for (int64_t e = 0; e < E; ++e)
       if (begin[e + 1] > begin[e]) {
@@ -349,10 +363,7 @@ static void experts_for_pairs(const Pairs& s, const float* x, const float* gate,
                    y.data() + begin[e] * H, H);
         scale_rows(s_down ? s_down + e * H : nullptr, r0, r1, begin[e + 1] - begin[e], y.data() + begin[e] * H, H);
       }
-    for (int64_t n = 0; n < N; ++n)  // sum each token's k rows over this thread's columns: no write races
-      std::fill(o + n * H + r0, o + n * H + r1, 0.0f);
-    for (int64_t q = 0; q < P; ++q)
-      for (int64_t h = r0; h < r1; ++h) o[s.pair[q] / k * H + h] += y[q * H + h];
+    sum_pairs(s, k, N, H, y.data(), r0, r1, o);
   });
 }
 
@@ -640,11 +651,8 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_, const at::Tensor& indices_,
         panel_rows_bf16(begin[e + 1] - begin[e], w_gu + ((e * 2 * I / P) + b) * H2 * 2 * P, H2,
                         x2.data() + begin[e] * H, H, gu.data() + begin[e] * 2 * I + b * P, 2 * I);
   });
-  for (int64_t q = 0; q < Pn; ++q) {  // silu(gate)·up, times the gate weight, rounded to bf16 pairs
-    const float* g = gu.data() + q * 2 * I;
-    silu_times(g, g + I, gate[s.pair[q]], I, mid.data() + q * I);
-  }
-  round_bf16(mid.data(), Pn * I, mid2.data());
+  hidden_of_pairs(s, gate, gu.data(), I, mid.data());
+  round_bf16(mid.data(), Pn * I, mid2.data());  // the down products' inputs
   at::Tensor out = at::empty({N, H}, x.options());
   float* o = out.mutable_data_ptr<float>();
   over_panels(H / P, I2, [&](int64_t b0, int64_t b1) {
@@ -652,10 +660,7 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_, const at::Tensor& indices_,
       for (int64_t b = b0; b < b1 && begin[e + 1] > begin[e]; ++b)
         panel_rows_bf16(begin[e + 1] - begin[e], w_down + ((e * H / P) + b) * I2 * 2 * P, I2,
                         mid2.data() + begin[e] * I, I, y.data() + begin[e] * H + b * P, H);
-    const int64_t h0 = b0 * P, h1 = b1 * P;
-    for (int64_t n = 0; n < N; ++n) std::fill(o + n * H + h0, o + n * H + h1, 0.0f);
-    for (int64_t q = 0; q < Pn; ++q)  // each token's k rows over this thread's columns: no write races
-      for (int64_t h = h0; h < h1; ++h) o[s.pair[q] / k * H + h] += y[q * H + h];
+    sum_pairs(s, k, N, H, y.data(), b0 * P, b1 * P, o);
   });
   return out;
 }

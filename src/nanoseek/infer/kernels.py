@@ -234,7 +234,8 @@ def covers_linear(weight: torch.Tensor, products: torch.dtype = torch.float32) -
 @functools.cache
 def bf16_products() -> bool:
     """Whether this CPU multiplies bf16 numbers in hardware (AVX512-BF16, as the library was built for it); elsewhere
-    the kernels compute bf16 products by widening both factors to float32: the same numbers, slower than float32."""
+    the kernels compute bf16 products by widening both factors to float32: the same products (up to the rounding
+    of their sums), slower than float32."""
     return built() and torch.ops.nanoseek_cpu.bf16_products()
 
 
