@@ -16,7 +16,10 @@ decode step, Linear layers, attention.
    / 16 rows, and at 576 (a prefill of 16 prompts of 36 tokens), cold: the kernel's `linear_panels` over the
    weights packed into its panels vs the BLAS (F.linear) with the weights as stored and transposed (the layouts
    `infer/layout.py` chooses between), and vs the kernel over bf16 panels (bf16 products).
-4. One layer's attention at a decode step, 1 and 16 sequences at 65, 513 and 1,024 tokens of context: the kernel's
+4. MLA's per-head products of every layer (W_UKᵀ·q_nope and W_UV·o, absorbed attention's use of kv_b_proj) at 1 / 4
+   / 16 / 576 rows, cold: torch's einsum over the float32 weight vs `heads_linear_bf16` over per-head bf16 panels
+   (bf16 products).
+5. One layer's attention at a decode step, 1 and 16 sequences at 65, 513 and 1,024 tokens of context: the kernel's
    `latent_attention` (the cache read in place) vs torch's path (the rows gathered, two batched products, a
    softmax).
 Medians of alternated repeats (this machine is noisy); every variant's output is checked against the others.
@@ -38,7 +41,7 @@ from rich.table import Table
 
 import nanoseek
 from nanoseek.infer import kernels
-from nanoseek.infer.bf16 import use_bf16_products
+from nanoseek.infer.bf16 import PackedKVB, use_bf16_products
 from nanoseek.infer.engine import _compiled, _mark_dynamic
 from nanoseek.infer.forward import Batch, LatentCache, _attend_gathered, decode_step
 from nanoseek.infer.layout import use_decode_kernel
@@ -224,6 +227,39 @@ def linears_table(model: nanoseek.NanoSeek, console: Console) -> None:
     console.print(table)
 
 
+def absorbed_table(model: nanoseek.NanoSeek, console: Console) -> None:
+    """MLA's two per-head products of every layer (W_UKᵀ q_nope, W_UV o), cold: torch's einsum over the float32
+    kv_b_proj weight (as served in fp32) vs heads_linear_bf16 over its per-head bf16 panels (infer/bf16.py)."""
+    attns = [layer.self_attn for layer in model.layers]
+    if not all(PackedKVB.takes(a) for a in attns):
+        console.print("the per-head products: the panels do not take this model's kv_b_proj, nothing to compare")
+        return
+    cfg = model.config
+    heads, dn, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    views = [a.kv_b_proj.weight.detach().view(heads, dn + cfg.v_head_dim, r) for a in attns]
+    plain = [(w[:, :dn], w[:, dn:]) for w in views]
+    packed = [PackedKVB(a.kv_b_proj, heads, dn) for a in attns]
+    sweep = torch.empty(60_000_000)
+    table = Table(title=f"the per-head products of absorbed attention in {len(attns)} layers, cold (median µs)")
+    for col in ("rows", "einsum, fp32", "heads_linear_bf16", "einsum / kernel"):
+        table.add_column(col, justify="right")
+    for n in (1, 4, 16, 576):
+        q_nope, o = torch.randn(n, heads, dn), torch.randn(n, heads, r)
+        variants = {"einsum": lambda q_nope=q_nope, o=o: [(torch.einsum("nhd,hdr->nhr", q_nope, uk),
+                                                           torch.einsum("nhr,hvr->nhv", o, uv)) for uk, uv in plain],
+                    "kernel": lambda q_nope=q_nope, o=o: [(m.query_latent(q_nope), m.values(o)) for m in packed]}
+        outs = {name: f() for name, f in variants.items()}
+        assert all((a - b).abs().max() < 2e-2 * max(1.0, b.abs().max()) for pair, ref in zip(outs["kernel"],
+                   outs["einsum"]) for a, b in zip(pair, ref))
+        res: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(15):
+            for name, f in variants.items():
+                res[name].append(timed(f, 3, sweep))
+        e, k = (statistics.median(res[name]) * 1e6 for name in variants)
+        table.add_row(str(n), f"{e:.0f}", f"{k:.0f}", f"{e / k:.2f}x")
+    console.print(table)
+
+
 def attention_table(model: nanoseek.NanoSeek, console: Console) -> None:
     """One layer's absorbed attention for a decode step (one query row per sequence, all heads), in cache."""
     cfg = model.config
@@ -262,6 +298,7 @@ def main() -> None:
     step_table(model, console)
     with torch.inference_mode():
         linears_table(model, console)
+        absorbed_table(model, console)
         attention_table(model, console)
 
 

@@ -1071,11 +1071,40 @@ def test_bf16_products_kernels_equal_a_naive_reference():
         experts_case(5)
     finally:
         torch.set_num_threads(threads)
+    for n_threads in (1, 2):  # MLA's per-head products: each head's panels as an expert's
+        torch.set_num_threads(n_threads)
+        try:
+            for rows, heads, inner, out_features in ((0, 3, 16, P), (1, 12, 64, 8 * P), (9, 3, 30, 2 * P),
+                                                     (33, 2, 8 * P, P), (5, 1, 6000, P)):
+                heads_linear_case(rows, heads, inner, out_features)
+        finally:
+            torch.set_num_threads(threads)
     x, weights, indices = torch.randn(2, H), torch.rand(2, k), torch.tensor([[0, 1, 2], [3, 2, 1]])
     with pytest.raises(RuntimeError, match=r"expected bfloat16 CPU panels gate_up \[E, 2I / \d+"):
         kernels.routed_experts_bf16(x, indices, weights, gate_up.bfloat16(), down.bfloat16())  # not packed
     with pytest.raises(RuntimeError, match="mismatched shapes"):
         kernels.routed_experts_bf16(torch.randn(2, 2 * H), indices[:2], weights[:2], packed_gate_up, packed_down)
+
+
+def heads_linear_case(rows: int, heads: int, inner: int, out_features: int) -> None:
+    """heads_linear_bf16 (x [rows, heads, in] times each head's weight [out, in], packed as pack_experts packs an
+    expert's) against float64 products of the bf16-rounded factors; its FLOPs as counted; what it does not take."""
+    w, x = torch.randn(heads, out_features, inner) * 0.2, torch.randn(rows, heads, inner)
+    panels = kernels.pack_experts(w)
+    with FlopCounterMode(display=False) as counter:
+        got = kernels.heads_linear_bf16(x, panels)
+    assert counter.get_total_flops() == 2 * rows * heads * inner * out_features
+    want = torch.einsum("nhi,hoi->nho", bf16_values(x), bf16_values(w))
+    assert got.shape == (rows, heads, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * max([1.0, *want.abs().flatten().tolist()]))
+    if rows:  # the factors really rounded
+        assert (torch.einsum("nhi,hoi->nho", x.double(), w.double()) - want).abs().max() > 1e-4
+        strided = torch.randn(rows, heads, inner + 2)[..., :inner]  # a split's view, as q_nope is: copied once
+        want = torch.einsum("nhi,hoi->nho", bf16_values(strided), bf16_values(w))
+        torch.testing.assert_close(kernels.heads_linear_bf16(strided, panels).double(), want, rtol=0,
+                                   atol=1e-5 * max([1.0, *want.abs().flatten().tolist()]))
+    with pytest.raises(RuntimeError, match=rf"expected bfloat16 panels \[{heads + 1}, out / "):
+        kernels.heads_linear_bf16(torch.randn(rows, heads + 1, inner), panels)  # another head count
 
 
 def test_linear_layers_through_the_kernel_decode_the_same(monkeypatch, tmp_path):
@@ -1378,15 +1407,21 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
     packed model's own full forward, which stays close to the fp32 model's logits without being them. state_dict and
     save_pretrained give the bf16-rounded weights in their usual layout, load_state_dict takes them; cast, the
     experts are an `Experts` again; with gradients wanted the experts multiply unpacked copies."""
-    from nanoseek.infer.bf16 import PackedExperts, use_bf16_products
+    from torch import nn
+
+    from nanoseek.infer.bf16 import PackedExperts, PackedKVB, use_bf16_products
     from nanoseek.model.moe import Experts
 
     kernel_built()
-    model, plain = tiny(num_nextn_predict_layers=1), tiny(num_nextn_predict_layers=1)
+    P = kernels.panel_width()  # value heads and latents the panels' width: kv_b_proj's per-head products packed too
+    shape = dict(num_nextn_predict_layers=1, v_head_dim=P, kv_lora_rank=P)
+    model, plain = tiny(**shape), tiny(**shape)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     experts_bytes = sum(p.nbytes for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
     linears, experts = use_bf16_products(model)
     assert experts == 2 and linears >= 10  # one MoE layer and the MTP module's; the head and most projections
+    kv_b = [m for m in model.modules() if isinstance(m, PackedKVB)]
+    assert len(kv_b) == 3 and kv_b[0].uk.shape == (4, P // P, 8, P, 2)  # 2 layers + MTP; W_UKᵀ [heads, r, dn]
     packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
     assert len(packed) == 2 and sum(p.nbytes for m in packed for p in m.parameters()) == experts_bytes // 2
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.embed_tokens.weight.dtype == torch.float32
@@ -1421,8 +1456,13 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
     model.load_state_dict(plain.state_dict())  # weights in their usual layout, packed (rounded) again
     assert torch.equal(model.state_dict()["layers.1.mlp.experts.down_proj"],
                        plain.state_dict()["layers.1.mlp.experts.down_proj"].bfloat16())
+    assert torch.equal(model.state_dict()["layers.0.self_attn.kv_b_proj.weight"],
+                       plain.state_dict()["layers.0.self_attn.kv_b_proj.weight"].bfloat16())
     model.to(torch.float64)  # cast: unpacked, the model's own modules again
     assert all(type(m) is Experts and m.gate_up_proj.dim() == 3 for m in model.modules() if isinstance(m, Experts))
+    kv_b_weight = model.layers[0].self_attn.kv_b_proj.weight
+    assert type(model.layers[0].self_attn.kv_b_proj) is nn.Linear and kv_b_weight.dtype == torch.float64
+    assert torch.equal(kv_b_weight, plain.layers[0].self_attn.kv_b_proj.weight.bfloat16().double())
 
 
 def test_load_for_inference_with_bf16_products(tmp_path, data_dir):

@@ -7,8 +7,9 @@ Cooper Lake, Sapphire Rapids and later) have `vdpbf16ps`: 32 products of bf16 pa
 instruction where float32 takes two FMAs. So the weights are stored in bf16 (half the bytes, which a one-sequence
 step is bound by), packed once at load into the panels the kernels read (infer/kernels.cpp: pairs of inputs side
 by side), and each product's other input (a Linear layer's x, an expert's x and hidden activation) is rounded to
-bf16 as the kernel reads it. The rest stays float32: the residual stream, norms, the router, attention and its
-latent cache, the softmax, the logits' sums.
+bf16 as the kernel reads it. MLA's `kv_b_proj` is a Linear layer too: absorbed attention multiplies each head's
+query by W_UKᵀ and its latent output by W_UV, both packed per head (`PackedKVB`). The rest stays float32: the
+residual stream, norms, the router, the attention scores over the latent cache, the softmax, the logits' sums.
 
 What it changes: the model computes with weights and Linear/expert inputs rounded to bf16 (8 bits of mantissa);
 docs/LOG.md has the logits' difference from float32. Where the CPU lacks AVX512-BF16 the kernels compute the same
@@ -23,9 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.infer import kernels
+from nanoseek.model.mla import MLA
 from nanoseek.model.moe import Experts
 
 
@@ -83,6 +86,80 @@ class PackedExperts(Experts):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
+class PackedKVB(nn.Linear):
+    """MLA's `kv_b_proj` [heads·(dn + dv), r] for bf16 products, stored as the two per-head products absorbed attention
+    computes with it (infer/forward.py), each packed as pack_experts packs an expert's weights: `uk` = W_UKᵀ
+    [heads, r / P, dn / 2, P, 2] (q_nope -> the query in latent space) and `uv` = W_UV [heads, dv / P, r / 2, P, 2]
+    (a head's latent output -> its value). One kernel call each instead of torch's batched products over the float32
+    weight: ~3x faster at 16 rows (docs/LOG.md). The model's own forward (keys and values decompressed) multiplies an
+    unpacked copy. state_dict gives, and load_state_dict takes, the weight [out, in]; moved off the CPU or cast, the
+    layer is an nn.Linear again."""
+
+    def __init__(self, linear: nn.Linear, heads: int, nope: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.heads, self.nope = heads, nope
+        self.register_parameter("bias", None)
+        self._pack(linear.weight.detach())
+        self.train(linear.training)
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        w = weight.view(self.heads, -1, self.in_features)
+        self.uk = nn.Parameter(kernels.pack_experts(w[:, :self.nope].transpose(1, 2)), requires_grad=False)
+        self.uv = nn.Parameter(kernels.pack_experts(w[:, self.nope:]), requires_grad=False)
+
+    def unpacked(self) -> torch.Tensor:
+        """The weight [heads·(dn + dv), r] in the panels' dtype (a copy)."""
+        uk, uv = kernels.unpack_experts(self.uk), kernels.unpack_experts(self.uv)
+        return torch.cat((uk.transpose(1, 2), uv), dim=1).reshape(self.out_features, self.in_features)
+
+    def query_latent(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """W_UK_hᵀ q_nope_h for every head: [..., heads, dn] -> [..., heads, r]."""
+        x = q_nope.reshape(-1, self.heads, q_nope.shape[-1])
+        return kernels.heads_linear_bf16(x, self.uk).view(*q_nope.shape[:-1], -1)
+
+    def values(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """W_UV_h o_h for every head: [..., heads, r] -> [..., heads, dv]."""
+        x = out_latent.reshape(-1, self.heads, self.in_features)
+        return kernels.heads_linear_bf16(x, self.uv).view(*out_latent.shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.unpacked().to(x.dtype))
+
+    @staticmethod
+    def takes(attn: nn.Module) -> bool:
+        """An MLA layer on the CPU whose two per-head products the panels take (as Linear weights): r and dv multiples
+        of the panel width, dn and r even."""
+        linear = attn.kv_b_proj
+        if type(linear) is not nn.Linear or linear.bias is not None:
+            return False
+        w = linear.weight.detach().view(attn.n_heads, -1, linear.in_features)
+        return all(kernels.covers_linear(part, torch.bfloat16)
+                   for part in (w[0, :attn.qk_nope_head_dim].T, w[0, attn.qk_nope_head_dim:]))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        if self.uk.device.type != "cpu" or self.uk.dtype != torch.bfloat16:
+            weight = self.unpacked().detach()
+            del self.uk, self.uv
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.__class__ = nn.Linear
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        del destination[prefix + "uk"], destination[prefix + "uv"]
+        destination[prefix + "weight"] = self.unpacked().detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None:
+            self._pack(weight.to(torch.bfloat16))
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            state_dict.update({prefix + "uk": self.uk, prefix + "uv": self.uv})
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
 def use_bf16_products(model: nn.Module) -> tuple[int, int]:
     """Pack the model's Linear layers (as infer/layout.py's kernel path takes them) and routed experts for bf16
     products, one module at a time (each float copy is freed as it is replaced); returns (Linear layers, expert
@@ -94,4 +171,8 @@ def use_bf16_products(model: nn.Module) -> tuple[int, int]:
               if PackedExperts.takes(child)]
     for parent, name in places:
         setattr(parent, name, PackedExperts(getattr(parent, name)))
+    for attn in model.modules():
+        if isinstance(attn, MLA) and PackedKVB.takes(attn):
+            attn.kv_b_proj = PackedKVB(attn.kv_b_proj, attn.n_heads, attn.qk_nope_head_dim)
+            linears += 1
     return linears, len(places)

@@ -25,7 +25,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.infer import kernels, quant
-from nanoseek.infer.bf16 import PackedExperts
+from nanoseek.infer.bf16 import PackedExperts, PackedKVB
 from nanoseek.model.mla import MLA
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE
@@ -143,15 +143,20 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     b, t, slot, pos = batch.write
     rows.index_put_((slot, pos), new_rows[b, t])
 
-    w_kv = attn.kv_b_proj.weight.view(h, dn + attn.v_head_dim, r)
-    w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
-    q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
+    packed = isinstance(attn.kv_b_proj, PackedKVB)  # bf16 products (infer/bf16.py): both products in the kernel
+    if packed:
+        q_latent = attn.kv_b_proj.query_latent(q_nope)
+    else:
+        w_kv = attn.kv_b_proj.weight.view(h, dn + attn.v_head_dim, r)
+        w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
     q = torch.cat((q_latent, q_rope), dim=-1)  # [B, T, h, r + rope]
     if T <= KERNEL_QUERIES and kernels.covers_attention(q, rows, r):  # decode steps on CPU: the cache read in place
         out_latent = kernels.latent_attention(q, rows, batch.slots, batch.visible, attn.softmax_scale, r)
     else:
         out_latent = _attend_gathered(q, rows, batch, attn.softmax_scale, r)
-    out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)  # W_UV, applied once per query instead of per key
+    # W_UV, applied once per query instead of per key
+    out = attn.kv_b_proj.values(out_latent) if packed else torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
     return attn.o_proj(out.reshape(B, T, h * attn.v_head_dim))
 
 

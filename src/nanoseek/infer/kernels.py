@@ -15,7 +15,8 @@ hash of the source, the flags, torch, the compiler and the CPU. They are C++ ops
 them without Python. Expert weights may be stored in bfloat16 (`--expert-dtype bf16`: half the memory and half
 the bytes a step reads) or int8 with a scale per row (`--expert-dtype int8`, infer/quant.py: a quarter); the math
 stays float32. With `--matmul-dtype bf16` (infer/bf16.py) the Linear and expert weights are packed in bf16 and the
-products are bf16 with float32 sums (`linear_panels` over bf16 panels, `routed_experts_bf16`): AVX512-BF16's
+products are bf16 with float32 sums (`linear_panels` over bf16 panels, `routed_experts_bf16`, and
+`heads_linear_bf16` for MLA's per-head products): AVX512-BF16's
 `vdpbf16ps` where the CPU has it (`bf16_products()`), both factors widened to float32 elsewhere. Without a
 compiler, with `NANOSEEK_KERNELS=0`, or for tensors they do not cover (not on CPU, activations not float32, widths
 not multiples of 16 or of the panel width), `covers`, `covers_linear` and `covers_attention` are False and callers
@@ -155,6 +156,20 @@ def _(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 def _(x_shape, panels_shape, out_shape=None, **kwargs) -> int:
     """2 FLOPs per multiply-add: N rows × in × out (out = panels × their width; bf16 panels too)."""
     return 2 * x_shape[0] * x_shape[1] * panels_shape[0] * panels_shape[2]
+
+
+torch.library.define("nanoseek_cpu::heads_linear_bf16", "(Tensor x, Tensor panels) -> Tensor")
+
+
+@torch.library.register_fake("nanoseek_cpu::heads_linear_bf16")
+def _(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], panels.shape[1] * panels.shape[3])
+
+
+@register_flop_formula(torch.ops.nanoseek_cpu.heads_linear_bf16)
+def _(x_shape, panels_shape, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: N rows × heads × in × out."""
+    return 2 * x_shape[0] * x_shape[1] * x_shape[2] * panels_shape[1] * panels_shape[3]
 
 
 torch.library.define("nanoseek_cpu::latent_attention",
@@ -328,3 +343,9 @@ def routed_experts_bf16(x: torch.Tensor, indices: torch.Tensor, weights: torch.T
     """routed_experts in bf16 products (`--matmul-dtype bf16`) over expert weights packed by pack_experts: x and the
     experts' hidden activations are rounded to bf16 before each product; the sums are float32."""
     return torch.ops.nanoseek_cpu.routed_experts_bf16(x, indices, weights, gate_up, down)
+
+
+def heads_linear_bf16(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, in] times each head's weight W_h [out, in] in bf16 products -> [N, heads, out] float32, for the
+    weights [heads, out, in] packed by pack_experts: MLA's absorbed products under `--matmul-dtype bf16`."""
+    return torch.ops.nanoseek_cpu.heads_linear_bf16(x, panels)
