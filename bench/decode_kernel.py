@@ -178,7 +178,11 @@ def step_table(model: nanoseek.NanoSeek, console: Console) -> None:
                     logits.append(run(name, b))
                 assert (logits[0] - logits[1]).abs().max() < 1e-4
                 assert (logits[0] - logits[2]).abs().max() < 1e-4
-                assert (logits[0] - logits[3]).abs().max() < 2e-2 * logits[0].abs().max()  # bf16 rounding
+                # bf16 products: the packed model's own eager step (inputs a float32 ulp apart can round to bf16 an
+                # ulp apart); against fp32 the rounding can flip one of a random model's near-ties of the router,
+                # and that token's logits differ by far more
+                eager = decode_step(packed, cache, inputs[b][0], batches[b])[1]
+                assert (logits[3] - eager).abs().max() < 2e-2 * eager.abs().max()
             for _ in range(20):
                 for name in variants:
                     for b in sizes:
