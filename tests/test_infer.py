@@ -1074,8 +1074,9 @@ def test_bf16_products_kernels_equal_a_naive_reference():
     for n_threads in (1, 2):  # MLA's per-head products: each head's panels as an expert's
         torch.set_num_threads(n_threads)
         try:
+            # (17, 3, 6000, 2P): rows in chunks of 8, and two threads splitting the second head's panels
             for rows, heads, inner, out_features in ((0, 3, 16, P), (1, 12, 64, 8 * P), (9, 3, 30, 2 * P),
-                                                     (33, 2, 8 * P, P), (5, 1, 6000, P)):
+                                                     (33, 2, 8 * P, P), (5, 1, 6000, P), (17, 3, 6000, 2 * P)):
                 heads_linear_case(rows, heads, inner, out_features)
         finally:
             torch.set_num_threads(threads)
@@ -1456,8 +1457,25 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
     model.load_state_dict(plain.state_dict())  # weights in their usual layout, packed (rounded) again
     assert torch.equal(model.state_dict()["layers.1.mlp.experts.down_proj"],
                        plain.state_dict()["layers.1.mlp.experts.down_proj"].bfloat16())
-    assert torch.equal(model.state_dict()["layers.0.self_attn.kv_b_proj.weight"],
-                       plain.state_dict()["layers.0.self_attn.kv_b_proj.weight"].bfloat16())
+    kv_b_key = "layers.0.self_attn.kv_b_proj.weight"
+    assert torch.equal(model.state_dict()[kv_b_key], plain.state_dict()[kv_b_key].bfloat16())
+    assert kv_b[0].uk is model.layers[0].self_attn.kv_b_proj.uk  # loaded in place
+    wrong = {**plain.state_dict(), kv_b_key: plain.state_dict()[kv_b_key].T}  # as nn.Linear reports it
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {kv_b_key}: copying a param with shape"):
+        model.load_state_dict(wrong)
+    assert torch.equal(model.state_dict()[kv_b_key], plain.state_dict()[kv_b_key].bfloat16())  # untouched
+    missing = {k: v for k, v in plain.state_dict().items() if k != kv_b_key}
+    assert model.load_state_dict(missing, strict=False).missing_keys == [kv_b_key]
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "layers.0.self_attn.kv_b_proj.bias"'):
+        model.load_state_dict({**plain.state_dict(), "layers.0.self_attn.kv_b_proj.bias": torch.zeros(1)})
+
+    cast = copy.deepcopy(model).to(torch.bfloat16)  # bf16 activations: the panels stay, torch multiplies
+    assert isinstance(cast.layers[0].self_attn.kv_b_proj, PackedKVB)
+    q = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    weight = cast.layers[0].self_attn.kv_b_proj.unpacked().view(4, -1, P)
+    assert torch.equal(cast.layers[0].self_attn.kv_b_proj.query_latent(q),
+                       torch.einsum("...hd,hdr->...hr", q, weight[:, :16]))
+    assert [len(evs) for evs in Engine(cast, IdText(), max_batch=2).generate(PROMPTS[:2], GREEDY)] == [10, 10]
     model.to(torch.float64)  # cast: unpacked, the model's own modules again
     assert all(type(m) is Experts and m.gate_up_proj.dim() == 3 for m in model.modules() if isinstance(m, Experts))
     kv_b_weight = model.layers[0].self_attn.kv_b_proj.weight

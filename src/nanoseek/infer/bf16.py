@@ -21,6 +21,7 @@ writes a bf16 checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,13 +102,13 @@ class PackedKVB(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.heads, self.nope = heads, nope
         self.register_parameter("bias", None)
-        self._pack(linear.weight.detach())
+        self.uk, self.uv = (nn.Parameter(p, requires_grad=False) for p in self._panels(linear.weight.detach()))
         self.train(linear.training)
 
-    def _pack(self, weight: torch.Tensor) -> None:
+    def _panels(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight [heads·(dn + dv), r] -> the panels of W_UKᵀ [heads, r, dn] and of W_UV [heads, dv, r]."""
         w = weight.view(self.heads, -1, self.in_features)
-        self.uk = nn.Parameter(kernels.pack_experts(w[:, :self.nope].transpose(1, 2)), requires_grad=False)
-        self.uv = nn.Parameter(kernels.pack_experts(w[:, self.nope:]), requires_grad=False)
+        return kernels.pack_experts(w[:, :self.nope].transpose(1, 2)), kernels.pack_experts(w[:, self.nope:])
 
     def unpacked(self) -> torch.Tensor:
         """The weight [heads·(dn + dv), r] in the panels' dtype (a copy)."""
@@ -116,13 +117,21 @@ class PackedKVB(nn.Linear):
 
     def query_latent(self, q_nope: torch.Tensor) -> torch.Tensor:
         """W_UK_hᵀ q_nope_h for every head: [..., heads, dn] -> [..., heads, r]."""
-        x = q_nope.reshape(-1, self.heads, q_nope.shape[-1])
-        return kernels.heads_linear_bf16(x, self.uk).view(*q_nope.shape[:-1], -1)
+        return self._per_head(q_nope, self.uk, lambda w: torch.einsum("...hd,hdr->...hr", q_nope, w[:, :self.nope]))
 
     def values(self, out_latent: torch.Tensor) -> torch.Tensor:
         """W_UV_h o_h for every head: [..., heads, r] -> [..., heads, dv]."""
-        x = out_latent.reshape(-1, self.heads, self.in_features)
-        return kernels.heads_linear_bf16(x, self.uv).view(*out_latent.shape[:-1], -1)
+        return self._per_head(out_latent, self.uv,
+                              lambda w: torch.einsum("...hr,hvr->...hv", out_latent, w[:, self.nope:]))
+
+    def _per_head(self, x: torch.Tensor, panels: torch.Tensor,
+                  unpacked: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The kernel over `panels` for float32 activations; for others (a model cast to bf16 after packing, whose
+        panels stay as they are) torch's product over the unpacked weight [heads, dn + dv, r] in x's dtype."""
+        if not kernels.takes_packed(x):
+            return unpacked(self.unpacked().to(x.dtype).view(self.heads, -1, self.in_features))
+        out = kernels.heads_linear_bf16(x.reshape(-1, self.heads, x.shape[-1]), panels)
+        return out.view(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.unpacked().to(x.dtype))
@@ -152,13 +161,27 @@ class PackedKVB(nn.Linear):
         del destination[prefix + "uk"], destination[prefix + "uv"]
         destination[prefix + "weight"] = self.unpacked().detach()
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None:
-            self._pack(weight.to(torch.bfloat16))
-            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-            state_dict.update({prefix + "uk": self.uk, prefix + "uv": self.uv})
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        """Takes prefix + "weight" [out, in] (what state_dict gives), packed into the panels in place; keys are
+        reported as nn.Linear(bias=False) reports them: the weight missing, others unexpected, a shape mismatched."""
+        key = prefix + "weight"
+        weight = state_dict.get(key)
+        shape = torch.Size((self.out_features, self.in_features))
+        if weight is None:
+            if strict:
+                missing_keys.append(key)
+        elif weight.shape != shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {weight.shape} from checkpoint, "
+                              f"the shape in current model is {shape}.")
+        else:
+            uk, uv = self._panels(weight.detach())
+            with torch.no_grad():
+                self.uk.copy_(uk)
+                self.uv.copy_(uv)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key)
 
 
 def use_bf16_products(model: nn.Module) -> tuple[int, int]:
