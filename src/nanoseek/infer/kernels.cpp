@@ -583,61 +583,44 @@ static void panel_rows_bf16(int64_t m, const uint16_t* p, int64_t K2, const uint
 }
 #endif
 
-// x2 [N, G, K] (bf16, contiguous) times G groups of B panels [G, B, K2, P, 2] -> out [N, G, B·P]: each group's
-// columns of x times its own weight. G = 1 is a Linear layer; G = heads, MLA's per-head products.
-static void grouped_panels_bf16(const uint16_t* x2, int64_t N, int64_t G, int64_t K, const uint16_t* pp, int64_t B,
-                                float* o) {
-  const int64_t K2 = K / 2, O = B * P;
-  // a thread's share: ~128 KB of weights at least, less over many rows (a prefill), whose products are the work
-  const int64_t grain = std::max<int64_t>(1, 131072 / (K2 * P * 4 * std::max<int64_t>(1, N / 16)));
-  const int64_t chunk = std::max<int64_t>(8, 32768 / K2 / 8 * 8);  // ~128 KB of x's pairs, kept in cache
-  at::parallel_for(0, G * B, grain, [&](int64_t j0, int64_t j1) {
-    for (int64_t r0 = 0; r0 < N; r0 += chunk)
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t g = j / B, b = j % B;
-        panel_rows_bf16(std::min(N, r0 + chunk) - r0, pp + j * K2 * 2 * P, K2, x2 + (r0 * G + g) * K, G * K,
-                        o + (r0 * G + g) * O + b * P, G * O);
-      }
-  });
-}
-
-static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels_) {
-  const int64_t N = x.size(0), K = x.size(1), K2 = K / 2;
-  TORCH_CHECK(panels_.dim() == 4 && 2 * panels_.size(1) == K && panels_.size(2) == P && panels_.size(3) == 2,
-              "linear_panels: expected bfloat16 panels [out / ", P, ", ", K2, ", ", P, ", 2] for x [N, ", K,
-              "] (kernels.pack_linear packs a weight [out, in] so)");
-  const at::Tensor panels = panels_.contiguous();
-  const int64_t B = panels.size(0);
-  at::Tensor out = at::empty({N, B * P}, x.options());
-  if (N == 0 || B == 0) return out;
-  if (K == 0) return out.zero_();
-  std::vector<uint16_t> x2(N * K);  // x rounded to bf16
-  round_bf16(x.const_data_ptr<float>(), N * K, x2.data());
-  grouped_panels_bf16(x2.data(), N, 1, K, reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>()),
-                      B, out.mutable_data_ptr<float>());
-  return out;
-}
-
 // MLA's absorbed products in bf16 (`--matmul-dtype bf16`): x [N, heads, in] times each head's own weight, packed as
-// pack_experts packs an expert's ([heads, out / P, in / 2, P, 2]) -> [N, heads, out]: W_UKᵀ·q_nope and W_UV·o.
+// pack_experts packs an expert's ([heads, out / P, in / 2, P, 2]) -> [N, heads, out]: W_UKᵀ·q_nope and W_UV·o. With
+// one head, a Linear layer (linear_panels_bf16).
 at::Tensor heads_linear_bf16(const at::Tensor& x_, const at::Tensor& panels_) {
   TORCH_CHECK(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 3,
               "heads_linear_bf16: x: expected a 3-d float32 CPU tensor [N, heads, in]");
-  const int64_t N = x_.size(0), G = x_.size(1), K = x_.size(2);
+  const int64_t N = x_.size(0), G = x_.size(1), K = x_.size(2), K2 = K / 2;
   TORCH_CHECK(panels_.device().is_cpu() && panels_.scalar_type() == at::kBFloat16 && panels_.dim() == 5 &&
                   panels_.size(0) == G && 2 * panels_.size(2) == K && panels_.size(3) == P && panels_.size(4) == 2,
-              "heads_linear_bf16: expected bfloat16 panels [", G, ", out / ", P, ", ", K / 2, ", ", P,
+              "heads_linear_bf16: expected bfloat16 panels [", G, ", out / ", P, ", ", K2, ", ", P,
               ", 2] for x [N, ", G, ", ", K, "] (kernels.pack_experts packs weights [heads, out, in] so)");
   const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
-  const int64_t B = panels.size(1);
-  at::Tensor out = at::empty({N, G, B * P}, x.options());
+  const int64_t B = panels.size(1), O = B * P;
+  at::Tensor out = at::empty({N, G, O}, x.options());
   if (N == 0 || G == 0 || B == 0) return out;
   if (K == 0) return out.zero_();
-  std::vector<uint16_t> x2(N * G * K);
+  std::vector<uint16_t> x2(N * G * K);  // x rounded to bf16
   round_bf16(x.const_data_ptr<float>(), N * G * K, x2.data());
-  grouped_panels_bf16(x2.data(), N, G, K, reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>()),
-                      B, out.mutable_data_ptr<float>());
+  const auto* pp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
+  float* o = out.mutable_data_ptr<float>();
+  // a thread's share: ~128 KB of weights at least, less over many rows (a prefill), whose products are the work
+  const int64_t grain = std::max<int64_t>(1, 131072 / (K2 * P * 4 * std::max<int64_t>(1, N / 16)));
+  const int64_t chunk = std::max<int64_t>(8, 32768 / K2 / 8 * 8);  // ~128 KB of x's pairs, kept in cache
+  at::parallel_for(0, G * B, grain, [&](int64_t j0, int64_t j1) {  // panel j: head j / B, its panel j % B
+    for (int64_t r0 = 0; r0 < N; r0 += chunk)
+      for (int64_t j = j0; j < j1; ++j)
+        panel_rows_bf16(std::min(N, r0 + chunk) - r0, pp + j * K2 * 2 * P, K2, x2.data() + (r0 * G + j / B) * K,
+                        G * K, o + (r0 * G + j / B) * O + j % B * P, G * O);
+  });
   return out;
+}
+
+static at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels) {
+  const int64_t K = x.size(1);
+  TORCH_CHECK(panels.dim() == 4 && 2 * panels.size(1) == K && panels.size(2) == P && panels.size(3) == 2,
+              "linear_panels: expected bfloat16 panels [out / ", P, ", ", K / 2, ", ", P, ", 2] for x [N, ", K,
+              "] (kernels.pack_linear packs a weight [out, in] so)");
+  return heads_linear_bf16(x.unsqueeze(1), panels.unsqueeze(0)).squeeze(1);
 }
 
 // Routed experts in bf16 products (`--matmul-dtype bf16`): each expert's two matrices packed as Linear weights are
