@@ -126,6 +126,47 @@ def test_long_prefill_attends_in_slices_with_the_same_numbers(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_long_prompts_prefill_with_expanded_keys_as_the_absorbed_form_does(monkeypatch):
+    """A fresh prefill over more than KERNEL_KEYS tokens expands keys and values from the latent (MLA.attend, as in
+    training) instead of absorbing kv_b_proj: the same hidden states at every real position (fp32, to rounding), the
+    same cache rows; and the engine's greedy tokens for a long prompt beside a short one stay the full
+    forward's. A batch with cached rows (a continuation) is never expanded."""
+    from nanoseek.infer import forward
+    from nanoseek.model.mla import MLA
+
+    model = tiny()
+    T, lengths = forward.KERNEL_KEYS + 16, [forward.KERNEL_KEYS + 16, forward.KERNEL_KEYS + 3]
+    ids = torch.randint(0, 256, (2, T))
+    expanded = []
+    real_attend = MLA.attend
+    monkeypatch.setattr(MLA, "attend", lambda self, *a: expanded.append(a[0].shape) or real_attend(self, *a))
+    outs, caches = [], []
+    for limit in (forward.KERNEL_KEYS, 10**9):  # expanded; absorbed (batched products) for every prefill
+        monkeypatch.setattr(forward, "KERNEL_KEYS", limit)
+        cache = LatentCache(model.config, slots=2, max_len=T + 8, device=torch.device("cpu"), dtype=torch.float32)
+        with torch.no_grad():
+            outs.append(forward_cached(model, cache, ids, Batch.make([0, 1], [0, 0], lengths, T, ids.device)))
+        caches.append(cache)
+    assert len(expanded) == model.config.num_hidden_layers  # the first pass only, every layer
+    real = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    torch.testing.assert_close(outs[0][real], outs[1][real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].rows[0], caches[1].rows[0])  # written before attending: the first layer's alike
+    for a, b in zip(caches[0].rows[1:], caches[1].rows[1:]):  # then from hidden states equal to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(forward, "KERNEL_KEYS", 4)
+    expanded.clear()
+    with torch.no_grad():  # 5 new tokens after 70 cached: absorbed, over the cache
+        forward_cached(model, caches[0], ids[:, :5], Batch.make([0, 1], [70, 70], [5, 5], 5, ids.device))
+    assert not expanded
+
+    long_prompt = torch.randint(2, 256, (40,)).tolist()  # over KERNEL_KEYS = 4: expanded
+    outs = Engine(model, IdText(), max_batch=2).generate([long_prompt, [5, 6, 7]], GREEDY)
+    assert expanded
+    for prompt, events in zip([long_prompt, [5, 6, 7]], outs):
+        assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
+
+
 def test_stale_non_finite_rows_of_a_slot_do_not_reach_its_next_request():
     """A slot keeps an earlier request's rows past its new length. Batched with a longer row, a shorter one's keys
     span them; their softmax weight is 0, but 0 · NaN is NaN. Row 0 (3 cached + 2 new tokens, padded to 4) beside
@@ -203,16 +244,26 @@ def test_greedy_engine_equals_full_forward(name):
 
 def test_engine_attending_in_the_kernel_equals_full_forward(monkeypatch):
     """tiny's cache rows (latent 32 + rope 8) are no width the attention kernel takes; with a rope of 16 (48) every
-    decode step attends in it, reading the cache in place, and greedy tokens stay the full forward's."""
+    decode step attends in it, reading the cache in place, and so do prefills over up to KERNEL_KEYS keys; greedy
+    tokens stay the full forward's. With KERNEL_KEYS = 4 the longer prompts' prefills go through torch instead."""
+    from nanoseek.infer import forward
+
     kernel_built()
-    calls = []
     real = kernels.latent_attention
-    monkeypatch.setattr(kernels, "latent_attention", lambda *args: calls.append(args[0].shape) or real(*args))
     model = tiny(qk_rope_head_dim=16)
-    outs = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
-    assert calls and all(shape[1] == 1 for shape in calls)  # decode steps: one query row a sequence
-    for prompt, events in zip(PROMPTS, outs):
-        assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
+    calls = []  # (query rows, keys) of each call
+    monkeypatch.setattr(kernels, "latent_attention",
+                        lambda q, rows, slots, visible, *args: calls.append((q.shape[1], visible.shape[-1]))
+                        or real(q, rows, slots, visible, *args))
+    for limit in (forward.KERNEL_KEYS, 4):
+        monkeypatch.setattr(forward, "KERNEL_KEYS", limit)
+        calls.clear()
+        outs = Engine(model, IdText(), max_batch=3).generate(PROMPTS, GREEDY)
+        prefills = {(T, keys) for T, keys in calls if T > 1}
+        assert prefills and all(keys <= limit for _, keys in prefills)  # the short prompts' prefills
+        assert max(map(len, PROMPTS)) > 4 and any(T == 1 for T, _ in calls)  # ... not the longer ones; decode steps
+        for prompt, events in zip(PROMPTS, outs):
+            assert [e.token_id for e in events] == greedy_reference(model, prompt, 10)
 
 
 def test_kv_cache_bytes_per_token_formula_and_mha_ratio():
@@ -1047,7 +1098,7 @@ def test_bf16_products_kernels_equal_a_naive_reference():
                                                                                                  P, 2)
     assert torch.equal(kernels.unpack_experts(packed_gate_up), gate_up.bfloat16())
     assert torch.equal(kernels.unpack_experts(packed_down), down.bfloat16())
-    def experts_case(tokens: int) -> None:
+    def experts_case(tokens: int, atol: float = 1e-5) -> torch.Tensor:
         x, weights = torch.randn(tokens, H), torch.rand(tokens, k)
         indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])
         with FlopCounterMode(display=False) as counter:
@@ -1059,7 +1110,8 @@ def test_bf16_products_kernels_equal_a_naive_reference():
                 gate, up = (bf16_values(gate_up[e]) @ bf16_values(x[t])).chunk(2)
                 hidden = (F.silu(gate) * up * w).float()  # float32 in the kernel, then rounded
                 want[t] += bf16_values(down[e]) @ bf16_values(hidden)
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=atol * want.abs().max().item())
+        return got
 
     for tokens in (1, 3, 16, 40):
         experts_case(tokens)
@@ -1069,6 +1121,14 @@ def test_bf16_products_kernels_equal_a_naive_reference():
         gate_up, down = torch.randn(E, 2 * inner, H) * 0.05, torch.randn(E, H, inner) * 0.05
         packed_gate_up, packed_down = kernels.pack_experts(gate_up), kernels.pack_experts(down)
         experts_case(5)
+        # 300 pairs: the passes over them (gathering rows, the hidden activations) split over the threads too. The
+        # threads split the work, not the sums: one thread gives the same bits. (Against float64, a few hidden
+        # activations of so many round to the neighbouring bf16 number, the kernel's silu being float32: 1e-3.)
+        torch.manual_seed(1)
+        two = experts_case(100, atol=1e-3)
+        torch.set_num_threads(1)
+        torch.manual_seed(1)
+        assert torch.equal(experts_case(100, atol=1e-3), two)
     finally:
         torch.set_num_threads(threads)
     for n_threads in (1, 2):  # MLA's per-head products: each head's panels as an expert's

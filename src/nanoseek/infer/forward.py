@@ -9,7 +9,10 @@ the output instead, which is what makes decoding cheap:
     out_h(t)      = Σ_j p_h(t, j) W_UV_h c_j = W_UV_h (Σ_j p_h(t, j) c_j)
 
 so every head attends over the same [c_kv | k_rope] rows: one batched matrix product for all heads, like
-multi-query attention with a (kv_lora_rank + rope) wide key and a kv_lora_rank wide value.
+multi-query attention with a (kv_lora_rank + rope) wide key and a kv_lora_rank wide value. A long prompt's
+prefill, where every query meets many keys, expands keys and values instead, as training does (absorbing costs
+h·(2r + rope) products per query and key against h·(dn + rope + dv) expanded: it pays where few queries read a long
+cache); the cache still gets only the latent rows.
 
 The functions here read the model's own modules (`layer.self_attn.q_proj`, ...), so the model file stays the
 training model and a checkpoint serves as it is.
@@ -72,6 +75,7 @@ class Batch:
     positions: torch.Tensor  # [B, T] long: starts[b] + t
     write: tuple[torch.Tensor, ...]  # (row, column, slot, position) of each real input token
     visible: torch.Tensor  # [B, T, K] bool: key j is visible to query t of row b
+    fresh: bool = False  # every row starts at position 0: its keys are its own input tokens (a prompt's prefill)
 
     @property
     def n_keys(self) -> int:
@@ -92,13 +96,18 @@ class Batch:
         # causal (j <= own position) and real: a row's keys past its own length are another request's stale rows,
         # which a ragged batch's padding queries would otherwise see
         visible = (keys <= positions[..., None]) & (keys < (start_t + new_t)[:, None, None])
-        return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible)
+        return cls(slot_t, positions, (row, col, slot_t[row], positions[row, col]), visible, not any(starts))
 
 
 SCORE_ELEMENTS = 1 << 22  # fp32 attention scores a prefill holds at once (16 MB)
-# Query rows per sequence up to which attention runs in the decode kernel (a decode step: one, two with MTP
-# speculation); a prefill's many rows are matrix products, which the BLAS does better.
+# Which attention a forward over the cache runs. A decode step (one query row a sequence, two with MTP speculation)
+# or a short prefill (up to KERNEL_KEYS keys): the decode kernel, reading the cache in place. A longer prompt's
+# prefill: keys and values expanded from the latent and fused causal attention, as in training. Anything else
+# (a long continuation of cached rows): the absorbed form in batched products. One `small` layer's attention
+# with its projections, bf16 products (docs/LOG.md, 2026-12-01): at 16 prompts of 22 tokens the three tie
+# (7.0-7.4 ms); at one of 256 the expanded form takes 7.4 ms against 11.4 absorbed, at 2,048 131 ms against 522.
 KERNEL_QUERIES = 2
+KERNEL_KEYS = 64
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: torch.Tensor, scale: float,
@@ -126,6 +135,8 @@ def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: f
     # A long prefill attends in slices of query rows: the fp32 scores are [B, rows, h, K], and in one pass a
     # 2,048-token prompt with 16 heads held ~0.5 GB of them. Each row's softmax is its own: the same numbers.
     step = max(1, SCORE_ELEMENTS // (B * h * batch.n_keys))
+    if step >= T:  # one slice: no copy through cat
+        return _attend(q, keys, keys32, batch.visible, scale, r)
     return torch.cat([_attend(q[:, t:t + step], keys, keys32, batch.visible[:, t:t + step], scale, r)
                       for t in range(0, T, step)], dim=1)
 
@@ -133,15 +144,22 @@ def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: f
 def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
                        batch: Batch) -> torch.Tensor:
     """MLA over x [B, T, hidden] (already normalised) with the layer's cache rows [slots, max_len, width]:
-    writes this step's latent rows, then attends over every cached row of the batch's slots."""
+    writes this step's latent rows, then attends over every cached row of the batch's slots (absorbed; a long
+    prompt's prefill in the expanded form, see KERNEL_KEYS)."""
     B, T, _ = x.shape
     h, dn, r = attn.n_heads, attn.qk_nope_head_dim, attn.kv_lora_rank
     q_nope, q_rope = attn.query(x).split([dn, attn.qk_rope_head_dim], dim=-1)
     q_rope = apply_rope(q_rope, cos, sin, attn.interleave)
     c_kv, k_rope = attn.latent(x)
-    new_rows = torch.cat((c_kv, apply_rope(k_rope, cos, sin, attn.interleave).squeeze(2)), dim=-1)
+    k_rope = apply_rope(k_rope, cos, sin, attn.interleave)  # [B, T, 1, rope]
+    new_rows = torch.cat((c_kv, k_rope.squeeze(2)), dim=-1)
     b, t, slot, pos = batch.write
     rows.index_put_((slot, pos), new_rows[b, t])
+    if batch.fresh and T > KERNEL_KEYS:
+        # A long prompt's prefill: its keys are its own tokens, right-padded (a real query sees no padding under
+        # the causal mask). Keys and values expanded from the latent, as in training, and fused causal attention:
+        # per query and key h·(dn + rope + dv) products instead of h·(2r + rope) absorbed.
+        return attn.o_proj(attn.attend(q_nope, (q_rope,), c_kv, (k_rope,)))
 
     packed = isinstance(attn.kv_b_proj, PackedKVB)  # bf16 products (infer/bf16.py): both products in the kernel
     if packed:
@@ -151,7 +169,8 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
         w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
     q = torch.cat((q_latent, q_rope), dim=-1)  # [B, T, h, r + rope]
-    if T <= KERNEL_QUERIES and kernels.covers_attention(q, rows, r):  # decode steps on CPU: the cache read in place
+    # decode steps and short prefills on CPU: the cache read in place
+    if (T <= KERNEL_QUERIES or batch.n_keys <= KERNEL_KEYS) and kernels.covers_attention(q, rows, r):
         out_latent = kernels.latent_attention(q, rows, batch.slots, batch.visible, attn.softmax_scale, r)
     else:
         out_latent = _attend_gathered(q, rows, batch, attn.softmax_scale, r)

@@ -60,10 +60,18 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, hidden]; cos/sin [B, T, 1, rope_dim/2] from RotaryEmbedding."""
-        B, T, _ = x.shape
-        q = self.query(x)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_rope = self.query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.latent(x)
+        out = self.attend(q_nope, rope_halves(q_rope, cos, sin, self.interleave), c_kv,
+                          rope_halves(k_rope, cos, sin, self.interleave))
+        return self.o_proj(out)
+
+    def attend(self, q_nope: torch.Tensor, q_rope: tuple[torch.Tensor, ...], c_kv: torch.Tensor,
+               k_rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Causal attention of q_nope [B, T, heads, dn] over keys and values expanded from c_kv [B, T, r]; q_rope and
+        k_rope: the rotated rope parts of the queries [B, T, heads, *] and of the shared key [B, T, 1, *] (widths
+        adding up to qk_rope_head_dim) -> the heads' outputs [B, T, heads · v_head_dim], before o_proj."""
+        B, T = c_kv.shape[:2]
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
@@ -72,15 +80,13 @@ class MLA(nn.Module):
         # zero columns of v give output columns that are sliced off). ~2.5x faster than the fallback on CPU.
         d = max(self.qk_head_dim, self.v_head_dim)
         extra = d - self.qk_head_dim
-        pad_qk = [q.new_zeros(1, 1, 1, 1).expand(B, T, self.n_heads, extra)] if extra else []
-        q_parts = (q_nope, *rope_halves(q_rope, cos, sin, self.interleave), *pad_qk)
-        q = torch.cat([t.transpose(1, 2) for t in q_parts], dim=-1)
-        k_parts = [t.expand(B, T, self.n_heads, -1) for t in rope_halves(k_rope, cos, sin, self.interleave)]
+        pad_qk = [q_nope.new_zeros(1, 1, 1, 1).expand(B, T, self.n_heads, extra)] if extra else []
+        q = torch.cat([t.transpose(1, 2) for t in (q_nope, *q_rope, *pad_qk)], dim=-1)
+        k_parts = [t.expand(B, T, self.n_heads, -1) for t in k_rope]
         k = torch.cat([t.transpose(1, 2) for t in (k_nope, *k_parts, *pad_qk)], dim=-1)
         v = F.pad(v.transpose(1, 2), (0, d - self.v_head_dim))
         out = self._sdpa(q, k, v)
-        out = out.transpose(1, 2)[..., : self.v_head_dim]
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))
+        return out.transpose(1, 2)[..., : self.v_head_dim].reshape(B, T, self.n_heads * self.v_head_dim)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
