@@ -245,7 +245,7 @@ def test_greedy_engine_equals_full_forward(name):
 def test_engine_attending_in_the_kernel_equals_full_forward(monkeypatch):
     """tiny's cache rows (latent 32 + rope 8) are no width the attention kernel takes; with a rope of 16 (48) every
     decode step attends in it, reading the cache in place, and so do prefills over up to KERNEL_KEYS keys; greedy
-    tokens stay the full forward's. With KERNEL_KEYS = 4 the longer prompts' prefills go through torch instead."""
+    tokens stay the full forward's. With KERNEL_KEYS = 4 the longer prompts' prefills are expanded instead."""
     from nanoseek.infer import forward
 
     kernel_built()
@@ -1464,12 +1464,14 @@ def test_kernels_built_for_any_cpu_compute_the_same(tmp_path):
 
 def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp_path):
     """--matmul-dtype bf16 (infer/bf16.py): the Linear layers the kernel takes and the routed experts (main layers and
-    MTP) are packed in bf16, half the bytes; the engine (eager, compiled, MTP speculation) gives the tokens of the
-    packed model's own full forward, which stays close to the fp32 model's logits without being them. state_dict and
-    save_pretrained give the bf16-rounded weights in their usual layout, load_state_dict takes them; cast, the
-    experts are an `Experts` again; with gradients wanted the experts multiply unpacked copies."""
+    MTP) are packed in bf16, half the bytes; the engine (eager, compiled, MTP speculation; a long prompt's prefill
+    expanded) gives the tokens of the packed model's own full forward, which stays close to the fp32 model's logits
+    without being them. state_dict and save_pretrained give the bf16-rounded weights in their usual layout,
+    load_state_dict takes them; cast, the experts are an `Experts` again; with gradients wanted the experts multiply
+    unpacked copies."""
     from torch import nn
 
+    from nanoseek.infer import forward
     from nanoseek.infer.bf16 import PackedExperts, PackedKVB, use_bf16_products
     from nanoseek.model.moe import Experts
 
@@ -1501,6 +1503,9 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
     compiled = Engine(model, IdText(), max_batch=3, compile=True)
     assert tokens(compiled) == want and compiled.compile
     assert tokens(Engine(model, IdText(), max_batch=3, speculative="mtp")) == want
+    long = torch.randint(2, 256, (forward.KERNEL_KEYS + 6,)).tolist()  # prefilled expanded: PackedKVB's own forward
+    for engine in (Engine(model, IdText()), Engine(model, IdText(), speculative="mtp")):
+        assert [e.token_id for e in engine.generate([long], GREEDY)[0]] == greedy_reference(model, long, 10)
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         got, ref = model(ids), plain(ids)

@@ -89,13 +89,13 @@ class PackedExperts(Experts):
 
 class PackedKVB(nn.Linear):
     """MLA's `kv_b_proj` [heads·(dn + dv), r] for bf16 products, stored as the two per-head products absorbed attention
-    computes with it (infer/forward.py), each packed as pack_experts packs an expert's weights: `uk` = W_UKᵀ
-    [heads, r / P, dn / 2, P, 2] (q_nope -> the query in latent space) and `uv` = W_UV [heads, dv / P, r / 2, P, 2]
-    (a head's latent output -> its value). One kernel call each instead of torch's batched products over the float32
-    weight: 1.6-2.9x faster at 1-16 rows, cold; a compiled decode step of the `small` preset 2-8% faster, of the demo
-    preset as fast (docs/LOG.md, 2026-12-01). The model's own forward (keys and values decompressed) multiplies an
-    unpacked copy. state_dict gives, and load_state_dict takes, the weight [out, in]; moved off the CPU or cast, the
-    layer is an nn.Linear again."""
+    computes with it (infer/forward.py), each packed as pack_experts packs an expert's weights: `uk` = W_UKᵀ [heads, r /
+    P, dn / 2, P, 2] (q_nope -> the query in latent space) and `uv` = W_UV [heads, dv / P, r / 2, P, 2] (a head's latent
+    output -> its value). One kernel call each instead of torch's batched products over the float32 weight: 1.6-2.9x
+    faster at 1-16 rows, cold; a compiled decode step of the `small` preset 2-8% faster, of the demo preset as fast
+    (docs/LOG.md, 2026-12-01). The model's own forward (keys and values expanded, as a long prompt's prefill also runs)
+    multiplies an unpacked copy in float32: the latent is not rounded there. state_dict gives, and load_state_dict
+    takes, the weight [out, in]; moved off the CPU or cast, the layer is an nn.Linear again."""
 
     def __init__(self, linear: nn.Linear, heads: int, nope: int):
         nn.Module.__init__(self)

@@ -75,7 +75,9 @@ class Batch:
     positions: torch.Tensor  # [B, T] long: starts[b] + t
     write: tuple[torch.Tensor, ...]  # (row, column, slot, position) of each real input token
     visible: torch.Tensor  # [B, T, K] bool: key j is visible to query t of row b
-    fresh: bool = False  # every row starts at position 0: its keys are its own input tokens (a prompt's prefill)
+    # every row starts at position 0, right-padded (as `make` builds it): its keys are its own input tokens, and
+    # causal attention alone hides the padding (a prompt's prefill, which absorbed_attention may expand)
+    fresh: bool = False
 
     @property
     def n_keys(self) -> int:
