@@ -32,7 +32,7 @@ from nanoseek.infer.bf16 import PackedExperts, PackedKVB
 from nanoseek.model.mla import MLA
 from nanoseek.model.model import NanoSeek
 from nanoseek.model.moe import Experts, MoE
-from nanoseek.model.rope import apply_rope
+from nanoseek.model.rope import apply_rope, rope_halves
 
 
 class LatentCache:
@@ -151,7 +151,7 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     B, T, _ = x.shape
     h, dn, r = attn.n_heads, attn.qk_nope_head_dim, attn.kv_lora_rank
     q_nope, q_rope = attn.query(x).split([dn, attn.qk_rope_head_dim], dim=-1)
-    q_rope = apply_rope(q_rope, cos, sin, attn.interleave)
+    q_rope = rope_halves(q_rope, cos, sin, attn.interleave)  # joined once, into q or SDPA's layout
     c_kv, k_rope = attn.latent(x)
     k_rope = apply_rope(k_rope, cos, sin, attn.interleave)  # [B, T, 1, rope]
     new_rows = torch.cat((c_kv, k_rope.squeeze(2)), dim=-1)
@@ -161,7 +161,7 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
         # A long prompt's prefill: its keys are its own tokens, right-padded (a real query sees no padding under
         # the causal mask). Keys and values expanded from the latent, as in training, and fused causal attention:
         # per query and key h·(dn + rope + dv) products instead of h·(2r + rope) absorbed.
-        return attn.o_proj(attn.attend(q_nope, (q_rope,), c_kv, (k_rope,)))
+        return attn.o_proj(attn.attend(q_nope, q_rope, c_kv, (k_rope,)))
 
     packed = isinstance(attn.kv_b_proj, PackedKVB)  # bf16 products (infer/bf16.py): both products in the kernel
     if packed:
@@ -170,7 +170,7 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
         w_kv = attn.kv_b_proj.weight.view(h, dn + attn.v_head_dim, r)
         w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # [h, dn, r], [h, dv, r]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UKᵀ q_nope: the query in latent space
-    q = torch.cat((q_latent, q_rope), dim=-1)  # [B, T, h, r + rope]
+    q = torch.cat((q_latent, *q_rope), dim=-1)  # [B, T, h, r + rope]
     # decode steps and short prefills on CPU: the cache read in place
     if (T <= KERNEL_QUERIES or batch.n_keys <= KERNEL_KEYS) and kernels.covers_attention(q, rows, r):
         out_latent = kernels.latent_attention(q, rows, batch.slots, batch.visible, attn.softmax_scale, r)
