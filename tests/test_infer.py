@@ -928,10 +928,10 @@ def test_kernel_ops_agree_with_their_compile_time_shapes():
 
 def test_latent_attention_kernel_equals_a_naive_reference():
     """kernels.latent_attention (MLA's absorbed attention read from the cache in place) against float64 einsums over
-    the gathered rows: ragged lengths in slots out of order, one and two query rows (MTP speculation), head counts
-    that fill its groups of 4 and leave remainders, latents of one and of several vector blocks, query rows and one
-    row's head groups split over two threads, a context where most keys are masked. What it does not take is
-    refused or not covered."""
+    the gathered rows: ragged lengths in slots out of order, one and two query rows (MTP speculation), a causal
+    prefill (later keys not visible), head counts that fill its items of 12 and tiles of 6 and leave each remainder
+    (4, 2, 1), latents of one and of several vector tiles, query rows and one row's head groups split over two
+    threads, a context where most keys are masked. What it does not take is refused or not covered."""
     kernel_built()
     torch.manual_seed(0)
 
@@ -948,10 +948,13 @@ def test_latent_attention_kernel_equals_a_naive_reference():
             for B, T, h, r, rope, S, L, starts in (
                     (3, 1, 8, 64, 16, 5, 100, [10, 50, 0]), (2, 2, 5, 32, 16, 4, 70, [3, 60]),
                     (16, 1, 8, 64, 16, 16, 600, list(range(0, 560, 35))), (1, 1, 3, 16, 16, 1, 9, [7]),
-                    (2, 2, 4, 48, 32, 3, 1200, [1100, 2]), (1, 1, 8, 64, 16, 2, 1000, [900])):
+                    (2, 2, 4, 48, 32, 3, 1200, [1100, 2]), (1, 1, 8, 64, 16, 2, 1000, [900]),
+                    (4, 1, 31, 80, 16, 4, 90, [5, 80, 1, 33]), (5, 1, 12, 256, 32, 6, 70, [60, 3, 17, 0, 41]),
+                    (1, 1, 12, 256, 32, 1, 70, [66]), (3, 7, 13, 64, 16, 3, 40, [0, 0, 0])):
                 D = r + rope
                 rows = torch.randn(S, L, D) * 2  # larger scores than a trained model's: a peaked softmax too
-                batch = Batch.make(torch.randperm(S)[:B].tolist(), starts, [T] * B, T, torch.device("cpu"))
+                n_new = [T] * B if any(starts) else [T, T - 3, 1][:B]  # a ragged fresh batch: a causal prefill
+                batch = Batch.make(torch.randperm(S)[:B].tolist(), starts, n_new, T, torch.device("cpu"))
                 q = torch.randn(B, T, h, D)
                 scale = D ** -0.5
                 got = kernels.latent_attention(q, rows, batch.slots, batch.visible, scale, r)

@@ -735,91 +735,172 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
 // rows into a new tensor, then runs two small batched products (each packing its operand again) and a softmax
 // between them: at a few hundred tokens of context that was ~45% of a batch-16 step (docs/LOG.md, 2026-11-30).
 
-// s[i·K + k] = scale · q_i·key_k for G heads' queries q (stride D) over the K keys (row stride D), -inf where
-// key k is not visible. G = 4: four dot products per key read, summed across their vectors at once.
-template <int G>
-static void scores(const float* q, const float* keys, const bool* visible, int64_t K, int64_t D, float scale,
-                   float* s) {
-  for (int64_t k = 0; k < K; ++k) {
-    if (!visible[k]) {
-      for (int i = 0; i < G; ++i) s[i * K + k] = -INFINITY;
-      continue;
+// The latent cache is like multi-query attention's (one key row for all heads), so a work item takes one query row
+// and up to 12 of its heads, over its keys in blocks of KB. Within a block the tiles reuse what they load: scores in
+// tiles of KT keys × HS heads, the weighted sum in tiles of HW heads × CV vectors of the latents, an online softmax
+// in between. So each key comes from memory once per item, however long the context (before: once per 4 heads
+// and pass, 3 passes, at ~30% of the FMA rate; 1.3-1.9x slower, docs/LOG.md 2026-12-01).
+#if defined(__AVX512F__)
+constexpr int KT = 4;  // 4 keys × 4 heads: 16 accumulators + 4 keys + 4 queries of 32 registers
+constexpr int CV = 4;  // 6 heads × 4 vectors: 24 accumulators + 4 key vectors + 1 weight
+#else
+constexpr int KT = 2;  // 8 + 2 + 4 of AVX2's 16
+constexpr int CV = 2;  // 12 + 2 + 1
+#endif
+constexpr int HS = 4;   // heads per scores tile
+constexpr int HW = 6;   // heads per weighted tile
+constexpr int HG = 12;  // heads per work item at most
+
+// s[i·ld + k + j] = scale · q_i·key_{k+j}, j < NK, for G heads' queries q (stride D).
+template <int G, int NK>
+__attribute__((noinline)) static void score_tile(const float* q, const float* keys, int64_t k, int64_t D, float scale,
+                                                 float* s, int64_t ld) {
+  vec acc[NK][G];
+  for (int j = 0; j < NK; ++j)
+    for (int i = 0; i < G; ++i) acc[j][i] = vec{};
+  for (int64_t d = 0; d < D; d += V) {
+    vec kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = load(keys + (k + j) * D + d);
+    for (int i = 0; i < G; ++i) {
+      const vec qv = load(q + i * D + d);
+      for (int j = 0; j < NK; ++j) acc[j][i] += qv * kv[j];
     }
-    vec acc[G];
-    for (int i = 0; i < G; ++i) acc[i] = vec{};
-    for (int64_t d = 0; d < D; d += V) {
-      const vec kv = load(keys + k * D + d);
-      for (int i = 0; i < G; ++i) acc[i] += load(q + i * D + d) * kv;
+  }
+  for (int j = 0; j < NK; ++j) {
+    int i = 0;
+    for (; i + 4 <= G; i += 4) {
+      const quarter sum = hsum4(acc[j][i], acc[j][i + 1], acc[j][i + 2], acc[j][i + 3]) * scale;
+      for (int u = 0; u < 4; ++u) s[(i + u) * ld + k + j] = sum[u];
     }
-    if constexpr (G == 4) {
-      const quarter sum = hsum4(acc[0], acc[1], acc[2], acc[3]) * scale;
-      for (int i = 0; i < 4; ++i) s[i * K + k] = sum[i];
-    } else {
-      const quarter f = fold4(acc[0]);
-      s[k] = (f[0] + f[1] + f[2] + f[3]) * scale;
+    for (; i < G; ++i) {
+      const quarter f = fold4(acc[j][i]);
+      s[i * ld + k + j] = (f[0] + f[1] + f[2] + f[3]) * scale;
     }
   }
 }
 
-// A row of K scores -> their softmax's numerators in place; returns 1 / their sum. No visible key (which a decode
-// step never has: a row sees its own position) gives zeros, where torch's softmax gives NaNs. A NaN score makes
-// the row NaN, as in torch: a numerical failure upstream shows (std::max would skip it and hide it).
-static float softmax_numerators(float* s, int64_t K) {
-  float m = -INFINITY;
-  for (int64_t k = 0; k < K && m == m; ++k)
-    if (!(s[k] <= m)) m = s[k];
-  if (m != m) {
-    std::fill(s, s + K, NAN);
+// out[i·r + c + j·V] += Σ_{k < n, visible} p[i·ld + k] · key_k[c + j·V], j < NC, for G heads. Keys not visible
+// are skipped (their p is 0, and a stale row may hold a NaN).
+template <int G, int NC>
+__attribute__((noinline)) static void weighted_tile(const float* p, int64_t ld, const float* keys, const bool* visible,
+                                                    int64_t n, int64_t D, int64_t c, int64_t r, float* out) {
+  vec acc[G][NC];
+  for (int i = 0; i < G; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = load(out + i * r + c + j * V);
+  for (int64_t k = 0; k < n; ++k) {
+    if (!visible[k]) continue;
+    vec kv[NC];
+    for (int j = 0; j < NC; ++j) kv[j] = load(keys + k * D + c + j * V);
+    for (int i = 0; i < G; ++i) {
+      const vec w = splat(p[i * ld + k]);
+      for (int j = 0; j < NC; ++j) acc[i][j] += w * kv[j];
+    }
+  }
+  for (int i = 0; i < G; ++i)
+    for (int j = 0; j < NC; ++j) std::memcpy(out + i * r + c + j * V, &acc[i][j], sizeof(vec));
+}
+
+// The G heads from head 0 in tiles of HT, 4, 2 and 1 (a template's accumulators stay in registers): f(tile, g).
+template <int HT, typename F>
+static void head_tiles(int64_t G, F&& f) {
+  for (int64_t g = 0; g < G;) {
+    const int64_t left = G - g;
+    if (left >= HT) {
+      f(std::integral_constant<int, HT>{}, g), g += HT;
+    } else if (HT > 4 && left >= 4) {
+      f(std::integral_constant<int, 4>{}, g), g += 4;
+    } else if (left >= 2) {
+      f(std::integral_constant<int, 2>{}, g), g += 2;
+    } else {
+      f(std::integral_constant<int, 1>{}, g), g += 1;
+    }
+  }
+}
+
+// One block of a head's scores in an online softmax (the running maximum m and sum l of the blocks before):
+// s[0..n) -> exp(s - m') in place with m' = max(m, max s); returns exp(m - m'), the factor for what was summed
+// before. A block with nothing visible yet gives zeros (factor 1). A NaN score makes the head NaN from then on, as
+// in torch: a numerical failure upstream shows (a max that skipped it would hide it).
+static float block_softmax(float* s, int64_t n, float& m, float& l) {
+  float bm = -INFINITY;
+  for (int64_t k = 0; k < n && bm == bm; ++k)
+    if (!(s[k] <= bm)) bm = s[k];
+  if (bm != bm || m != m) {
+    std::fill(s, s + n, NAN);
+    m = l = NAN;
     return NAN;
   }
-  if (m == -INFINITY) {
-    std::fill(s, s + K, 0.0f);
-    return 0.0f;
+  const float m2 = std::max(m, bm);
+  if (m2 == -INFINITY) {
+    std::fill(s, s + n, 0.0f);
+    return 1.0f;
   }
   vec sum = vec{};
   int64_t k = 0;
-  for (; k + V <= K; k += V) {
-    const vec e = exp_nonpositive(load(s + k) - m);
+  for (; k + V <= n; k += V) {
+    const vec e = exp_nonpositive(load(s + k) - m2);
     std::memcpy(s + k, &e, sizeof e);
     sum += e;
   }
   float total = 0.0f;
   for (int64_t i = 0; i < V; ++i) total += sum[i];
-  for (; k < K; ++k) total += s[k] = s[k] == -INFINITY ? 0.0f : std::exp(s[k] - m);
-  return 1.0f / total;
+  for (; k < n; ++k) total += s[k] = s[k] == -INFINITY ? 0.0f : std::exp(s[k] - m2);
+  const float factor = m == -INFINITY ? 0.0f : std::exp(m - m2);
+  m = m2;
+  l = l * factor + total;
+  return factor;
 }
 
-// out_i = inv_i · Σ_k p_i[k] · key_k[c : c + NV·V] for G heads (p: their numerators, stride K): G·NV accumulators,
-// each key's NV vectors read once for the G heads. Keys no head sees (p = 0) are skipped.
-template <int G, int NV>
-static void weighted_block(const float* p, const float* inv, const float* keys, const bool* visible, int64_t K,
-                           int64_t D, int64_t r, int64_t c, float* out) {
-  vec acc[G][NV];
-  for (int i = 0; i < G; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = vec{};
-  for (int64_t k = 0; k < K; ++k) {
-    if (!visible[k]) continue;
-    vec kv[NV];
-    for (int j = 0; j < NV; ++j) kv[j] = load(keys + k * D + c + j * V);
-    for (int i = 0; i < G; ++i) {
-      const vec w = splat(p[i * K + k]);
-      for (int j = 0; j < NV; ++j) acc[i][j] += w * kv[j];
+// Keys per block: a block's rows stay in L1 (37 KB at the `small` preset's 288 floats) while every tile reads them.
+constexpr int64_t KB = 32;
+
+// G heads of one query row (queries q, stride D; outputs out, stride r) over the first n keys (those past n are
+// not visible): per block of keys their scores, an online softmax, and the weighted sum of their latents added to
+// the output (rescaled first where the running maximum grew). s: scratch of G·KB floats.
+static void attend_heads(int64_t G, const float* q, const float* keys, const bool* visible, int64_t n, int64_t D,
+                         int64_t r, float scale, float* s, float* out) {
+  float m[HG], l[HG];
+  std::fill(m, m + G, -INFINITY);
+  std::fill(l, l + G, 0.0f);
+  std::fill(out, out + G * r, 0.0f);
+  for (int64_t k0 = 0; k0 < n; k0 += KB) {
+    const int64_t nb = std::min(KB, n - k0);
+    const float* block = keys + k0 * D;
+    const bool* seen = visible + k0;
+    int64_t k = 0;
+    for (; k + KT <= nb; k += KT)
+      head_tiles<HS>(G, [&](auto t, int64_t g) { score_tile<decltype(t)::value, KT>(q + g * D, block, k, D, scale,
+                                                                                 s + g * nb, nb); });
+    for (; k < nb; ++k)
+      head_tiles<HS>(G, [&](auto t, int64_t g) { score_tile<decltype(t)::value, 1>(q + g * D, block, k, D, scale,
+                                                                                s + g * nb, nb); });
+    for (int64_t i = 0; i < G; ++i) {
+      for (k = 0; k < nb; ++k)
+        if (!seen[k]) s[i * nb + k] = -INFINITY;  // overwritten, not added to: a stale row's NaN stays out
+      const float factor = block_softmax(s + i * nb, nb, m[i], l[i]);
+      if (factor != 1.0f)
+        for (int64_t c = 0; c < r; c += V) {
+          const vec a = load(out + i * r + c) * factor;
+          std::memcpy(out + i * r + c, &a, sizeof a);
+        }
+    }
+    int64_t c = 0;
+    for (; c + CV * V <= r; c += CV * V)
+      head_tiles<HW>(G, [&](auto t, int64_t g) {
+        weighted_tile<decltype(t)::value, CV>(s + g * nb, nb, block, seen, nb, D, c, r, out + g * r);
+      });
+    for (; c < r; c += V)
+      head_tiles<HW>(G, [&](auto t, int64_t g) {
+        weighted_tile<decltype(t)::value, 1>(s + g * nb, nb, block, seen, nb, D, c, r, out + g * r);
+      });
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : l[i] == 0.0f ? 0.0f : NAN;  // no visible key: zeros
+    for (int64_t c = 0; c < r; c += V) {
+      const vec a = load(out + i * r + c) * inv;
+      std::memcpy(out + i * r + c, &a, sizeof a);
     }
   }
-  for (int i = 0; i < G; ++i)
-    for (int j = 0; j < NV; ++j) {
-      const vec a = acc[i][j] * inv[i];
-      std::memcpy(out + i * r + c + j * V, &a, sizeof a);
-    }
-}
-
-// The r latent columns in blocks of two vectors (one for a last odd one).
-template <int G>
-static void weighted_latents(const float* p, const float* inv, const float* keys, const bool* visible, int64_t K,
-                             int64_t D, int64_t r, float* out) {
-  int64_t c = 0;
-  for (; c + 2 * V <= r; c += 2 * V) weighted_block<G, 2>(p, inv, keys, visible, K, D, r, c, out);
-  if (c < r) weighted_block<G, 1>(p, inv, keys, visible, K, D, r, c, out);
 }
 
 // q [B, T, h, D] (D = r + rope) float32, rows [S, L, D] float32 (one layer's cache), slots [B] long, visible
@@ -850,31 +931,21 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
   const bool* vis = visible.const_data_ptr<bool>();
   float* o = out.mutable_data_ptr<float>();
   if (B * T * h == 0) return out;
-  // Work items: (query row, group of 4 heads; the last group may be smaller), so that one sequence's heads also
-  // spread over the threads. Each thread at least ~64 KB of keys to read: less is not worth waking a second one.
-  const int64_t groups = (h + 3) / 4;
+  // Work items: (query row, group of heads). All heads of a row in one item (up to 12) read each key once; with
+  // fewer rows than twice the threads (one sequence decoding) groups of 4, so that its heads spread over them.
+  // Each thread at least ~64 KB of keys to read: less is not worth waking a second one.
+  const int64_t per_item = B * T >= 2 * at::get_num_threads() ? HG : 4;
+  const int64_t groups = (h + per_item - 1) / per_item;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D));
   at::parallel_for(0, B * T * groups, grain, [&](int64_t w0, int64_t w1) {
-    std::vector<float> s(4 * K);
-    float inv[4];
+    std::vector<float> s(per_item * KB);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t i = w / groups, g0 = w % groups * 4, G = std::min<int64_t>(4, h - g0);
+      const int64_t i = w / groups, g0 = w % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
       const float* keys = cache + slot[i / T] * L * D;
       const bool* seen = vis + i * K;
-      const float* qg = qp + (i * h + g0) * D;
-      float* og = o + (i * h + g0) * r;
-      if (G == 4) {
-        scores<4>(qg, keys, seen, K, D, float(scale), s.data());
-      } else {
-        for (int64_t g = 0; g < G; ++g) scores<1>(qg + g * D, keys, seen, K, D, float(scale), s.data() + g * K);
-      }
-      for (int64_t g = 0; g < G; ++g) inv[g] = softmax_numerators(s.data() + g * K, K);
-      if (G == 4) {
-        weighted_latents<4>(s.data(), inv, keys, seen, K, D, r, og);
-      } else {
-        for (int64_t g = 0; g < G; ++g)
-          weighted_latents<1>(s.data() + g * K, inv + g, keys, seen, K, D, r, og + g * r);
-      }
+      int64_t n = K;  // keys past the last visible one (a causal prefill's later positions) are not read
+      while (n > 0 && !seen[n - 1]) --n;
+      attend_heads(G, qp + (i * h + g0) * D, keys, seen, n, D, r, float(scale), s.data(), o + (i * h + g0) * r);
     }
   });
   return out;
