@@ -739,7 +739,7 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
 // and up to 12 of its heads, over its keys in blocks of KB. Within a block the tiles reuse what they load: scores in
 // tiles of KT keys × HS heads, the weighted sum in tiles of HW heads × CV vectors of the latents, an online softmax
 // in between. So each key comes from memory once per item, however long the context (before: once per 4 heads
-// and pass, 3 passes, at ~30% of the FMA rate; 1.3-1.9x slower, docs/LOG.md 2026-12-01).
+// and pass, at 20-30% of the FMA rate; 1.0-1.8x slower, docs/LOG.md 2026-12-01).
 #if defined(__AVX512F__)
 constexpr int KT = 4;  // 4 keys × 4 heads: 16 accumulators + 4 keys + 4 queries of 32 registers
 constexpr int CV = 4;  // 6 heads × 4 vectors: 24 accumulators + 4 key vectors + 1 weight
