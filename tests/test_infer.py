@@ -33,6 +33,7 @@ CONFIGS = {
     "q_lora+yarn+interleave": dict(q_lora_rank=24, rope_interleave=True, rope_scaling={
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8,
         "beta_fast": 32, "beta_slow": 1}),
+    "kernel widths": dict(qk_rope_head_dim=16),  # cache rows of 32 + 16: the attention kernel reads them in place
 }
 
 
@@ -67,7 +68,8 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cached_forward_matches_full_forward(name, dtype):
     """In bf16 (`--dtype bf16`) the two paths round differently: within 0.15 on logits up to ~3, where bf16 and fp32
-    forwards differ by ~0.07."""
+    forwards differ by ~0.07. With kernel widths (and the kernel built) the cached path attends in the kernel,
+    over a bf16 cache too."""
     model = tiny(**CONFIGS[name]).to(dtype)
     ids = torch.randint(0, 256, (1, 40))
     cache = LatentCache(model.config, slots=3, max_len=64, device=torch.device("cpu"), dtype=dtype)
@@ -961,12 +963,22 @@ def test_latent_attention_kernel_equals_a_naive_reference():
                 assert got.shape == (B, T, h, r) and got.dtype == torch.float32
                 want = naive(q, rows, batch.slots, batch.visible, scale, r)
                 torch.testing.assert_close(got.double(), want, rtol=0, atol=4e-6 * want.abs().max().item())
+                # a bf16 cache (a bf16 model's) is widened exactly: the same as the fp32 math over its values
+                half = rows.bfloat16()
+                got = kernels.latent_attention(q, half, batch.slots, batch.visible, scale, r)
+                want = naive(q, half.float(), batch.slots, batch.visible, scale, r)
+                torch.testing.assert_close(got.double(), want, rtol=0, atol=4e-6 * want.abs().max().item())
+                got = kernels.latent_attention(q.bfloat16(), half, batch.slots, batch.visible, scale, r)
+                want = naive(q.bfloat16().float(), half.float(), batch.slots, batch.visible, scale, r)
+                assert got.dtype == torch.bfloat16  # fp32 math, the output rounded once
+                torch.testing.assert_close(got.double(), want.bfloat16().double(), rtol=0,
+                                           atol=8e-3 * want.abs().max().item())
     finally:
         torch.set_num_threads(threads)
     rows, q = torch.randn(2, 10, 32), torch.randn(1, 1, 2, 32)
     visible = torch.ones(1, 1, 4, dtype=torch.bool)
-    assert kernels.covers_attention(q, rows, 16)
-    assert not kernels.covers_attention(q, rows.bfloat16(), 16)  # a bf16 cache keeps torch's path
+    assert kernels.covers_attention(q, rows, 16) and kernels.covers_attention(q.bfloat16(), rows.bfloat16(), 16)
+    assert not kernels.covers_attention(q, rows.half(), 16)  # an fp16 cache keeps torch's path
     assert not kernels.covers_attention(q, rows.transpose(0, 1), 16)  # the kernel would copy it at every call
     assert not kernels.covers_attention(q, rows, 8)  # latents: a multiple of 16 floats
     assert not kernels.covers_attention(torch.randn(1, 1, 2, 40), torch.randn(2, 10, 40), 16)  # nor the width
@@ -974,7 +986,7 @@ def test_latent_attention_kernel_equals_a_naive_reference():
         kernels.latent_attention(q, rows, torch.tensor([2]), visible, 1.0, 16)
     with pytest.raises(RuntimeError, match="K <= the cache's length"):
         kernels.latent_attention(q, rows, torch.tensor([0]), torch.ones(1, 1, 11, dtype=torch.bool), 1.0, 16)
-    with pytest.raises(RuntimeError, match="float32 CPU cache"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU cache"):
         kernels.latent_attention(q, torch.randn(2, 10, 48), torch.tensor([0]), visible, 1.0, 16)
 
 
@@ -1717,3 +1729,30 @@ print(base, team, freed, after, again, threads(base))
         pytest.skip("this torch's OpenMP runtime has no omp_pause_resource_all")  # a Linux wheel's libgomp has
     base = int(base)
     assert (int(team), int(after), int(again), int(after_engine)) == (base + 2, base, base + 2, base)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_cache_under_an_fp32_model(name):
+    """`--kv-dtype bf16`: the latent rows are rounded to bf16 as they are written and the math stays fp32 (in
+    torch's path, and in the attention kernel with kernel widths): the logits stay within 0.05 of the full forward's
+    (rounding moves them by ~1e-2 on tiny's random weights; fp32 rows: 1e-4), for half the cache's bytes. The
+    engine keeps its cache so when asked, and refuses a dtype it does not know."""
+    from nanoseek.infer.sampling import InferenceError
+
+    model = tiny(**CONFIGS[name])
+    cpu = torch.device("cpu")
+    ids = torch.randint(0, 256, (1, 40))
+    cache = LatentCache(model.config, slots=3, max_len=64, device=cpu, dtype=torch.bfloat16)
+    assert cache.nbytes * 2 == LatentCache(model.config, slots=3, max_len=64, device=cpu, dtype=torch.float32).nbytes
+    with torch.no_grad():
+        ref = model(ids)
+        h1 = forward_cached(model, cache, ids[:, :25], Batch.make([2], [0], [25], 25, cpu))
+        h2 = forward_cached(model, cache, ids[:, 25:], Batch.make([2], [25], [15], 15, cpu))
+    got = model.lm_head(torch.cat((h1, h2), dim=1))
+    assert got.dtype == torch.float32 and cache.rows[0].dtype == torch.bfloat16
+    assert 1e-5 < (got - ref).abs().max() < 0.05
+    engine = Engine(model, IdText(), max_batch=2, kv_dtype="bf16")
+    outs = engine.generate(PROMPTS[:2], GREEDY)
+    assert engine._cache.rows[0].dtype == torch.bfloat16 and [len(events) for events in outs] == [10, 10]
+    with pytest.raises(InferenceError, match="kv_dtype must be"):
+        Engine(model, IdText(), kv_dtype="fp8")

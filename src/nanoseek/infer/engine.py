@@ -136,7 +136,8 @@ class _Mailbox:
 class Engine:
     def __init__(self, model: NanoSeek, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_tokens_in_flight: int | None = None, max_queue: int = 64, queue_policy: str = "reject",
-                 speculative: str | None = None, model_name: str | None = None, compile: bool = False):
+                 speculative: str | None = None, model_name: str | None = None, compile: bool = False,
+                 kv_dtype: str = "auto"):
         config = model.config
         if queue_policy not in ("reject", "wait"):
             raise InferenceError(f"queue_policy must be 'reject' or 'wait', got {queue_policy!r}")
@@ -162,6 +163,12 @@ class Engine:
         self.eos_ids = {tokenizer.eos_id, *config.eos_ids}
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        # The latent cache's dtype (`--kv-dtype`): the model's by default; bf16 halves its memory (the rows are
+        # rounded as they are written; prefills expanded from the latent use the unrounded values).
+        kv = {"auto": self.dtype, "fp32": torch.float32, "bf16": torch.bfloat16}.get(kv_dtype)
+        if kv is None:
+            raise InferenceError(f"kv_dtype must be 'auto', 'fp32' or 'bf16', got {kv_dtype!r}")
+        self.kv_dtype = kv
         self._cache: LatentCache | None = None  # allocated by the engine's thread, inside inference mode
         self._free = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
@@ -349,7 +356,7 @@ class Engine:
     def _ensure_cache(self) -> LatentCache:
         if self._cache is None:
             self._cache = LatentCache(self.model.config, self.max_batch, self.max_context + 1, self.device,
-                                      self.dtype, mtp=self.speculative == "mtp")
+                                      self.kv_dtype, mtp=self.speculative == "mtp")
         return self._cache
 
     def _warm_up(self) -> None:

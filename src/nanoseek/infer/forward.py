@@ -120,8 +120,9 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: 
     B, T, h, _ = q.shape
     scores = torch.bmm(q.reshape(B, T * h, -1).float(), keys32.transpose(1, 2)).view(B, T, h, -1).mul_(scale)
     scores.masked_fill_(~visible[:, :, None], float("-inf"))
-    p = scores.softmax(dim=-1).to(keys.dtype).view(B, T * h, -1)
-    return torch.bmm(p, keys[..., :r]).view(B, T, h, r)  # values are the latents themselves
+    values = (keys if q.dtype == keys.dtype else keys32)[..., :r]  # the latents themselves; fp32 math over a bf16
+    p = scores.softmax(dim=-1).to(values.dtype).view(B, T * h, -1)  # cache (--kv-dtype) for an fp32 model
+    return torch.bmm(p, values).view(B, T, h, r)
 
 
 def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: float, r: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     k_rope = apply_rope(k_rope, cos, sin, attn.interleave)  # [B, T, 1, rope]
     new_rows = torch.cat((c_kv, k_rope.squeeze(2)), dim=-1)
     b, t, slot, pos = batch.write
-    rows.index_put_((slot, pos), new_rows[b, t])
+    rows.index_put_((slot, pos), new_rows[b, t].to(rows.dtype))  # a cache may be kept in another dtype (--kv-dtype)
     if batch.fresh and T > KERNEL_KEYS:
         # A long prompt's prefill: its keys are its own tokens, right-padded (a real query sees no padding under
         # the causal mask). Keys and values expanded from the latent, as in training, and fused causal attention:

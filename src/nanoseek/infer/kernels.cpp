@@ -751,9 +751,10 @@ constexpr int HS = 4;   // heads per scores tile
 constexpr int HW = 6;   // heads per weighted tile
 constexpr int HG = 12;  // heads per work item at most
 
-// s[i·ld + k + j] = scale · q_i·key_{k+j}, j < NK, for G heads' queries q (stride D).
-template <int G, int NK>
-__attribute__((noinline)) static void score_tile(const float* q, const float* keys, int64_t k, int64_t D, float scale,
+// s[i·ld + k + j] = scale · q_i·key_{k+j}, j < NK, for G heads' queries q (stride D). Key: float, or uint16_t for
+// a bf16 cache (widened exactly as it is read).
+template <int G, int NK, typename Key>
+__attribute__((noinline)) static void score_tile(const float* q, const Key* keys, int64_t k, int64_t D, float scale,
                                                  float* s, int64_t ld) {
   vec acc[NK][G];
   for (int j = 0; j < NK; ++j)
@@ -781,8 +782,8 @@ __attribute__((noinline)) static void score_tile(const float* q, const float* ke
 
 // out[i·r + c + j·V] += Σ_{k < n, visible} p[i·ld + k] · key_k[c + j·V], j < NC, for G heads. Keys not visible
 // are skipped (their p is 0, and a stale row may hold a NaN).
-template <int G, int NC>
-__attribute__((noinline)) static void weighted_tile(const float* p, int64_t ld, const float* keys, const bool* visible,
+template <int G, int NC, typename Key>
+__attribute__((noinline)) static void weighted_tile(const float* p, int64_t ld, const Key* keys, const bool* visible,
                                                     int64_t n, int64_t D, int64_t c, int64_t r, float* out) {
   vec acc[G][NC];
   for (int i = 0; i < G; ++i)
@@ -857,7 +858,8 @@ constexpr int64_t KB = 32;
 // G heads of one query row (queries q, stride D; outputs out, stride r) over the first n keys (those past n are
 // not visible): per block of keys their scores, an online softmax, and the weighted sum of their latents added to
 // the output (rescaled first where the running maximum grew). s: scratch of G·KB floats.
-static void attend_heads(int64_t G, const float* q, const float* keys, const bool* visible, int64_t n, int64_t D,
+template <typename Key>
+static void attend_heads(int64_t G, const float* q, const Key* keys, const bool* visible, int64_t n, int64_t D,
                          int64_t r, float scale, float* s, float* out) {
   float m[HG], l[HG];
   std::fill(m, m + G, -INFINITY);
@@ -865,7 +867,7 @@ static void attend_heads(int64_t G, const float* q, const float* keys, const boo
   std::fill(out, out + G * r, 0.0f);
   for (int64_t k0 = 0; k0 < n; k0 += KB) {
     const int64_t nb = std::min(KB, n - k0);
-    const float* block = keys + k0 * D;
+    const Key* block = keys + k0 * D;
     const bool* seen = visible + k0;
     int64_t k = 0;
     for (; k + KT <= nb; k += KT)
@@ -910,9 +912,10 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
                             const at::Tensor& visible_, double scale, int64_t r) {
   TORCH_CHECK(q_.device().is_cpu() && q_.scalar_type() == at::kFloat && q_.dim() == 4,
               "latent_attention: q: expected a 4-d float32 CPU tensor [B, T, heads, D]");
-  TORCH_CHECK(rows_.device().is_cpu() && rows_.scalar_type() == at::kFloat && rows_.dim() == 3 &&
+  TORCH_CHECK(rows_.device().is_cpu() &&
+                  (rows_.scalar_type() == at::kFloat || rows_.scalar_type() == at::kBFloat16) && rows_.dim() == 3 &&
                   rows_.size(2) == q_.size(3),
-              "latent_attention: rows: expected a float32 CPU cache [slots, max_len, ", q_.size(3), "]");
+              "latent_attention: rows: expected a float32 or bfloat16 CPU cache [slots, max_len, ", q_.size(3), "]");
   const int64_t B = q_.size(0), T = q_.size(1), h = q_.size(2), D = q_.size(3);
   TORCH_CHECK(D % LINE == 0 && r > 0 && r % LINE == 0 && r <= D, "latent_attention: D (", D, ") and r (", r,
               ") must be multiples of ", LINE, " with 0 < r <= D");
@@ -927,7 +930,7 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "latent_attention: slot ", slot[b], " out of range [0, ", S, ")");
   at::Tensor out = at::empty({B, T, h, r}, q.options());
-  const float *qp = q.const_data_ptr<float>(), *cache = rows.const_data_ptr<float>();
+  const float* qp = q.const_data_ptr<float>();
   const bool* vis = visible.const_data_ptr<bool>();
   float* o = out.mutable_data_ptr<float>();
   if (B * T * h == 0) return out;
@@ -937,17 +940,23 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
   const int64_t per_item = B * T >= 2 * at::get_num_threads() ? HG : 4;
   const int64_t groups = (h + per_item - 1) / per_item;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D));
-  at::parallel_for(0, B * T * groups, grain, [&](int64_t w0, int64_t w1) {
-    std::vector<float> s(per_item * KB);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t i = w / groups, g0 = w % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
-      const float* keys = cache + slot[i / T] * L * D;
-      const bool* seen = vis + i * K;
-      int64_t n = K;  // keys past the last visible one (a causal prefill's later positions) are not read
-      while (n > 0 && !seen[n - 1]) --n;
-      attend_heads(G, qp + (i * h + g0) * D, keys, seen, n, D, r, float(scale), s.data(), o + (i * h + g0) * r);
-    }
-  });
+  const auto attend = [&](const auto* cache) {
+    at::parallel_for(0, B * T * groups, grain, [&](int64_t w0, int64_t w1) {
+      std::vector<float> s(per_item * KB);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t i = w / groups, g0 = w % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
+        const auto* keys = cache + slot[i / T] * L * D;
+        const bool* seen = vis + i * K;
+        int64_t n = K;  // keys past the last visible one (a causal prefill's later positions) are not read
+        while (n > 0 && !seen[n - 1]) --n;
+        attend_heads(G, qp + (i * h + g0) * D, keys, seen, n, D, r, float(scale), s.data(), o + (i * h + g0) * r);
+      }
+    });
+  };
+  if (rows.scalar_type() == at::kFloat)
+    attend(rows.const_data_ptr<float>());
+  else  // bf16: the upper half of a float32, widened exactly as it is read (load(const uint16_t*))
+    attend(reinterpret_cast<const uint16_t*>(rows.const_data_ptr<at::BFloat16>()));
   return out;
 }
 

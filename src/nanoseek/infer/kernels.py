@@ -287,20 +287,22 @@ def linear_panels(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
 
 def covers_attention(q: torch.Tensor, rows: torch.Tensor, rank: int) -> bool:
-    """Whether `latent_attention` takes a decode step's queries and a layer's cache: plain float32 CPU tensors, the
-    cache contiguous (as LatentCache keeps it: the kernel would copy any other at every call), widths (rank + rope,
-    and rank) multiples of VECTOR; and the library built."""
-    return (all(_plain_cpu(t) and t.dtype == torch.float32 for t in (q, rows)) and rows.is_contiguous()
-            and q.shape[-1] % VECTOR == 0 and rank % VECTOR == 0 and built())
+    """Whether `latent_attention` takes a decode step's queries and a layer's cache: plain CPU tensors in float32
+    or bfloat16, the cache contiguous (as LatentCache keeps it: the kernel would copy any other at every call),
+    widths (rank + rope, and rank) multiples of VECTOR; and the library built."""
+    return (all(_plain_cpu(t) and t.dtype in (torch.float32, torch.bfloat16) for t in (q, rows))
+            and rows.is_contiguous() and q.shape[-1] % VECTOR == 0 and rank % VECTOR == 0 and built())
 
 
 def latent_attention(q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
                      rank: int) -> torch.Tensor:
     """MLA's absorbed attention read from the cache in place: queries q [B, T, heads, rank + rope], one layer's
-    cache rows [slots, max_len, rank + rope], each row's slot [B] and its visible keys [B, T, K] ->
-    softmax(scale · q·keysᵀ) · keys[..., :rank], [B, T, heads, rank], float32 (zeros for a query row that sees no
-    key, where torch's softmax gives NaNs; a decode step's rows always see their own position)."""
-    return torch.ops.nanoseek_cpu.latent_attention(q, rows, slots, visible, scale, rank)
+    cache rows [slots, max_len, rank + rope] (float32, or bfloat16 widened as read), each row's slot [B] and its
+    visible keys [B, T, K] -> softmax(scale · q·keysᵀ) · keys[..., :rank], [B, T, heads, rank] in q's dtype (zeros
+    for a query row that sees no key, where torch's softmax gives NaNs; a decode step's rows always see their own
+    position). The math is float32 whatever the dtypes: a bf16 query is widened first, its output rounded last."""
+    out = torch.ops.nanoseek_cpu.latent_attention(q.float(), rows, slots, visible, scale, rank)
+    return out.to(q.dtype)
 
 
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,

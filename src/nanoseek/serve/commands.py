@@ -51,6 +51,9 @@ def dtype_args(p: argparse.ArgumentParser) -> None:
                    help="CPU only: bf16 multiplies Linear layers and routed experts in bf16 with fp32 sums (weights "
                         "and their inputs rounded to bf16): faster on CPUs with AVX512-BF16, a small change in the "
                         "logits")
+    p.add_argument("--kv-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the latent KV cache (auto: as --dtype): bf16 halves its memory, the cached rows rounded to "
+                        "bf16 (a small change in the logits)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model, tokenizer = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype, args.matmul_dtype)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    queue_policy=args.queue_policy, speculative=args.speculative, compile=args.compile)
+                    queue_policy=args.queue_policy, speculative=args.speculative, compile=args.compile,
+                    kv_dtype=args.kv_dtype)
     energy = None
     if not args.no_energy:
         from nanoseek.cost.energy import EnergyMeter, Tariff
@@ -133,7 +137,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise DataError(f"{args.model} has no chat template (no chat_template in tokenizer_config.json and no "
                         "chat_template.jinja), so there is no way to format a conversation for it: add one, or "
                         f"use `nanoseek generate {args.model} --prompt ...` for plain completion")
-    engine = Engine(model, tokenizer, max_batch=1)
+    engine = Engine(model, tokenizer, max_batch=1, kv_dtype=args.kv_dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     console.print(f"chatting with [bold]{escape(engine.model_name)}[/bold]: /reset forgets the conversation, "

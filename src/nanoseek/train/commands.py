@@ -136,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k).check()
     model, tok = load_for_inference(args.model, args.device, args.expert_dtype, args.dtype, args.matmul_dtype)
-    engine = Engine(model, tok, max_batch=args.samples, speculative=args.speculative)
+    engine = Engine(model, tok, max_batch=args.samples, speculative=args.speculative, kv_dtype=args.kv_dtype)
     prompt = [tok.bos_id, *tok.encode(args.prompt)]
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              seed=args.seed + i) for i in range(args.samples)]
