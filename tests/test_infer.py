@@ -1736,7 +1736,8 @@ def test_bf16_cache_under_an_fp32_model(name):
     """`--kv-dtype bf16`: the latent rows are rounded to bf16 as they are written and the math stays fp32 (in
     torch's path, and in the attention kernel with kernel widths): the logits stay within 0.05 of the full forward's
     (rounding moves them by ~1e-2 on tiny's random weights; fp32 rows: 1e-4), for half the cache's bytes. The
-    engine keeps its cache so when asked, and refuses a dtype it does not know."""
+    engine keeps its cache so when asked, and refuses a dtype it does not know. A bf16 model over an fp32 cache
+    works too."""
     from nanoseek.infer.sampling import InferenceError
 
     model = tiny(**CONFIGS[name])
@@ -1754,5 +1755,12 @@ def test_bf16_cache_under_an_fp32_model(name):
     engine = Engine(model, IdText(), max_batch=2, kv_dtype="bf16")
     outs = engine.generate(PROMPTS[:2], GREEDY)
     assert engine._cache.rows[0].dtype == torch.bfloat16 and [len(events) for events in outs] == [10, 10]
+    # and the other way round: a bf16 model over an fp32 cache (`--dtype bf16 --kv-dtype fp32`)
+    half = model.to(torch.bfloat16)
+    cache = LatentCache(half.config, slots=3, max_len=64, device=cpu, dtype=torch.float32)
+    with torch.no_grad():
+        h = forward_cached(half, cache, ids[:, :25], Batch.make([2], [0], [25], 25, cpu))
+        ref = half(ids[:, :25])
+    assert h.dtype == torch.bfloat16 and (half.lm_head(h).float() - ref.float()).abs().max() < 0.15
     with pytest.raises(InferenceError, match="kv_dtype must be"):
         Engine(model, IdText(), kv_dtype="fp8")

@@ -122,7 +122,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: 
     scores.masked_fill_(~visible[:, :, None], float("-inf"))
     values = (keys if q.dtype == keys.dtype else keys32)[..., :r]  # the latents themselves; fp32 math over a bf16
     p = scores.softmax(dim=-1).to(values.dtype).view(B, T * h, -1)  # cache (--kv-dtype) for an fp32 model
-    return torch.bmm(p, values).view(B, T, h, r)
+    return torch.bmm(p, values).view(B, T, h, r).to(q.dtype)  # (and a bf16 model's output over an fp32 one)
 
 
 def _attend_gathered(q: torch.Tensor, rows: torch.Tensor, batch: Batch, scale: float, r: int) -> torch.Tensor:
