@@ -933,7 +933,8 @@ def test_latent_attention_kernel_equals_a_naive_reference():
     the gathered rows: ragged lengths in slots out of order, one and two query rows (MTP speculation), a causal
     prefill (later keys not visible), head counts that fill its items of 12 and tiles of 6 and leave each remainder
     (4, 2, 1), latents of one and of several vector tiles, query rows and one row's head groups split over two
-    threads, a context where most keys are masked. What it does not take is refused or not covered."""
+    threads, one or two sequences' long contexts split over them (parts merged), a context where most keys are
+    masked. What it does not take is refused or not covered."""
     kernel_built()
     torch.manual_seed(0)
 
@@ -952,7 +953,8 @@ def test_latent_attention_kernel_equals_a_naive_reference():
                     (16, 1, 8, 64, 16, 16, 600, list(range(0, 560, 35))), (1, 1, 3, 16, 16, 1, 9, [7]),
                     (2, 2, 4, 48, 32, 3, 1200, [1100, 2]), (1, 1, 8, 64, 16, 2, 1000, [900]),
                     (4, 1, 31, 80, 16, 4, 90, [5, 80, 1, 33]), (5, 1, 12, 256, 32, 6, 70, [60, 3, 17, 0, 41]),
-                    (1, 1, 12, 256, 32, 1, 70, [66]), (3, 7, 13, 64, 16, 3, 40, [0, 0, 0])):
+                    (1, 1, 12, 256, 32, 1, 70, [66]), (3, 7, 13, 64, 16, 3, 40, [0, 0, 0]),
+                    (1, 1, 12, 256, 32, 2, 600, [599]), (2, 1, 13, 64, 16, 3, 700, [650, 100])):
                 D = r + rope
                 rows = torch.randn(S, L, D) * 2  # larger scores than a trained model's: a peaked softmax too
                 n_new = [T] * B if any(starts) else [T, T - 3, 1][:B]  # a ragged fresh batch: a causal prefill
@@ -1006,6 +1008,21 @@ def test_latent_attention_kernel_lets_a_nan_show_as_torch_does():
     assert torch.equal(got.isnan(), want.isnan())
     finite = got.isfinite()
     assert finite.sum() == 3 * 16 and torch.allclose(got[finite], want[finite], atol=1e-6)
+    # the same over long contexts, whose keys the kernel splits over the threads (a NaN in one part, a stale one)
+    rows = torch.randn(2, 600, 32)
+    rows[1, 300] = float("nan")  # seen by row 1, in the second part of its keys
+    rows[0, 540] = float("nan")  # past row 0's 501 positions: stale
+    batch = Batch.make([0, 1], [500, 550], [1, 1], 1, torch.device("cpu"))
+    q = torch.randn(2, 1, 4, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = kernels.latent_attention(q, rows, batch.slots, batch.visible, 32**-0.5, 16)
+    finally:
+        torch.set_num_threads(threads)
+    want = _attend_gathered(q, rows, batch, 32**-0.5, 16)
+    assert got[1].isnan().all() and torch.equal(got.isnan(), want.isnan())
+    assert torch.allclose(got[0], want[0], atol=1e-6)
 
 
 def test_linear_panels_kernel_equals_a_naive_reference():

@@ -854,14 +854,16 @@ static float block_softmax(float* s, int64_t n, float& m, float& l) {
 
 // Keys per block: a block's rows stay in L1 (37 KB at the `small` preset's 288 floats) while every tile reads them.
 constexpr int64_t KB = 32;
+// Keys per part at least, where one sequence's keys are split over the threads.
+constexpr int64_t SPLIT_KEYS = 128;
 
-// G heads of one query row (queries q, stride D; outputs out, stride r) over the first n keys (those past n are
-// not visible): per block of keys their scores, an online softmax, and the weighted sum of their latents added to
-// the output (rescaled first where the running maximum grew). s: scratch of G·KB floats.
+// G heads of one query row (queries q, stride D) over its first n keys (those past n are not visible): per block
+// of keys their scores, an online softmax, and the weighted sum of their latents added to out (stride r; rescaled
+// first where the running maximum grew). Leaves out unnormalised, with each head's maximum m and sum l (the merge of
+// parts of a row's keys needs them); finish() divides. s: scratch of G·KB floats.
 template <typename Key>
 static void attend_heads(int64_t G, const float* q, const Key* keys, const bool* visible, int64_t n, int64_t D,
-                         int64_t r, float scale, float* s, float* out) {
-  float m[HG], l[HG];
+                         int64_t r, float scale, float* s, float* out, float* m, float* l) {
   std::fill(m, m + G, -INFINITY);
   std::fill(l, l + G, 0.0f);
   std::fill(out, out + G * r, 0.0f);
@@ -896,13 +898,22 @@ static void attend_heads(int64_t G, const float* q, const Key* keys, const bool*
         weighted_tile<decltype(t)::value, 1>(s + g * nb, nb, block, seen, nb, D, c, r, out + g * r);
       });
   }
-  for (int64_t i = 0; i < G; ++i) {
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : l[i] == 0.0f ? 0.0f : NAN;  // no visible key: zeros
+}
+
+// out (G rows of r, stride r) scaled by f[i] per head.
+static void scale_heads(int64_t G, int64_t r, const float* f, float* out) {
+  for (int64_t i = 0; i < G; ++i)
     for (int64_t c = 0; c < r; c += V) {
-      const vec a = load(out + i * r + c) * inv;
+      const vec a = load(out + i * r + c) * f[i];
       std::memcpy(out + i * r + c, &a, sizeof a);
     }
-  }
+}
+
+// The softmax's division: 1 / l per head (no visible key, l = 0: zeros; a NaN stays NaN).
+static void finish(int64_t G, int64_t r, const float* l, float* out) {
+  float inv[HG];
+  for (int64_t i = 0; i < G; ++i) inv[i] = l[i] > 0.0f ? 1.0f / l[i] : l[i] == 0.0f ? 0.0f : NAN;
+  scale_heads(G, r, inv, out);
 }
 
 // q [B, T, h, D] (D = r + rope) float32, rows [S, L, D] float32 (one layer's cache), slots [B] long, visible
@@ -934,22 +945,32 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
   const bool* vis = visible.const_data_ptr<bool>();
   float* o = out.mutable_data_ptr<float>();
   if (B * T * h == 0) return out;
-  // Work items: (query row, group of heads). All heads of a row in one item (up to 12) read each key once; with
-  // fewer rows than twice the threads (one sequence decoding) groups of 4, so that its heads spread over them.
+  // Work items: (query row, group of up to 12 heads, part of its keys). All heads of a row in one item read each key
+  // once. With fewer rows than twice the threads (one sequence decoding), a long context's keys are split into a
+  // part per thread (flash-decoding), merged by their maxima and sums; a short one's heads go in groups of 4.
+  const int64_t threads = at::get_num_threads(), few = B * T < 2 * threads;
+  const int64_t parts = few ? std::max<int64_t>(1, std::min(threads, K / SPLIT_KEYS)) : 1;
+  const int64_t per_item = few && parts == 1 ? 4 : HG;
+  const int64_t groups = (h + per_item - 1) / per_item, items = B * T * groups;
   // Each thread at least ~64 KB of keys to read: less is not worth waking a second one.
-  const int64_t per_item = B * T >= 2 * at::get_num_threads() ? HG : 4;
-  const int64_t groups = (h + per_item - 1) / per_item;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * D));
+  const int64_t grain = std::max<int64_t>(1, 16384 * parts / std::max<int64_t>(1, K * D));
+  std::vector<float> part_out(parts > 1 ? items * parts * per_item * r : 0), part_ml(2 * items * parts * per_item);
   const auto attend = [&](const auto* cache) {
-    at::parallel_for(0, B * T * groups, grain, [&](int64_t w0, int64_t w1) {
+    at::parallel_for(0, items * parts, grain, [&](int64_t w0, int64_t w1) {
       std::vector<float> s(per_item * KB);
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t i = w / groups, g0 = w % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
+        const int64_t item = w / parts, part = w % parts;
+        const int64_t i = item / groups, g0 = item % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
         const auto* keys = cache + slot[i / T] * L * D;
         const bool* seen = vis + i * K;
         int64_t n = K;  // keys past the last visible one (a causal prefill's later positions) are not read
         while (n > 0 && !seen[n - 1]) --n;
-        attend_heads(G, qp + (i * h + g0) * D, keys, seen, n, D, r, float(scale), s.data(), o + (i * h + g0) * r);
+        const int64_t share = (n + parts - 1) / parts, k0 = std::min(n, part * share), k1 = std::min(n, k0 + share);
+        float* dst = parts > 1 ? part_out.data() + w * per_item * r : o + (i * h + g0) * r;
+        float *m = part_ml.data() + 2 * w * per_item, *l = m + per_item;
+        attend_heads(G, qp + (i * h + g0) * D, keys + k0 * D, seen + k0, k1 - k0, D, r, float(scale), s.data(), dst,
+                     m, l);
+        if (parts == 1) finish(G, r, l, dst);
       }
     });
   };
@@ -957,6 +978,36 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
     attend(rows.const_data_ptr<float>());
   else  // bf16: the upper half of a float32, widened exactly as it is read (load(const uint16_t*))
     attend(reinterpret_cast<const uint16_t*>(rows.const_data_ptr<at::BFloat16>()));
+  // The parts of a row's keys: out = Σ e^(m_p - m) · out_p / Σ e^(m_p - m) · l_p with m the largest m_p (a NaN in any
+  // part makes the head NaN; a part that saw no key has l_p = 0 and adds nothing).
+  for (int64_t item = 0; parts > 1 && item < items; ++item) {
+    const int64_t i = item / groups, g0 = item % groups * per_item, G = std::min<int64_t>(per_item, h - g0);
+    float* dst = o + (i * h + g0) * r;
+    std::fill(dst, dst + G * r, 0.0f);
+    float top[HG], l[HG], f[HG];
+    for (int64_t g = 0; g < G; ++g) {
+      top[g] = -INFINITY;
+      for (int64_t part = 0; part < parts && top[g] == top[g]; ++part) {
+        const float mp = part_ml[2 * (item * parts + part) * per_item + g];
+        if (!(mp <= top[g])) top[g] = mp;
+      }
+      l[g] = top[g] == top[g] ? 0.0f : NAN;
+    }
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* ml = part_ml.data() + 2 * (item * parts + part) * per_item;
+      for (int64_t g = 0; g < G; ++g) {
+        f[g] = top[g] != top[g] ? NAN : ml[g] == -INFINITY ? 0.0f : std::exp(ml[g] - top[g]);
+        l[g] += f[g] * ml[per_item + g];
+      }
+      const float* src = part_out.data() + (item * parts + part) * per_item * r;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < r; c += V) {
+          const vec a = load(dst + g * r + c) + load(src + g * r + c) * f[g];
+          std::memcpy(dst + g * r + c, &a, sizeof a);
+        }
+    }
+    finish(G, r, l, dst);
+  }
   return out;
 }
 
