@@ -857,6 +857,15 @@ constexpr int64_t KB = 32;
 // Keys per part at least, where one sequence's keys are split over the threads.
 constexpr int64_t SPLIT_KEYS = 128;
 
+// out (G rows of r, stride r) scaled by f[i] per head.
+static void scale_heads(int64_t G, int64_t r, const float* f, float* out) {
+  for (int64_t i = 0; i < G; ++i)
+    for (int64_t c = 0; c < r; c += V) {
+      const vec a = load(out + i * r + c) * f[i];
+      std::memcpy(out + i * r + c, &a, sizeof a);
+    }
+}
+
 // G heads of one query row (queries q, stride D) over its first n keys (those past n are not visible): per block
 // of keys their scores, an online softmax, and the weighted sum of their latents added to out (stride r; rescaled
 // first where the running maximum grew). Leaves out unnormalised, with each head's maximum m and sum l (the merge of
@@ -882,11 +891,7 @@ static void attend_heads(int64_t G, const float* q, const Key* keys, const bool*
       for (k = 0; k < nb; ++k)
         if (!seen[k]) s[i * nb + k] = -INFINITY;  // overwritten, not added to: a stale row's NaN stays out
       const float factor = block_softmax(s + i * nb, nb, m[i], l[i]);
-      if (factor != 1.0f)
-        for (int64_t c = 0; c < r; c += V) {
-          const vec a = load(out + i * r + c) * factor;
-          std::memcpy(out + i * r + c, &a, sizeof a);
-        }
+      if (factor != 1.0f) scale_heads(1, r, &factor, out + i * r);
     }
     int64_t c = 0;
     for (; c + CV * V <= r; c += CV * V)
@@ -898,15 +903,6 @@ static void attend_heads(int64_t G, const float* q, const Key* keys, const bool*
         weighted_tile<decltype(t)::value, 1>(s + g * nb, nb, block, seen, nb, D, c, r, out + g * r);
       });
   }
-}
-
-// out (G rows of r, stride r) scaled by f[i] per head.
-static void scale_heads(int64_t G, int64_t r, const float* f, float* out) {
-  for (int64_t i = 0; i < G; ++i)
-    for (int64_t c = 0; c < r; c += V) {
-      const vec a = load(out + i * r + c) * f[i];
-      std::memcpy(out + i * r + c, &a, sizeof a);
-    }
 }
 
 // The softmax's division: 1 / l per head (no visible key, l = 0: zeros; a NaN stays NaN).
