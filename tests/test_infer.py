@@ -994,7 +994,8 @@ def test_latent_attention_kernel_equals_a_naive_reference():
 
 def test_latent_attention_kernel_lets_a_nan_show_as_torch_does():
     """A NaN query head, or a NaN in a key a row sees, makes those outputs NaN in the kernel as in torch's path (a
-    numerical failure upstream shows, not zeros); a NaN in a stale row that the row does not see changes nothing."""
+    numerical failure upstream shows, not zeros); a NaN in a stale row that the row does not see changes nothing;
+    visible keys that all score -inf give NaN too (a row that sees no key gives zeros)."""
     kernel_built()
     torch.manual_seed(0)
     rows, q = torch.randn(2, 20, 32), torch.randn(2, 1, 4, 32)
@@ -1023,6 +1024,20 @@ def test_latent_attention_kernel_lets_a_nan_show_as_torch_does():
     want = _attend_gathered(q, rows, batch, 32**-0.5, 16)
     assert got[1].isnan().all() and torch.equal(got.isnan(), want.isnan())
     assert torch.allclose(got[0], want[0], atol=1e-6)
+    # every visible key scoring -inf (a -inf in the query, or scores beyond fp32) is NaN, not "no key seen" (zeros)
+    rows, q = torch.randn(1, 600, 32), torch.randn(1, 1, 2, 32)
+    rows[0, :, 20] = 1.0
+    q[0, 0, 0, 20] = float("-inf")
+    for starts in ([3], [599]):  # a short context, and a long one split over the threads
+        batch = Batch.make([0], starts, [1], 1, torch.device("cpu"))
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            try:
+                got = kernels.latent_attention(q, rows, batch.slots, batch.visible, 32**-0.5, 16)
+            finally:
+                torch.set_num_threads(threads)
+            want = _attend_gathered(q, rows, batch, 32**-0.5, 16)
+            assert got[0, 0, 0].isnan().all() and torch.equal(got.isnan(), want.isnan())
 
 
 def test_linear_panels_kernel_equals_a_naive_reference():

@@ -905,10 +905,11 @@ static void attend_heads(int64_t G, const float* q, const Key* keys, const bool*
   }
 }
 
-// The softmax's division: 1 / l per head (no visible key, l = 0: zeros; a NaN stays NaN).
-static void finish(int64_t G, int64_t r, const float* l, float* out) {
+// The softmax's division: 1 / l per head. l = 0: no visible key gives zeros, but visible keys that all scored -inf
+// give NaN, as torch's softmax does (a numerical failure upstream shows); a NaN stays NaN.
+static void finish(int64_t G, int64_t r, const float* l, bool any_visible, float* out) {
   float inv[HG];
-  for (int64_t i = 0; i < G; ++i) inv[i] = l[i] > 0.0f ? 1.0f / l[i] : l[i] == 0.0f ? 0.0f : NAN;
+  for (int64_t i = 0; i < G; ++i) inv[i] = l[i] > 0.0f ? 1.0f / l[i] : l[i] == 0.0f && !any_visible ? 0.0f : NAN;
   scale_heads(G, r, inv, out);
 }
 
@@ -966,7 +967,7 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
         float *m = part_ml.data() + 2 * w * per_item, *l = m + per_item;
         attend_heads(G, qp + (i * h + g0) * D, keys + k0 * D, seen + k0, k1 - k0, D, r, float(scale), s.data(), dst,
                      m, l);
-        if (parts == 1) finish(G, r, l, dst);
+        if (parts == 1) finish(G, r, l, n > 0, dst);
       }
     });
   };
@@ -1002,7 +1003,8 @@ at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const
           std::memcpy(dst + g * r + c, &a, sizeof a);
         }
     }
-    finish(G, r, l, dst);
+    const bool* seen = vis + i * K;
+    finish(G, r, l, std::any_of(seen, seen + K, [](bool v) { return v; }), dst);
   }
   return out;
 }
