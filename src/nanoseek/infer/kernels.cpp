@@ -913,9 +913,9 @@ static void finish(int64_t G, int64_t r, const float* l, bool any_visible, float
   scale_heads(G, r, inv, out);
 }
 
-// q [B, T, h, D] (D = r + rope) float32, rows [S, L, D] float32 (one layer's cache), slots [B] long, visible
-// [B, T, K] bool (K <= L) -> [B, T, h, r]: per query row and head, softmax(scale · q·keysᵀ) over the visible
-// keys of its slot, times the keys' first r columns (the latents are MLA's values).
+// q [B, T, h, D] (D = r + rope) float32, rows [S, L, D] float32 or bfloat16 (one layer's cache), slots [B] long,
+// visible [B, T, K] bool (K <= L) -> [B, T, h, r]: per query row and head, softmax(scale · q·keysᵀ) over the
+// visible keys of its slot, times the keys' first r columns (the latents are MLA's values).
 at::Tensor latent_attention(const at::Tensor& q_, const at::Tensor& rows_, const at::Tensor& slots_,
                             const at::Tensor& visible_, double scale, int64_t r) {
   TORCH_CHECK(q_.device().is_cpu() && q_.scalar_type() == at::kFloat && q_.dim() == 4,
