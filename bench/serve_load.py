@@ -1,12 +1,14 @@
 """Serving under load: output tokens/s and request latency through the HTTP server for 1, 4 and 16 clients.
 
 Starts `nanoseek serve` on a free loopback port, then for each level runs N concurrent streaming clients, each
-sending --requests chat requests one after another (different prompts, fixed --max-tokens with ignore_eos, so
-every level generates the same amount per request). The levels run --rounds times in turn and each level's median
-counts (on a shared machine one pass of a level lasts seconds, and the same code's figures moved by 20-30% from
-minute to minute). Reports output tokens/s over the level's wall time, p50/p99 request latency and time to first
-token as the client sees them, and the throughput ratio of the most clients to one (goal: >= 6x at 16, from
-continuous batching), with its range over the rounds.
+sending --requests chat requests one after another (fixed --max-tokens with ignore_eos, so every level generates
+the same amount per request). Each request asks a different question from chatterbot's English conversations:
+prompts that differ only in a number ("tell me about topic 31") get near-identical answers, whose tokens pick the
+same few routed experts at every step, which flatters batching a MoE model (docs/LOG.md, 2026-12-01). The levels
+run --rounds times in turn and each level's median counts (on a shared machine one pass of a level lasts seconds,
+and the same code's figures moved by 20-30% from minute to minute). Reports output tokens/s over the level's wall
+time, p50/p99 request latency and time to first token as the client sees them, and the throughput ratio of the
+most clients to one (goal: >= 6x at 16, from continuous batching), with its range over the rounds.
 
     python bench/serve_load.py                      # a random demo-preset model with a trained tokenizer
     python bench/serve_load.py runs/mine --clients 1,4,16 --requests 4 --max-tokens 64
@@ -173,11 +175,27 @@ class Client:
         return Result(latency, latency if ttft is None else ttft, tokens)
 
 
+def questions(n: int) -> list[str]:
+    """n different opening lines of chatterbot's English conversations (a shipped corpus), 20-80 characters, in a
+    fixed shuffled order, so that prompts are alike in length but not in content."""
+    import random
+
+    from nanoseek.data.corpora import iter_documents
+
+    lines = sorted({doc.text.partition("\n")[0] for doc in iter_documents(["chatterbot:english"])})
+    lines = [s for s in lines if 20 <= len(s) <= 80]
+    random.Random(0).shuffle(lines)
+    if len(lines) < n:
+        raise SystemExit(f"--clients × --requests asks for {n} different prompts; the corpus has {len(lines)}")
+    return lines[:n]
+
+
 async def level(port: int, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[Result]]:
     """`clients` concurrent clients, each sending `requests` requests in turn; returns wall time and results."""
+    prompts = questions(clients * requests)
+
     async def client_loop(c: int, client: Client) -> list[Result]:
-        return [await client.request(model, f"Client {c}, question {i}: tell me about topic {c * 31 + i}.",
-                                     max_tokens) for i in range(requests)]
+        return [await client.request(model, prompts[c * requests + i], max_tokens) for i in range(requests)]
 
     conns = [Client("127.0.0.1", port) for _ in range(clients)]
     try:
