@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -175,19 +177,23 @@ class Client:
         return Result(latency, latency if ttft is None else ttft, tokens)
 
 
-def questions(n: int) -> list[str]:
-    """n different opening lines of chatterbot's English conversations (a shipped corpus), 20-80 characters, in a
-    fixed shuffled order, so that prompts are alike in length but not in content."""
-    import random
-
+@functools.cache
+def _question_lines() -> tuple[str, ...]:
     from nanoseek.data.corpora import iter_documents
 
     lines = sorted({doc.text.partition("\n")[0] for doc in iter_documents(["chatterbot:english"])})
     lines = [s for s in lines if 20 <= len(s) <= 80]
     random.Random(0).shuffle(lines)
+    return tuple(lines)
+
+
+def questions(n: int) -> list[str]:
+    """n different opening lines of chatterbot's English conversations (a shipped corpus), 20-80 characters, in a
+    fixed shuffled order, so that prompts are alike in length but not in content. Read once per benchmark."""
+    lines = _question_lines()
     if len(lines) < n:
         raise SystemExit(f"--clients × --requests asks for {n} different prompts; the corpus has {len(lines)}")
-    return lines[:n]
+    return list(lines[:n])
 
 
 async def level(port: int, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[Result]]:
