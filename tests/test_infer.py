@@ -60,6 +60,17 @@ def greedy_reference(model: nanoseek.NanoSeek, prompt: list[int], n: int) -> lis
     return ids[0, len(prompt):].tolist()
 
 
+def greedy_shortfall(model: nanoseek.NanoSeek, prompt: list[int], tokens: list[int]) -> float:
+    """How far `tokens` fall short of greedy under the plain full forward, fed the tokens themselves: the largest gap
+    between the best logit and the chosen token's. 0 when every token is the argmax. For paths that round otherwise
+    (bf16 products), whose near-ties may break the other way, where an exact match would depend on the CPU."""
+    ids = torch.tensor([prompt + tokens], device=model.embed_tokens.weight.device)
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(-1, ids[0, len(prompt):, None].to(logits.device))[:, 0]
+    return (logits.max(-1).values - chosen).max().item()
+
+
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [40, 41, 42, 43], [100, 7]]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -1512,10 +1523,10 @@ def test_kernels_built_for_any_cpu_compute_the_same(tmp_path):
 def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp_path):
     """--matmul-dtype bf16 (infer/bf16.py): the Linear layers the kernel takes and the routed experts (main layers and
     MTP) are packed in bf16, half the bytes; the engine (eager, compiled, MTP speculation; a long prompt's prefill
-    expanded) gives the tokens of the packed model's own full forward, which stays close to the fp32 model's logits
-    without being them. state_dict and save_pretrained give the bf16-rounded weights in their usual layout,
-    load_state_dict takes them; cast, the experts are an `Experts` again; with gradients wanted the experts multiply
-    unpacked copies."""
+    expanded) gives greedy tokens of the packed model's own full forward (near-ties aside), which stays close to the
+    fp32 model's logits without being them. state_dict and save_pretrained give the bf16-rounded weights in their
+    usual layout, load_state_dict takes them; cast, the experts are an `Experts` again; with gradients wanted the
+    experts multiply unpacked copies."""
     from torch import nn
 
     from nanoseek.infer import forward
@@ -1541,18 +1552,26 @@ def test_bf16_products_decode_as_the_packed_model_close_to_fp32(monkeypatch, tmp
                            else before[k]) for k in before)
     assert state["layers.1.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
 
+    # The engine's absorbed attention rounds each head's query and latent output to bf16 (PackedKVB); the full
+    # forward multiplies the latent unrounded: logits ~0.02 apart (of ~3), so a near-tie may break either way (it
+    # does at one token on an AVX2 CPU). Every token must be greedy under the full forward up to that, and most exactly.
     want = [greedy_reference(model, p, 10) for p in PROMPTS]
 
-    def tokens(engine: Engine) -> list[list[int]]:
-        return [[e.token_id for e in evs] for evs in engine.generate(PROMPTS, GREEDY)]
+    def check(engine: Engine, prompts: list[list[int]]) -> None:
+        got = [[e.token_id for e in evs] for evs in engine.generate(prompts, GREEDY)]
+        assert [len(t) for t in got] == [10] * len(prompts)
+        assert max(greedy_shortfall(model, p, t) for p, t in zip(prompts, got)) < 0.05
+        if prompts is PROMPTS:
+            assert sum(t == w for t, w in zip(got, want)) >= len(PROMPTS) - 1
 
-    assert tokens(Engine(model, IdText(), max_batch=3)) == want
+    check(Engine(model, IdText(), max_batch=3), PROMPTS)
     compiled = Engine(model, IdText(), max_batch=3, compile=True)
-    assert tokens(compiled) == want and compiled.compile
-    assert tokens(Engine(model, IdText(), max_batch=3, speculative="mtp")) == want
+    check(compiled, PROMPTS)
+    assert compiled.compile
+    check(Engine(model, IdText(), max_batch=3, speculative="mtp"), PROMPTS)
     long = torch.randint(2, 256, (forward.KERNEL_KEYS + 6,)).tolist()  # prefilled expanded: PackedKVB's own forward
     for engine in (Engine(model, IdText()), Engine(model, IdText(), speculative="mtp")):
-        assert [e.token_id for e in engine.generate([long], GREEDY)[0]] == greedy_reference(model, long, 10)
+        check(engine, [long])
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         got, ref = model(ids), plain(ids)
